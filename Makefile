@@ -1,0 +1,71 @@
+# CTR/CVR ranking pipeline. `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export TF_USE_LEGACY_KERAS := 1
+export PYTHONWARNINGS ?= ignore
+
+# make etl
+INPUT ?=
+EVAL_INPUT ?=
+FORMAT ?=
+FIELD_MAP ?=
+LABELS ?=
+CONFIG ?=
+OUT ?= data/etl
+RAW ?= data/raw
+# make train
+DATA ?= data/etl
+MODEL ?=
+EXPERIMENT ?=
+RUN_DIR ?= runs/default
+EXPORT_BASE ?= runs/export
+# extra flags for the underlying command, e.g. ARGS='--set train.epochs=3'
+ARGS ?=
+
+.PHONY: help install etl train test test-all bench clean
+
+help:
+	@echo "make install                 virtualenv in $(VENV) with pinned dependencies"
+	@echo "make etl [INPUT=<glob>] [EVAL_INPUT=<glob>] [FORMAT=libfm|libffm] [FIELD_MAP=<tsv>] [LABELS=a,b] [OUT=<dir>] [CONFIG=<yaml>]"
+	@echo "                             no INPUT: generate the default click log into $(RAW) first"
+	@echo "make train [DATA=<etl out>] [MODEL=<name>] [EXPERIMENT=<name>] [RUN_DIR=<dir>] [EXPORT_BASE=<dir>]"
+	@echo "make test                    default test suite (slow suites: make test-all)"
+	@echo "make bench                   benchmarks (tables on stdout, JSON under runs/bench)"
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+etl: install
+ifeq ($(INPUT),)
+	$(PY) -m generator.clicklog --out $(RAW) --formats libffm,libfm
+	$(PY) -m etl.pipeline --config $(or $(CONFIG),configs/etl_generated.yaml) --input $(RAW)/train.libffm \
+	  --eval_input $(RAW)/eval.libffm --out $(OUT) $(ARGS)
+else
+	$(PY) -m etl.pipeline $(if $(CONFIG),--config $(CONFIG)) --input '$(INPUT)' \
+	  $(if $(EVAL_INPUT),--eval_input '$(EVAL_INPUT)') $(if $(FORMAT),--format $(FORMAT)) \
+	  $(if $(FIELD_MAP),--field_map $(FIELD_MAP)) $(if $(LABELS),--labels $(LABELS)) --out $(OUT) $(ARGS)
+endif
+
+train: install
+	$(PY) -m trainer.train --data $(DATA) --run_dir $(RUN_DIR) --export_base $(EXPORT_BASE) \
+	  $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
+	$(PY) -m export.exporter --run_dir $(RUN_DIR)
+
+test: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf data runs

@@ -1,0 +1,1 @@
+"""Beam ETL: libfm/libffm logs -> sparse TFRecords + the feature schema."""

@@ -1,0 +1,35 @@
+"""The feature-schema contract shared by ETL, trainer and exporter.
+
+This package is at the bottom of the import graph: it imports neither Beam nor
+TensorFlow, so every stage can read the schema the ETL wrote.
+"""
+from feature_schema.hashing import HASH_FUNCTION, feature_hash, feature_key, string_hash
+from feature_schema.schema import (
+    SCHEMA_FILENAME,
+    VOCAB_FILENAME,
+    ExampleKeys,
+    FieldSpec,
+    LabelSpec,
+    Schema,
+    VocabEntry,
+    load_schema,
+    read_vocabulary,
+    write_vocabulary_lines,
+)
+
+__all__ = [
+    "SCHEMA_FILENAME",
+    "VOCAB_FILENAME",
+    "ExampleKeys",
+    "FieldSpec",
+    "LabelSpec",
+    "Schema",
+    "HASH_FUNCTION",
+    "feature_hash",
+    "string_hash",
+    "feature_key",
+    "VocabEntry",
+    "load_schema",
+    "read_vocabulary",
+    "write_vocabulary_lines",
+]

@@ -1,0 +1,283 @@
+"""The schema artifact: one JSON file written by the ETL, read by every later stage.
+
+Feature rows live in one global index space. Field ``f`` owns the contiguous rows
+``[offset, offset + vocab_size)``; row ``offset`` is the field's *rare* id, which
+stands for features seen fewer than ``min_count`` times in training, for
+features never seen, and for a field missing from an example. Trainer layers
+size their tables from ``num_features`` and ``num_fields``; the exporter builds
+the in-graph lookup (stable hash -> row, unknown -> rare id) from the
+vocabulary file named here. Nothing downstream hard-codes any of it.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Any, Iterator
+
+SCHEMA_FILENAME = "schema.json"
+VOCAB_FILENAME = "vocabulary.tsv"
+SCHEMA_VERSION = 1
+
+FIELD_KINDS = ("categorical", "binned", "numeric")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleKeys:
+    """Names of the `tf.train.Example` features the ETL writes.
+
+    Attributes:
+      ids: int64 list, global vocabulary rows (after the rare-id mapping).
+      values: float list, the feature values, aligned with ``ids``.
+      fields: int64 list, the field id of each feature, aligned with ``ids``.
+      hashes: int64 list, the stable 64-bit hash of each feature (before the
+        vocabulary), what a serving client sends.
+      weight: optional float, the sample weight (1.0 when absent).
+    """
+
+    ids: str = "feat_ids"
+    values: str = "feat_vals"
+    fields: str = "feat_fields"
+    hashes: str = "feat_hashes"
+    weight: str = "weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """One field (a group of features that share a latent space in FFM).
+
+    Attributes:
+      name: field name as in the logs or dictionaries (``user``, ``item``).
+      id: dense field id, 0..num_fields-1, the order of ``Schema.fields``.
+      kind: ``categorical`` (ids), ``binned`` (a continuous value turned into one
+        of ``len(bin_boundaries)+1`` equal-frequency bins) or ``numeric`` (one
+        feature whose value is the raw number).
+      offset: first global row of the field; equal to ``rare_id``.
+      vocab_size: rows owned by the field, the rare row included.
+      rare_id: global row of rare/unknown/missing features of this field.
+      linear_only: True for fields that get a first-order weight but take part
+        in no interaction (position-bias fields such as ad position).
+      min_count: training-split count below which a feature maps to rare.
+      bin_boundaries: sorted upper-exclusive bin edges for ``binned`` fields.
+      source: where the field comes from: ``log`` or ``dict:<table>``.
+      multi_hot: True when an example may hold several features of the field.
+    """
+
+    name: str
+    id: int
+    kind: str
+    offset: int
+    vocab_size: int
+    rare_id: int
+    linear_only: bool = False
+    min_count: int = 1
+    bin_boundaries: tuple[float, ...] | None = None
+    source: str = "log"
+    multi_hot: bool = False
+
+    def __post_init__(self):
+        if self.kind not in FIELD_KINDS:
+            raise ValueError(f"field {self.name!r}: kind {self.kind!r} not in {FIELD_KINDS}")
+        if self.rare_id != self.offset:
+            raise ValueError(f"field {self.name!r}: rare_id {self.rare_id} != offset {self.offset}")
+        if self.vocab_size < 1:
+            raise ValueError(f"field {self.name!r}: vocab_size must be >= 1 (the rare row)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpec:
+    """A binary label (one task).
+
+    Attributes:
+      name: label name (``click``, ``conversion``); also the TF feature key.
+      positive_rate: fraction of positives in the training split.
+      positives: number of positives in the training split.
+    """
+
+    name: str
+    positive_rate: float
+    positives: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """The whole contract between ETL, trainer and exporter.
+
+    Attributes:
+      fields: all fields, ordered by id.
+      labels: all labels, in the order of the input lines.
+      num_features: total rows of the global vocabulary (sum of vocab sizes).
+      max_features_per_example: largest number of features in one example.
+      example_keys: names of the `tf.train.Example` features.
+      hash_function: how feature hashes were computed (see ``hashing``).
+      vocabulary_path: vocabulary TSV, relative to the schema's directory.
+      splits: split name -> {"files": [glob relative to the schema dir], "examples": n}.
+      counts: split name -> {"read", "written", "dead_lettered"} line counts.
+      sources: input files and dictionaries the job read.
+      compression: compression of the TFRecord shards (``GZIP``).
+      format: input format the ETL parsed (``libfm`` or ``libffm``).
+    """
+
+    fields: tuple[FieldSpec, ...]
+    labels: tuple[LabelSpec, ...]
+    num_features: int
+    max_features_per_example: int
+    example_keys: ExampleKeys = ExampleKeys()
+    hash_function: str = ""
+    vocabulary_path: str = VOCAB_FILENAME
+    splits: dict[str, Any] = dataclasses.field(default_factory=dict)
+    counts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sources: dict[str, Any] = dataclasses.field(default_factory=dict)
+    compression: str = "GZIP"
+    format: str = "libffm"
+    version: int = SCHEMA_VERSION
+    # Directory the schema was loaded from; not serialized.
+    base_dir: str = dataclasses.field(default="", compare=False)
+
+    def __post_init__(self):
+        for i, f in enumerate(self.fields):
+            if f.id != i:
+                raise ValueError(f"field {f.name!r} has id {f.id}, expected {i}")
+        end = 0
+        for f in self.fields:
+            if f.offset != end:
+                raise ValueError(f"field {f.name!r}: offset {f.offset} leaves a gap (expected {end})")
+            end += f.vocab_size
+        if end != self.num_features:
+            raise ValueError(f"num_features {self.num_features} != sum of vocab sizes {end}")
+        if not self.labels:
+            raise ValueError("schema needs at least one label")
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.fields)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(label.name for label in self.labels)
+
+    def field(self, name: str) -> FieldSpec:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"no field {name!r} in schema (fields: {[f.name for f in self.fields]})")
+
+    @property
+    def linear_only_field_ids(self) -> tuple[int, ...]:
+        return tuple(f.id for f in self.fields if f.linear_only)
+
+    @property
+    def rare_ids(self) -> tuple[int, ...]:
+        """Rare row of every field, indexed by field id."""
+        return tuple(f.rare_id for f in self.fields)
+
+    def split_files(self, split: str) -> list[str]:
+        """Absolute file globs of a split's TFRecord shards."""
+        if split not in self.splits:
+            raise KeyError(f"no split {split!r} in schema (splits: {sorted(self.splits)})")
+        return [_resolve(self.base_dir, p) for p in self.splits[split]["files"]]
+
+    def vocabulary_file(self) -> str:
+        return _resolve(self.base_dir, self.vocabulary_path)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("base_dir")
+        for f in d["fields"]:
+            if f["bin_boundaries"] is not None:
+                f["bin_boundaries"] = list(f["bin_boundaries"])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_json_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any], base_dir: str = "") -> "Schema":
+        d = dict(d)
+        version = d.get("version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"schema version {version!r} is not {SCHEMA_VERSION}")
+        fields = []
+        for f in d.pop("fields"):
+            f = dict(f)
+            if f.get("bin_boundaries") is not None:
+                f["bin_boundaries"] = tuple(float(b) for b in f["bin_boundaries"])
+            fields.append(FieldSpec(**f))
+        labels = tuple(LabelSpec(**label) for label in d.pop("labels"))
+        keys = ExampleKeys(**d.pop("example_keys", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown schema keys: {sorted(unknown)}")
+        return cls(fields=tuple(fields), labels=labels, example_keys=keys, base_dir=base_dir, **d)
+
+
+def _resolve(base_dir: str, path: str) -> str:
+    if "://" in path or os.path.isabs(path) or not base_dir:
+        return path
+    return os.path.join(base_dir, path)
+
+
+def load_schema(path: str) -> Schema:
+    """Reads a schema from ``path`` (the JSON file, or the ETL output directory)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, SCHEMA_FILENAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no schema at {path}: run `make etl` first (or pass DATA=<etl output dir>)")
+    with open(path, encoding="utf-8") as f:
+        return Schema.from_json_dict(json.load(f), base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabEntry:
+    """One vocabulary row: a feature that kept its own id."""
+
+    field: str
+    key: str
+    hash: int
+    index: int
+    count: int
+
+
+VOCAB_HEADER = ("field", "key", "hash", "index", "count")
+
+
+def write_vocabulary_lines(entries) -> Iterator[str]:
+    """Yields the TSV lines (header first) of a vocabulary."""
+    yield "\t".join(VOCAB_HEADER)
+    for e in entries:
+        yield f"{e.field}\t{_escape(e.key)}\t{e.hash}\t{e.index}\t{e.count}"
+
+
+def read_vocabulary(path: str) -> list[VocabEntry]:
+    """Reads a vocabulary TSV written by the ETL."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader)
+        if tuple(header) != VOCAB_HEADER:
+            raise ValueError(f"{path}: vocabulary header {header} != {list(VOCAB_HEADER)}")
+        out = []
+        for lineno, row in enumerate(reader, start=2):
+            if len(row) != len(VOCAB_HEADER):
+                raise ValueError(f"{path}:{lineno}: expected {len(VOCAB_HEADER)} columns, got {len(row)}")
+            out.append(VocabEntry(row[0], _unescape(row[1]), int(row[2]), int(row[3]), int(row[4])))
+        return out
+
+
+def _escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def _unescape(s: str) -> str:
+    out, i = [], 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s):
+            nxt = s[i + 1]
+            out.append({"t": "\t", "n": "\n", "\\": "\\"}.get(nxt, nxt))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)

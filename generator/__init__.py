@@ -1,0 +1,1 @@
+"""Generator of realistic click logs with planted structure (default data and test data)."""

@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny generated click log and its ETL output, built once per session."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import pytest  # noqa: E402
+
+from etl.config import EntityTableConfig, EtlConfig, FieldConfig  # noqa: E402
+from generator.clicklog import GeneratorConfig, generate  # noqa: E402
+
+# Small enough for seconds of ETL and training, dense enough that ids are learnable.
+TINY = GeneratorConfig(n_train=12_000, n_eval=4_000, n_users=300, n_items=200, n_queries=60,
+                       n_categories=10, n_brands=30, seed=11)
+
+
+def generated_etl_config(raw_dir: str, out_dir: str, **overrides) -> EtlConfig:
+    """The ETL config of the generator's output (same as configs/etl_generated.yaml)."""
+    kwargs = dict(
+        input=os.path.join(raw_dir, "train.libffm"), eval_input=os.path.join(raw_dir, "eval.libffm"),
+        format="libffm", labels=("click", "conversion"), out=out_dir, min_count=3, strict_fields=True,
+        num_shards=2,
+        fields=(FieldConfig("user"), FieldConfig("item"), FieldConfig("category"), FieldConfig("brand"),
+                FieldConfig("price", kind="binned", num_bins=10),
+                FieldConfig("position", linear_only=True, min_count=1), FieldConfig("hour", min_count=1),
+                FieldConfig("device", min_count=1), FieldConfig("query")),
+        entity_tables=(EntityTableConfig(name="items", path=os.path.join(raw_dir, "items.tsv"), key_field="item"),),
+    )
+    kwargs.update(overrides)
+    return EtlConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory):
+    """(raw dir, truth dict) of a tiny generated log in libffm and libfm."""
+    raw = str(tmp_path_factory.mktemp("raw"))
+    truth = generate(raw, TINY, formats=("libffm", "libfm"))
+    return raw, truth
+
+
+@pytest.fixture(scope="session")
+def tiny_etl(tiny_raw, tmp_path_factory):
+    """ETL output directory (schema.json, TFRecords) of the tiny log."""
+    import apache_beam as beam
+
+    from etl import pipeline
+
+    raw, _ = tiny_raw
+    out = str(tmp_path_factory.mktemp("etl"))
+    cfg = generated_etl_config(raw, out)
+    with beam.Pipeline() as p:
+        pipeline.build_pipeline(p, cfg)
+    pipeline.write_schema(cfg)
+    return out

@@ -1,0 +1,64 @@
+"""The generator is deterministic and plants what it claims."""
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+import os
+
+import numpy as np
+
+from generator.clicklog import GeneratorConfig, PlantedModel, generate
+
+SMALL = GeneratorConfig(n_train=3000, n_eval=1000, n_users=200, n_items=100, n_queries=40, n_categories=8,
+                        n_brands=20, seed=5)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    generate(a, SMALL)
+    generate(b, SMALL)
+    generate(c, dataclasses.replace(SMALL, seed=6))
+    for name in ("train.libffm", "eval.libffm", "items.tsv", "field_map.tsv", "truth.json"):
+        assert filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False), name
+    assert not filecmp.cmp(os.path.join(a, "train.libffm"), os.path.join(c, "train.libffm"), shallow=False)
+
+
+def test_lines_fields_and_dictionaries(tmp_path):
+    out = str(tmp_path)
+    truth = generate(out, SMALL, formats=("libffm", "libfm"))
+    ffm = open(os.path.join(out, "train.libffm")).read().splitlines()
+    fm = open(os.path.join(out, "train.libfm")).read().splitlines()
+    assert len(ffm) == len(fm) == 3000
+    labels, *tokens = ffm[0].split()
+    click, conv = (int(x) for x in labels.split(","))
+    assert [t.split(":")[0] for t in tokens] == ["user", "item", "position", "hour", "device", "query"]
+    # The libfm line is the libffm line without fields, and the field map restores them.
+    fmap = dict(line.split("\t") for line in open(os.path.join(out, "field_map.tsv")).read().splitlines()[1:])
+    assert [fmap[t.split(":")[0]] for t in fm[0].split()[1:]] == [t.split(":")[0] for t in tokens]
+    items = open(os.path.join(out, "items.tsv")).read().splitlines()
+    assert items[0] == "item\tcategory\tbrand\tprice" and len(items) == 1 + SMALL.n_items
+    # With fields user..query from the log and category, brand, price from the item table: 9 fields.
+    assert len(truth["log_fields"]) + len(truth["item_fields"]) >= 8
+
+
+def test_conversions_only_after_clicks_and_rates_near_targets(tmp_path):
+    truth = generate(str(tmp_path), SMALL)
+    pairs = [tuple(int(x) for x in line.split()[0].split(","))
+             for line in open(tmp_path / "train.libffm").read().splitlines()]
+    assert all(click == 1 for click, conv in pairs if conv == 1)
+    ctr = np.mean([c for c, _ in pairs])
+    assert abs(ctr - SMALL.ctr) < 0.03
+    b = truth["bayes"]["eval"]
+    # Scoring with the planted probabilities is informative but not perfect.
+    assert 0.6 < b["click"]["auc"] < 0.99
+    assert 0.55 < b["cvr_given_click"]["auc"] < 0.99
+
+
+def test_position_bias_decreases_ctr_and_is_absent_from_conversion():
+    model = PlantedModel(SMALL)
+    x = model.sample(60_000, np.random.default_rng(1))
+    ctr_by_pos = [x["click"][x["position"] == p].mean() for p in range(SMALL.n_positions)]
+    assert ctr_by_pos[0] > ctr_by_pos[2] > ctr_by_pos[4]
+    # p(conversion | click) does not depend on the position.
+    conv_logit_by_pos = [x["conv_logit"][x["position"] == p].mean() for p in range(SMALL.n_positions)]
+    assert np.ptp(conv_logit_by_pos) < 0.1
