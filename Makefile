@@ -24,7 +24,7 @@ EXPORT_BASE ?= runs/export
 # extra flags for the underlying command, e.g. ARGS='--set train.epochs=3'
 ARGS ?=
 
-.PHONY: help install etl train test test-all bench clean
+.PHONY: help install etl train tune serve test test-all bench clean
 
 help:
 	@echo "make install                 virtualenv in $(VENV) with pinned dependencies"
@@ -57,6 +57,14 @@ train: install
 	$(PY) -m trainer.train --data $(DATA) --run_dir $(RUN_DIR) --export_base $(EXPORT_BASE) \
 	  $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
 	$(PY) -m export.exporter --run_dir $(RUN_DIR)
+
+# Hyper-parameter search (trainer/tune.py), e.g. make tune DATA=data/frappe MODEL=ffm ARGS='--grid ...'
+tune: install
+	$(PY) -m trainer.tune --data $(DATA) $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
+
+# Local TF-Serving-protocol gRPC server (serving/server.py) over EXPORT_BASE.
+serve: install
+	$(PY) -m serving.server --model_config_file serving_configs/models.config --base_path $(EXPORT_BASE) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q -m "not slow" tests

@@ -48,7 +48,7 @@ class ServingModule(tf.Module):
             tf.lookup.KeyValueTensorInitializer(tf.constant(hashes, tf.int64), tf.constant(rows, tf.int64)),
             default_value=-1)
         self.rare_ids = tf.constant(schema.rare_ids, tf.int64)
-        self.tasks = tuple(model.tasks)
+        self.outputs = tuple(model.serving_outputs)
 
     def lookup(self, hashes: tf.Tensor, fields: tf.Tensor) -> tf.Tensor:
         """Vocabulary rows of stable hashes; unknown hashes map to their field's rare id."""
@@ -58,7 +58,7 @@ class ServingModule(tf.Module):
     def predict_sparse(self, hashes: tf.SparseTensor, values: tf.SparseTensor, fields: tf.SparseTensor):
         ids = tf.SparseTensor(hashes.indices, self.lookup(hashes.values, fields.values), hashes.dense_shape)
         out = self.model({"ids": ids, "values": values, "fields": fields}, training=False)
-        return {t: out[t] for t in self.tasks}
+        return {t: out[t] for t in self.outputs}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_examples(self, examples):

@@ -60,6 +60,11 @@ class RankingModel(keras.Model):
         self.num_fields = schema.num_fields
         self.linear_only_fields = schema.linear_only_field_ids
 
+    @property
+    def serving_outputs(self) -> tuple[str, ...]:
+        """Output keys the exporter serves: the tasks, plus derived outputs a model may add (e.g. ctcvr)."""
+        return self.tasks
+
     def _single(self, logit):
         return {self.tasks[0]: tf.sigmoid(tf.squeeze(logit, axis=1))}
 

@@ -1,0 +1,1 @@
+"""Local TF-Serving-protocol gRPC server, client and model sync (sees only SavedModels and protos)."""
