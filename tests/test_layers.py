@@ -59,8 +59,86 @@ def test_touched_l2_counts_only_rows_in_the_batch():
     layer.build(None)
     layer.v.assign(np.ones((4, 2), np.float32))
     layer(sparse_batch([[(0, 1.0, 0), (0, 1.0, 1)]]))
-    # Two touched rows (row 0 twice) of squared norm 2 each, batch of 1: 0.1 * 4.
-    np.testing.assert_allclose(float(tf.add_n(layer.losses)), 0.4, rtol=1e-6)
+    # Two uses of row 0 (squared norm 2 each), batch of 1: 0.1/2 * 4 (gradient 0.1 * v per use, as libffm).
+    np.testing.assert_allclose(float(tf.add_n(layer.losses)), 0.2, rtol=1e-6)
+
+
+# FFM table v[id, target field, :] for 4 features, 3 fields, k=2.
+FFM_V = np.array([[[1, 0], [1, 2], [0, 1]],
+                  [[0, 0], [2, 1], [1, 1]],
+                  [[3, 0], [0, 0], [1, -1]],
+                  [[1, 1], [-1, 0], [0, 0]]], np.float32)
+
+
+def _ffm(**kwargs):
+    layer = layers.FFMInteraction(4, 3, 2, **kwargs)
+    layer.build(None)
+    layer.v.assign(FFM_V)
+    return layer
+
+
+def test_ffm_interaction_hand_computed():
+    # Row 0 (id0 f0 x1, id2 f1 x2, id3 f2 x1):
+    #   (0,2): <v[0,f1], v[2,f0]> = <[1,2],[3,0]> = 3, * 1*2 -> 6
+    #   (0,3): <v[0,f2], v[3,f0]> = <[0,1],[1,1]> = 1, * 1*1 -> 1
+    #   (2,3): <v[2,f2], v[3,f1]> = <[1,-1],[-1,0]> = -1, * 2*1 -> -2      total 5
+    # Row 1 (id1 f0 x0.5, id3 f2 x1): <v[1,f2], v[3,f0]> = <[1,1],[1,1]> = 2, * 0.5 -> 1
+    batch = sparse_batch(BATCH)
+    np.testing.assert_allclose(_ffm()(batch).numpy(), [[5.0], [1.0]], rtol=1e-6)
+    # libffm normalisation divides by sum x^2: 5 / 6 and 1 / 1.25.
+    np.testing.assert_allclose(_ffm(normalize=True)(batch).numpy(), [[5 / 6], [0.8]], rtol=1e-6)
+    # Field 2 linear-only: only (0,2) remains in row 0 (normalised by 1 + 4); row 1 has no pair.
+    np.testing.assert_allclose(_ffm(linear_only_fields=(2,))(batch).numpy(), [[6.0], [0.0]], atol=1e-6)
+    np.testing.assert_allclose(_ffm(linear_only_fields=(2,), normalize=True)(batch).numpy(), [[1.2], [0.0]],
+                               atol=1e-6)
+    # Two features of one field (multi-hot) pair through that field's vectors: <v[0,f0], v[2,f0]> = 3.
+    np.testing.assert_allclose(_ffm()(sparse_batch([[(0, 1.0, 0), (2, 1.0, 0)]])).numpy(), [[3.0]], rtol=1e-6)
+
+
+def test_ffm_l2_counts_each_used_vector_once_per_use():
+    layer = _ffm(l2=0.1)
+    layer(sparse_batch(BATCH))
+    # Row 0 uses v[0,f1] (|.|^2 = 5), v[2,f0] (9), v[0,f2] (1), v[3,f0] (2), v[2,f2] (2), v[3,f1] (1) = 20;
+    # row 1 uses v[1,f2] (2), v[3,f0] (2) = 4. 0.1/2 * 24 / batch 2 = 0.6. Padding adds nothing.
+    np.testing.assert_allclose(float(tf.add_n(layer.losses)), 0.6, rtol=1e-6)
+
+
+def test_ffm_gradient_touches_only_used_vectors():
+    layer = _ffm()
+    with tf.GradientTape() as tape:
+        out = tf.reduce_sum(layer(sparse_batch([[(0, 1.0, 0), (3, 2.0, 2)]])))
+    grad = tf.convert_to_tensor(tape.gradient(out, layer.v)).numpy()
+    # y = <v[0,f2], v[3,f0]> * 2: d/dv[0,f2] = 2 v[3,f0] = [2,2]; d/dv[3,f0] = 2 v[0,f2] = [0,2].
+    expected = np.zeros_like(FFM_V)
+    expected[0, 2] = [2, 2]
+    expected[3, 0] = [0, 2]
+    np.testing.assert_allclose(grad, expected, atol=1e-6)
+
+
+def _savedmodel_round_trip(layer, batch, path):
+    before = layer(batch).numpy()
+    module = tf.Module()
+    module.layer = layer
+    module.f = tf.function(lambda ids, vals, fields: layer({"ids": ids, "values": vals, "fields": fields}),
+                           input_signature=[tf.SparseTensorSpec([None, None], tf.int64),
+                                            tf.SparseTensorSpec([None, None], tf.float32),
+                                            tf.SparseTensorSpec([None, None], tf.int64)])
+    tf.saved_model.save(module, path)
+    loaded = tf.saved_model.load(path)
+    np.testing.assert_allclose(loaded.f(batch["ids"], batch["values"], batch["fields"]).numpy(), before,
+                               rtol=1e-6)
+
+
+def test_ffm_config_and_savedmodel_round_trip(tmp_path):
+    layer = layers.FFMInteraction(4, 3, 2, (2,), normalize=True, l2=1e-3, init="uniform", init_stddev=0.2)
+    clone = layers.FFMInteraction.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    _savedmodel_round_trip(_ffm(normalize=True), sparse_batch(BATCH), str(tmp_path / "ffm"))
+    # libffm's initializer: U(0, 1/sqrt(k)).
+    uniform = layers.FFMInteraction(50, 3, 4, init="uniform")
+    uniform.build(None)
+    v = uniform.v.numpy()
+    assert v.min() >= 0.0 and v.max() <= 0.5 and v.std() > 0.1
 
 
 def test_layers_config_round_trip_and_savedmodel(tmp_path):

@@ -50,6 +50,8 @@ class ModelConfig:
       l2_embedding: L2 on embedding rows touched by a batch.
       l2_linear: L2 on first-order weights touched by a batch.
       init_stddev: stddev of the normal initializer of latent vectors.
+      embedding_init: ``normal`` (N(0, init_stddev^2)) or ``uniform`` (libffm's U(0, 1/sqrt(k))).
+      normalize: libffm's instance-wise normalisation of FFM's pairwise term.
     """
 
     name: str = "fm"
@@ -60,6 +62,12 @@ class ModelConfig:
     l2_embedding: float = 0.0
     l2_linear: float = 0.0
     init_stddev: float = 0.01
+    embedding_init: str = "normal"
+    normalize: bool = False
+
+    def __post_init__(self):
+        if self.embedding_init not in ("normal", "uniform"):
+            raise ValueError(f"model.embedding_init {self.embedding_init!r} not in normal/uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +77,15 @@ class OptimizerConfig:
     Attributes:
       name: ``adam``, ``adagrad``, ``ftrl`` or ``sgd``.
       learning_rate: step size.
+      initial_accumulator_value: Adagrad's starting accumulator (libffm starts at 1.0).
+      scale_lr_by_batch: multiply the learning rate by the batch size. The loss is a batch mean,
+        so this gives each example the step a per-example learner (libffm) would take.
     """
 
     name: str = "adam"
     learning_rate: float = 0.001
+    initial_accumulator_value: float = 0.1
+    scale_lr_by_batch: bool = False
 
     def __post_init__(self):
         if self.name not in ("adam", "adagrad", "ftrl", "sgd"):

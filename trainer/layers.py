@@ -21,8 +21,9 @@ def sparse_parts(features):
 
 
 def _touched_l2(rows_emb: tf.Tensor, l2: float) -> tf.Tensor:
-    """L2 of the table rows a batch touched (as libffm does), normalised by batch."""
-    return l2 * tf.reduce_sum(tf.square(rows_emb))
+    """``l2/2 * sum ||w||^2`` over the table rows a batch touched, once per use (as libffm does:
+    the gradient per use is ``l2 * w``, so ``l2`` means what ``ffm-train -l`` means)."""
+    return 0.5 * l2 * tf.reduce_sum(tf.square(rows_emb))
 
 
 class Linear(keras.layers.Layer):
@@ -113,3 +114,111 @@ class FMInteraction(keras.layers.Layer):
         return {**super().get_config(), "num_features": self.num_features, "embedding_dim": self.embedding_dim,
                 "linear_only_fields": list(self.linear_only_fields), "l2": self.l2,
                 "init_stddev": self.init_stddev}
+
+
+def dense_parts(features):
+    """Pads a sparse batch to dense ``[batch, n]`` tensors (n = the batch's widest example).
+
+    Returns:
+      (ids int64, values float32, fields int64, present float32), all ``[batch, n]``;
+      padding slots have id 0, value 0, field 0 and ``present`` 0.
+    """
+    ids = features["ids"]
+    shape = ids.dense_shape
+    idx = ids.indices
+
+    def scatter(v):
+        return tf.scatter_nd(idx, v, shape)
+
+    present = scatter(tf.ones_like(features["values"].values))
+    return scatter(ids.values), scatter(features["values"].values), scatter(features["fields"].values), present
+
+
+class FFMInteraction(keras.layers.Layer):
+    """Field-aware pairwise term (Juan et al., "Field-aware Factorization Machines for CTR
+    Prediction", RecSys 2016; libffm).
+
+        y = r * sum_{i<j} <v_{i, f_j}, v_{j, f_i}> x_i x_j,
+        r = 1 / sum_i x_i^2 if ``normalize`` (libffm's instance-wise normalisation) else 1,
+
+    where ``v_{i, f}`` is the latent vector of feature i used against field f. Features of
+    ``linear_only_fields`` take part in no pair (nor in r). Two features of the same field (multi-hot)
+    pair through ``<v_{i, f}, v_{j, f}>`` as in libffm.
+
+    Input: sparse features. Output: ``[batch, 1]``. Table: ``[num_features, num_fields, k]``.
+
+    L2 follows libffm: every latent vector a pair *uses* adds ``l2/2 * ||v||^2`` per use (gradient
+    ``l2 * v`` per use, the same lambda as ``ffm-train -l``), summed and divided by the batch size
+    like the log loss.
+
+    Args:
+      num_features: rows of the latent table (schema ``num_features``).
+      num_fields: fields (schema ``num_fields``).
+      embedding_dim: latent dimension k.
+      linear_only_fields: field ids excluded from interactions.
+      normalize: libffm's instance-wise normalisation.
+      l2: L2 penalty per use of a latent vector.
+      init: ``normal`` (N(0, init_stddev^2)) or ``uniform`` (libffm's U(0, 1/sqrt(k))).
+      init_stddev: stddev of the normal initializer.
+    """
+
+    def __init__(self, num_features: int, num_fields: int, embedding_dim: int, linear_only_fields=(),
+                 normalize: bool = False, l2: float = 0.0, init: str = "normal", init_stddev: float = 0.01,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if embedding_dim < 1 or num_fields < 1 or num_features < 1:
+            raise ValueError(f"FFM needs positive sizes, got features={num_features} fields={num_fields} "
+                             f"k={embedding_dim}")
+        if init not in ("normal", "uniform"):
+            raise ValueError(f"init must be normal or uniform, got {init!r}")
+        self.num_features = num_features
+        self.num_fields = num_fields
+        self.embedding_dim = embedding_dim
+        self.linear_only_fields = tuple(int(f) for f in linear_only_fields)
+        self.normalize = normalize
+        self.l2 = l2
+        self.init = init
+        self.init_stddev = init_stddev
+
+    def build(self, input_shape):
+        if self.init == "uniform":
+            initializer = keras.initializers.RandomUniform(0.0, 1.0 / float(self.embedding_dim) ** 0.5)
+        else:
+            initializer = keras.initializers.RandomNormal(stddev=self.init_stddev)
+        self.v = self.add_weight(name="v", shape=(self.num_features, self.num_fields, self.embedding_dim),
+                                 initializer=initializer)
+        super().build(input_shape)
+
+    def call(self, features):
+        ids, x, fields, present = dense_parts(features)
+        crossed = present * _not_in(fields, self.linear_only_fields)
+        x = x * crossed
+        n = tf.shape(ids)[1]
+        rows = tf.gather(self.v, ids)                                    # [B, n, F, k]
+        # v[b, i, j] = latent vector of feature i against the field of feature j.
+        target = tf.broadcast_to(fields[:, None, :], tf.stack([tf.shape(ids)[0], n, n]))
+        v = tf.gather(rows, target, axis=2, batch_dims=2)                # [B, n, n, k]
+        dots = tf.reduce_sum(v * tf.transpose(v, [0, 2, 1, 3]), axis=-1)  # <v_{i,f_j}, v_{j,f_i}>
+        upper = tf.linalg.band_part(tf.ones(tf.stack([n, n])), 0, -1) - tf.eye(n)  # i < j
+        xx = x[:, :, None] * x[:, None, :]
+        out = tf.reduce_sum(dots * xx * upper, axis=[1, 2])
+        if self.normalize:
+            out = out / tf.maximum(tf.reduce_sum(tf.square(x), axis=1), 1e-12)
+        if self.l2:
+            uses = crossed[:, :, None] * crossed[:, None, :] * (1.0 - tf.eye(n))  # i != j, both crossed
+            penalty = 0.5 * self.l2 * tf.reduce_sum(tf.reduce_sum(tf.square(v), -1) * uses)
+            self.add_loss(penalty / tf.cast(tf.shape(ids)[0], tf.float32))
+        return out[:, None]
+
+    def get_config(self):
+        return {**super().get_config(), "num_features": self.num_features, "num_fields": self.num_fields,
+                "embedding_dim": self.embedding_dim, "linear_only_fields": list(self.linear_only_fields),
+                "normalize": self.normalize, "l2": self.l2, "init": self.init, "init_stddev": self.init_stddev}
+
+
+def _not_in(fields, excluded):
+    """1.0 where the field id is not in ``excluded`` (same shape as ``fields``)."""
+    if not excluded:
+        return tf.ones_like(fields, tf.float32)
+    hit = tf.reduce_any(tf.equal(fields[..., None], tf.constant(excluded, tf.int64)), axis=-1)
+    return 1.0 - tf.cast(hit, tf.float32)

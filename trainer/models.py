@@ -93,3 +93,18 @@ class FactorizationMachine(RankingModel):
 
     def call(self, features, training=False):
         return self._single(self.linear(features) + self.fm(features))
+
+
+@register_model("ffm")
+class FieldAwareFM(RankingModel):
+    """FFM: ``w0 + sum_i w_i x_i + sum_{i<j} <v_{i,f_j}, v_{j,f_i}> x_i x_j`` (linear-only fields: no crosses)."""
+
+    def __init__(self, cfg, schema, tasks, **kwargs):
+        super().__init__(cfg, schema, tasks, **kwargs)
+        self.linear = layers.Linear(self.num_features, l2=cfg.l2_linear)
+        self.ffm = layers.FFMInteraction(self.num_features, self.num_fields, cfg.embedding_dim,
+                                         self.linear_only_fields, normalize=cfg.normalize, l2=cfg.l2_embedding,
+                                         init=cfg.embedding_init, init_stddev=cfg.init_stddev)
+
+    def call(self, features, training=False):
+        return self._single(self.linear(features) + self.ffm(features))

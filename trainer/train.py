@@ -29,12 +29,15 @@ from trainer.models import MODELS, build_model
 WEIGHTS_DIR = "model"
 
 
-def make_optimizer(cfg: config_lib.OptimizerConfig):
-    lr = cfg.learning_rate
+def make_optimizer(cfg: config_lib.OptimizerConfig, batch_size: int = 1):
+    """The configured Keras optimizer (``scale_lr_by_batch`` multiplies the rate by ``batch_size``)."""
+    lr = cfg.learning_rate * (batch_size if cfg.scale_lr_by_batch else 1)
     if cfg.name == "adam":
         return keras.optimizers.Adam(lr)
     if cfg.name == "adagrad":
-        return keras.optimizers.Adagrad(lr, initial_accumulator_value=1e-8)
+        # epsilon ~0: libffm divides by sqrt(G) with G starting at initial_accumulator_value.
+        return keras.optimizers.Adagrad(lr, initial_accumulator_value=cfg.initial_accumulator_value,
+                                        epsilon=1e-10)
     if cfg.name == "ftrl":
         return keras.optimizers.Ftrl(lr)
     return keras.optimizers.SGD(lr)
@@ -53,7 +56,7 @@ def binary_crossentropy(y_true, y_pred):
 
 def build_and_compile(cfg: config_lib.ExperimentConfig, schema: Schema):
     model = build_model(cfg.model, schema)
-    model.compile(optimizer=make_optimizer(cfg.optimizer),
+    model.compile(optimizer=make_optimizer(cfg.optimizer, cfg.data.batch_size),
                   loss={t: binary_crossentropy for t in model.tasks},
                   weighted_metrics={t: [keras.metrics.AUC(name="auc")] for t in model.tasks})
     return model
