@@ -201,10 +201,16 @@ def bayes_metrics(x: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 def generate(out_dir: str, cfg: GeneratorConfig = GeneratorConfig(), formats=("libffm",)) -> dict:
     """Writes the log files, dictionaries and ``truth.json``; returns the truth dict."""
-    os.makedirs(out_dir, exist_ok=True)
     model = PlantedModel(cfg)
     rng = model._rng
     splits = {"train": model.sample(cfg.n_train, rng), "eval": model.sample(cfg.n_eval, rng)}
+    return write_dataset(out_dir, model, splits, formats)
+
+
+def write_dataset(out_dir: str, model: PlantedModel, splits: dict, formats=("libffm",), extra_truth=None) -> dict:
+    """Writes sampled splits as ``<split>.<format>``, the dictionaries and ``truth.json``."""
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = model.cfg
     for name, x in splits.items():
         for fmt in formats:
             if fmt not in ("libffm", "libfm"):
@@ -230,6 +236,7 @@ def generate(out_dir: str, cfg: GeneratorConfig = GeneratorConfig(), formats=("l
         "intercepts": {"click": model.b_click, "conversion_given_click": model.b_conv},
         "position_bias": model.position_bias.tolist(),
         "bayes": {name: bayes_metrics(x) for name, x in splits.items()},
+        **(extra_truth or {}),
     }
     with open(os.path.join(out_dir, "truth.json"), "w", encoding="utf-8") as f:
         json.dump(truth, f, indent=2)
