@@ -158,3 +158,94 @@ def test_layers_config_round_trip_and_savedmodel(tmp_path):
     loaded = tf.saved_model.load(str(tmp_path / "fm"))
     np.testing.assert_allclose(loaded.f(batch["ids"], batch["values"], batch["fields"]).numpy(), before, rtol=1e-6)
     assert isinstance(fm, keras.layers.Layer)
+
+
+def test_linear_restricted_to_fields():
+    layer = layers.Linear(4, l2=0.1, fields=(0, 2))
+    layer.build(None)
+    layer.w.assign([[0.1], [0.2], [0.3], [0.4]])
+    layer.bias.assign([0.5])
+    out = layer(sparse_batch(BATCH)).numpy()
+    # Field 1 (id 2) left out: row 0: 0.5 + 0.1 + 0.4 = 1.0; row 1: 0.5 + 0.2*0.5 + 0.4 = 1.0.
+    np.testing.assert_allclose(out, [[1.0], [1.0]], rtol=1e-6)
+    # L2 only on the kept rows: 0.1/2 * (0.01 + 0.16 + 0.04 + 0.16) / 2.
+    np.testing.assert_allclose(float(tf.add_n(layer.losses)), 0.05 * 0.37 / 2, rtol=1e-5)
+
+
+EMB = np.array([[1, 0], [0, 2], [3, 1], [-1, 1]], np.float32)
+# Row 0: id0 (f0), id1 (f0) and id2 (f2), values 1, 0.5, 2; row 1: only id3 (f1).
+MULTI_HOT = [[(0, 1.0, 0), (1, 0.5, 0), (2, 2.0, 2)], [(3, 1.0, 1)]]
+
+
+def _embedding(combiner, l2=0.0):
+    layer = layers.FieldEmbedding(4, 3, 2, combiner=combiner, l2=l2)
+    layer.build(None)
+    layer.v.assign(EMB)
+    return layer
+
+
+def test_field_embedding_sum_and_mean_pooling():
+    out = _embedding("sum")(sparse_batch(MULTI_HOT)).numpy()
+    assert out.shape == (2, 3, 2)
+    # Field 0 of row 0: [1,0]*1 + [0,2]*0.5 = [1,1]; field 2: [3,1]*2 = [6,2]; absent fields are 0.
+    np.testing.assert_allclose(out, [[[1, 1], [0, 0], [6, 2]], [[0, 0], [-1, 1], [0, 0]]], atol=1e-6)
+    mean = _embedding("mean")(sparse_batch(MULTI_HOT)).numpy()
+    np.testing.assert_allclose(mean[0, 0], [0.5, 0.5], atol=1e-6)  # two features in field 0
+    np.testing.assert_allclose(mean[0, 2], [6, 2], atol=1e-6)
+    layer = _embedding("sum", l2=0.2)
+    layer(sparse_batch(MULTI_HOT))
+    # Touched rows 0..3 with squared norms 1, 4, 10, 2: 0.2/2 * 17 / batch 2.
+    np.testing.assert_allclose(float(tf.add_n(layer.losses)), 0.85, rtol=1e-6)
+
+
+def test_field_values_and_field_fm():
+    vals = layers.FieldValues((2, 0))(sparse_batch(MULTI_HOT)).numpy()
+    # Output columns: field 2 then field 0 (1 + 0.5); row 1 has neither.
+    np.testing.assert_allclose(vals, [[2.0, 1.5], [0.0, 0.0]], atol=1e-6)
+    emb = tf.constant([[[1, 0], [2, 1], [0, 3]]], tf.float32)
+    # <e0,e1> + <e0,e2> + <e1,e2> = 2 + 0 + 3 = 5.
+    np.testing.assert_allclose(layers.FieldFMInteraction()(emb).numpy(), [[5.0]], rtol=1e-6)
+
+
+def test_mlp_and_task_tower_hand_computed():
+    mlp = layers.MLP((2,), activation="relu")
+    x = tf.constant([[1.0, -1.0]])
+    mlp(x)
+    mlp.dense[0].kernel.assign([[1.0, -2.0], [3.0, 1.0]])
+    mlp.dense[0].bias.assign([0.5, 0.5])
+    # [1,-1] @ K + b = [1-3+0.5, -2-1+0.5] = [-1.5, -2.5] -> relu -> [0, 0]; flip the input sign:
+    np.testing.assert_allclose(mlp(-x).numpy(), [[2.5, 3.5]], rtol=1e-6)
+    tower = layers.TaskTower((2,), activation="relu")
+    tower(x)
+    tower.mlp.dense[0].kernel.assign([[1.0, 0.0], [0.0, 1.0]])
+    tower.mlp.dense[0].bias.assign([0.0, 0.0])
+    tower.logit.kernel.assign([[2.0], [-1.0]])
+    tower.logit.bias.assign([0.25])
+    # relu([2, 3]) . [2, -1] + 0.25 = 1.25
+    np.testing.assert_allclose(tower(tf.constant([[2.0, 3.0]])).numpy(), [[1.25]], rtol=1e-6)
+    # Dropout acts only in training.
+    drop = layers.MLP((64,), dropout=0.5, seed=1)
+    ones = tf.ones([4, 8])
+    np.testing.assert_allclose(drop(ones, training=False).numpy(), drop(ones).numpy())
+    assert np.mean(drop(ones, training=True).numpy() == 0) > 0.2
+
+
+def test_new_layers_config_and_savedmodel_round_trip(tmp_path):
+    for layer in (layers.FieldEmbedding(4, 3, 2, "mean", l2=0.1, init_stddev=0.3), layers.FieldValues((2, 0)),
+                  layers.MLP((4, 2), "tanh", 0.1, 1e-4, seed=3), layers.TaskTower((3,), "relu", 0.0, 1e-3),
+                  layers.Linear(4, fields=(1,)), layers.FieldFMInteraction()):
+        clone = type(layer).from_config(layer.get_config())
+        assert clone.get_config() == layer.get_config()
+    batch = sparse_batch(MULTI_HOT)
+    _savedmodel_round_trip(_embedding("mean"), batch, str(tmp_path / "emb"))
+    _savedmodel_round_trip(layers.FieldValues((2, 0)), batch, str(tmp_path / "values"))
+    _savedmodel_round_trip(layers.Linear(4, fields=(0,)), batch, str(tmp_path / "wide"))
+    tower = layers.TaskTower((3,))
+    x = tf.constant([[1.0, 2.0], [0.5, -1.0]])
+    before = tower(x).numpy()
+    module = tf.Module()
+    module.tower = tower
+    module.f = tf.function(lambda t: tower(t), input_signature=[tf.TensorSpec([None, 2], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "tower"))
+    loaded = tf.saved_model.load(str(tmp_path / "tower"))  # keep a reference: it owns the variables
+    np.testing.assert_allclose(loaded.f(x).numpy(), before, rtol=1e-6)

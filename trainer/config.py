@@ -43,31 +43,52 @@ class ModelConfig:
     Attributes:
       name: registered model name (``python -m trainer.train --help`` lists them).
       tasks: label names the model predicts; empty means the schema's first
-        label for single-task models and all labels for multi-task models.
+        label for single-task models and all labels for multi-task models. ESMM takes
+        (click label, click-and-convert label).
       embedding_dim: latent dimension of FM/FFM/embedding tables.
-      hidden_units: MLP layer sizes of deep models.
+      hidden_units: MLP layer sizes of deep models (the shared bottom of ``mtl``/``esmm``).
+      tower_units: hidden layer sizes of each task tower (multi-task models).
+      activation: activation of MLP layers.
       dropout: dropout rate of MLP layers.
-      l2_embedding: L2 on embedding rows touched by a batch.
+      l2_embedding: L2 on embedding rows touched by a batch (``l2/2 * ||v||^2`` per use, as libffm).
       l2_linear: L2 on first-order weights touched by a batch.
+      l2_dense: L2 on MLP kernels.
       init_stddev: stddev of the normal initializer of latent vectors.
-      embedding_init: ``normal`` (N(0, init_stddev^2)) or ``uniform`` (libffm's U(0, 1/sqrt(k))).
+      embedding_init: ``normal`` (N(0, init_stddev^2)) or ``uniform`` (libffm's U(0, 1/sqrt(k))); FFM.
       normalize: libffm's instance-wise normalisation of FFM's pairwise term.
+      embedding_combiner: pooling of multi-hot fields in deep models, ``sum`` or ``mean``.
+      bias_fields: position-bias field names (wide part of ``wide_deep``; seen only by ``bias_tasks``
+        in multi-task models; never in a deep part); empty means the schema's linear-only fields.
+      bias_tasks: tasks whose towers see ``bias_fields``; empty means the first task (the CTR task).
+      wide_fields: fields of the wide (linear) part of ``wide_deep`` besides ``bias_fields``; empty
+        means all fields.
+      task_fields: task -> field names only that task's tower sees (multi-task models).
     """
 
     name: str = "fm"
     tasks: tuple[str, ...] = ()
     embedding_dim: int = 8
     hidden_units: tuple[int, ...] = (256, 128)
+    tower_units: tuple[int, ...] = (64,)
+    activation: str = "relu"
     dropout: float = 0.0
     l2_embedding: float = 0.0
     l2_linear: float = 0.0
+    l2_dense: float = 0.0
     init_stddev: float = 0.01
     embedding_init: str = "normal"
     normalize: bool = False
+    embedding_combiner: str = "sum"
+    bias_fields: tuple[str, ...] = ()
+    bias_tasks: tuple[str, ...] = ()
+    wide_fields: tuple[str, ...] = ()
+    task_fields: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.embedding_init not in ("normal", "uniform"):
             raise ValueError(f"model.embedding_init {self.embedding_init!r} not in normal/uniform")
+        if self.embedding_combiner not in ("sum", "mean"):
+            raise ValueError(f"model.embedding_combiner {self.embedding_combiner!r} not in sum/mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,19 +98,26 @@ class OptimizerConfig:
     Attributes:
       name: ``adam``, ``adagrad``, ``ftrl`` or ``sgd``.
       learning_rate: step size.
-      initial_accumulator_value: Adagrad's starting accumulator (libffm starts at 1.0).
+      initial_accumulator_value: Adagrad's and FTRL's starting accumulator (libffm starts at 1.0).
       scale_lr_by_batch: multiply the learning rate by the batch size. The loss is a batch mean,
         so this gives each example the step a per-example learner (libffm) would take.
+      l1, l2: FTRL's L1 and L2 regularisation strengths (FTRL only).
+      momentum: SGD momentum.
     """
 
     name: str = "adam"
     learning_rate: float = 0.001
     initial_accumulator_value: float = 0.1
     scale_lr_by_batch: bool = False
+    l1: float = 0.0
+    l2: float = 0.0
+    momentum: float = 0.0
 
     def __post_init__(self):
         if self.name not in ("adam", "adagrad", "ftrl", "sgd"):
             raise ValueError(f"optimizer {self.name!r} not in adam/adagrad/ftrl/sgd")
+        if (self.l1 or self.l2) and self.name != "ftrl":
+            raise ValueError("optimizer.l1/l2 are FTRL's; use model.l2_* for the other optimizers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,16 +125,32 @@ class TrainConfig:
     """Training loop.
 
     Attributes:
-      epochs: passes over the training split.
+      epochs: passes over the training split (at most; see early stopping).
+      steps_per_epoch: steps per epoch; 0 means one pass over the training split.
       seed: seed of weights init, shuffling and dropout.
-      checkpoint_every_steps: steps between kill-safe checkpoints.
-      verbose: Keras verbosity (1 progress bar, 2 one line per epoch).
+      checkpoint_every_steps: steps between kill-safe checkpoints (``run_dir/backup``).
+      verbose: Keras verbosity (1 progress bar, 2 one line per epoch, 0 silent).
+      loss_weights: task -> weight of its loss (default 1).
+      pos_weight: task -> weight of its positive examples in the training loss (default 1).
+      task_condition: task -> label; the task trains (and is early-stopped) only on examples where
+        that label is 1, e.g. ``{conversion: click}`` for a CVR model on clicked impressions.
+      early_stopping_patience: stop after this many epochs without a lower eval logloss (summed over
+        tasks with ``loss_weights``) and restore the best epoch's weights; 0 disables.
+      early_stopping_min_delta: smallest decrease that counts as an improvement.
+      report: write the evaluation report (``run_dir/report``: JSON, ROC and calibration PNGs).
     """
 
     epochs: int = 2
+    steps_per_epoch: int = 0
     seed: int = 42
     checkpoint_every_steps: int = 500
-    verbose: int = 2
+    verbose: int = 1
+    loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    pos_weight: dict[str, float] = dataclasses.field(default_factory=dict)
+    task_condition: dict[str, str] = dataclasses.field(default_factory=dict)
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    report: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

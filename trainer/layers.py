@@ -29,21 +29,24 @@ def _touched_l2(rows_emb: tf.Tensor, l2: float) -> tf.Tensor:
 class Linear(keras.layers.Layer):
     """First-order term with global bias: ``y = w0 + sum_i w_{id_i} x_i``.
 
-    (Logistic regression; the linear part of Rendle, "Factorization Machines", ICDM 2010.)
+    (Logistic regression; the linear part of Rendle, "Factorization Machines", ICDM 2010;
+    the wide part of Cheng et al., "Wide & Deep Learning for Recommender Systems", DLRS 2016.)
 
     Input: sparse features. Output: ``[batch, 1]`` logits.
 
     Args:
       num_features: rows of the weight table (schema ``num_features``).
       l2: L2 penalty on the rows a batch touches.
+      fields: if not empty, only features of these field ids count (a wide part over chosen fields).
     """
 
-    def __init__(self, num_features: int, l2: float = 0.0, **kwargs):
+    def __init__(self, num_features: int, l2: float = 0.0, fields=(), **kwargs):
         super().__init__(**kwargs)
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
         self.num_features = num_features
         self.l2 = l2
+        self.fields = tuple(int(f) for f in fields)
 
     def build(self, input_shape):
         self.w = self.add_weight(name="w", shape=(self.num_features, 1), initializer="zeros")
@@ -51,15 +54,19 @@ class Linear(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, features):
-        rows, ids, values, _, batch = sparse_parts(features)
+        rows, ids, values, fields, batch = sparse_parts(features)
         w = tf.gather(self.w, ids)
+        if self.fields:
+            keep = 1.0 - _not_in(fields, self.fields)
+            w = w * keep[:, None]  # other fields neither contribute nor get L2
         if self.l2:
             self.add_loss(_touched_l2(w, self.l2) / tf.cast(batch, tf.float32))
         out = tf.math.unsorted_segment_sum(w * values[:, None], rows, batch)
         return out + self.bias
 
     def get_config(self):
-        return {**super().get_config(), "num_features": self.num_features, "l2": self.l2}
+        return {**super().get_config(), "num_features": self.num_features, "l2": self.l2,
+                "fields": list(self.fields)}
 
 
 class FMInteraction(keras.layers.Layer):
@@ -103,8 +110,7 @@ class FMInteraction(keras.layers.Layer):
             self.add_loss(_touched_l2(v, self.l2) / tf.cast(batch, tf.float32))
         x = values
         if self.linear_only_fields:
-            keep = tf.reduce_all(tf.not_equal(fields[:, None], tf.constant(self.linear_only_fields, tf.int64)), axis=1)
-            x = x * tf.cast(keep, x.dtype)
+            x = x * _not_in(fields, self.linear_only_fields)
         vx = v * x[:, None]
         s = tf.math.unsorted_segment_sum(vx, rows, batch)
         sq = tf.math.unsorted_segment_sum(tf.square(vx), rows, batch)
@@ -222,3 +228,183 @@ def _not_in(fields, excluded):
         return tf.ones_like(fields, tf.float32)
     hit = tf.reduce_any(tf.equal(fields[..., None], tf.constant(excluded, tf.int64)), axis=-1)
     return 1.0 - tf.cast(hit, tf.float32)
+
+
+class FieldEmbedding(keras.layers.Layer):
+    """Field-wise pooled embeddings (the "embedding layer" of Guo et al., "DeepFM", IJCAI 2017, and
+    Cheng et al., "Wide & Deep", DLRS 2016; pooling of multi-hot fields as in Covington et al.,
+    "Deep Neural Networks for YouTube Recommendations", RecSys 2016).
+
+        e_f = sum_{i in field f} v_{id_i} x_i           (combiner ``sum``)
+        e_f = (1 / n_f) sum_{i in field f} v_{id_i} x_i  (combiner ``mean``; n_f features of f)
+
+    A field absent from an example gives ``e_f = 0``.
+
+    Input: sparse features. Output: ``[batch, num_fields, k]``.
+
+    Args:
+      num_features: rows of the table (schema ``num_features``).
+      num_fields: fields (schema ``num_fields``).
+      embedding_dim: k.
+      combiner: ``sum`` or ``mean``.
+      l2: L2 on the rows a batch touches (``l2/2 * ||v||^2`` per use).
+      init_stddev: stddev of the normal initializer.
+    """
+
+    def __init__(self, num_features: int, num_fields: int, embedding_dim: int, combiner: str = "sum",
+                 l2: float = 0.0, init_stddev: float = 0.01, **kwargs):
+        super().__init__(**kwargs)
+        if embedding_dim < 1 or num_fields < 1 or num_features < 1:
+            raise ValueError(f"FieldEmbedding needs positive sizes, got features={num_features} "
+                             f"fields={num_fields} k={embedding_dim}")
+        if combiner not in ("sum", "mean"):
+            raise ValueError(f"combiner must be sum or mean, got {combiner!r}")
+        self.num_features = num_features
+        self.num_fields = num_fields
+        self.embedding_dim = embedding_dim
+        self.combiner = combiner
+        self.l2 = l2
+        self.init_stddev = init_stddev
+
+    def build(self, input_shape):
+        self.v = self.add_weight(name="v", shape=(self.num_features, self.embedding_dim),
+                                 initializer=keras.initializers.RandomNormal(stddev=self.init_stddev))
+        super().build(input_shape)
+
+    def call(self, features):
+        rows, ids, values, fields, batch = sparse_parts(features)
+        v = tf.gather(self.v, ids)
+        if self.l2:
+            self.add_loss(_touched_l2(v, self.l2) / tf.cast(batch, tf.float32))
+        segment = rows * self.num_fields + fields
+        n = batch * self.num_fields
+        pooled = tf.math.unsorted_segment_sum(v * values[:, None], segment, n)
+        if self.combiner == "mean":
+            count = tf.math.unsorted_segment_sum(tf.ones_like(values), segment, n)
+            pooled = pooled / tf.maximum(count, 1.0)[:, None]
+        return tf.reshape(pooled, tf.stack([batch, self.num_fields, self.embedding_dim]))
+
+    def get_config(self):
+        return {**super().get_config(), "num_features": self.num_features, "num_fields": self.num_fields,
+                "embedding_dim": self.embedding_dim, "combiner": self.combiner, "l2": self.l2,
+                "init_stddev": self.init_stddev}
+
+
+class FieldValues(keras.layers.Layer):
+    """Dense features: the value of each chosen field (sum over its features; 0 when absent).
+
+    The "dense/statistical features" input of a deep model (Cheng et al., "Wide & Deep", DLRS 2016):
+    ``numeric`` fields carry one feature whose value is the raw number.
+
+    Input: sparse features. Output: ``[batch, len(fields)]``.
+
+    Args:
+      fields: field ids, in output order.
+    """
+
+    def __init__(self, fields, **kwargs):
+        super().__init__(**kwargs)
+        self.fields = tuple(int(f) for f in fields)
+        if not self.fields:
+            raise ValueError("FieldValues needs at least one field")
+
+    def call(self, features):
+        rows, _, values, fields, batch = sparse_parts(features)
+        slot = tf.argmax(tf.cast(tf.equal(fields[:, None], tf.constant(self.fields, tf.int64)), tf.int32), axis=1)
+        hit = 1.0 - _not_in(fields, self.fields)
+        n = len(self.fields)
+        out = tf.math.unsorted_segment_sum(values * hit, rows * n + slot, batch * n)
+        return tf.reshape(out, tf.stack([batch, n]))
+
+    def get_config(self):
+        return {**super().get_config(), "fields": list(self.fields)}
+
+
+class FieldFMInteraction(keras.layers.Layer):
+    """FM second-order term over pooled field embeddings (the FM component of Guo et al., "DeepFM",
+    IJCAI 2017, which shares its embeddings with the deep component).
+
+        y = sum_{f<g} <e_f, e_g> = 1/2 sum_k [ (sum_f e_{f,k})^2 - sum_f e_{f,k}^2 ]
+
+    With one feature per field this is Rendle's FM term; features of one multi-hot field do not
+    pair with each other.
+
+    Input: ``[batch, fields, k]``. Output: ``[batch, 1]``.
+    """
+
+    def call(self, emb):
+        s = tf.reduce_sum(emb, axis=1)
+        sq = tf.reduce_sum(tf.square(emb), axis=1)
+        return 0.5 * tf.reduce_sum(tf.square(s) - sq, axis=1, keepdims=True)
+
+
+class MLP(keras.layers.Layer):
+    """Multi-layer perceptron: ``h_{l+1} = dropout(act(W_l h_l + b_l))``.
+
+    (The deep part of Cheng et al., "Wide & Deep", DLRS 2016, and of Guo et al., "DeepFM", IJCAI 2017.)
+
+    Input: ``[batch, d]``. Output: ``[batch, hidden_units[-1]]`` (the input when ``hidden_units`` is empty).
+
+    Args:
+      hidden_units: layer sizes.
+      activation: Keras activation name.
+      dropout: dropout rate after each layer (training only).
+      l2: L2 on the kernels (``l2 * ||W||^2``).
+      seed: dropout seed.
+    """
+
+    def __init__(self, hidden_units=(), activation: str = "relu", dropout: float = 0.0, l2: float = 0.0,
+                 seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.hidden_units = tuple(int(u) for u in hidden_units)
+        self.activation = activation
+        self.dropout = dropout
+        self.l2 = l2
+        self.seed = seed
+        reg = keras.regularizers.L2(l2) if l2 else None
+        self.dense = [keras.layers.Dense(u, activation=activation, kernel_regularizer=reg, name=f"dense_{i}")
+                      for i, u in enumerate(self.hidden_units)]
+        self.drop = [keras.layers.Dropout(dropout, seed=None if seed is None else seed + i)
+                     for i in range(len(self.hidden_units))] if dropout else []
+
+    def call(self, x, training=False):
+        for i, layer in enumerate(self.dense):
+            x = layer(x)
+            if self.drop:
+                x = self.drop[i](x, training=training)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_units": list(self.hidden_units), "activation": self.activation,
+                "dropout": self.dropout, "l2": self.l2, "seed": self.seed}
+
+
+class TaskTower(keras.layers.Layer):
+    """Per-task tower of a multi-task model: an MLP and a one-unit logit layer.
+
+        logit = w^T MLP(h) + b
+
+    (The task-specific towers of hard parameter sharing, Caruana, "Multitask Learning", 1997;
+    Ma et al., "Entire Space Multi-Task Model", SIGIR 2018.)
+
+    Input: ``[batch, d]``. Output: ``[batch, 1]`` logits.
+
+    Args:
+      hidden_units, activation, dropout, l2, seed: of the tower's MLP (``l2`` also on the logit kernel).
+    """
+
+    def __init__(self, hidden_units=(), activation: str = "relu", dropout: float = 0.0, l2: float = 0.0,
+                 seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.mlp = MLP(hidden_units, activation, dropout, l2, seed, name="mlp")
+        self.logit = keras.layers.Dense(1, kernel_regularizer=keras.regularizers.L2(l2) if l2 else None,
+                                        name="logit")
+
+    def call(self, x, training=False):
+        return self.logit(self.mlp(x, training=training))
+
+    def get_config(self):
+        c = self.mlp.get_config()
+        return {**super().get_config(), **{k: c[k] for k in ("hidden_units", "activation", "dropout", "l2", "seed")}}

@@ -1,8 +1,9 @@
 """Ranking models: short compositions of ``trainer.layers``, registered by name.
 
-A model maps the sparse features of a batch to ``{task name: probability [batch]}``.
-Task names are label names from the schema, so a model trains on whatever binary
-labels the ETL wrote.
+A model maps the sparse features of a batch to ``{output name: probability [batch]}``. The
+outputs always include one per task; task names are label names from the schema, so a model
+trains on whatever binary labels the ETL wrote. Field choices in the config (``bias_fields``,
+``wide_fields``, ``task_fields``) are field names resolved against the schema.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Callable
 import tensorflow as tf
 import tf_keras as keras
 
-from feature_schema import Schema
+from feature_schema import Schema, configs
 from trainer import layers
 from trainer.config import ModelConfig
 
@@ -19,7 +20,13 @@ MODELS: dict[str, Callable] = {}
 
 
 def register_model(name: str, multi_task: bool = False):
-    """Class decorator adding a model to the registry under ``name``."""
+    """Class decorator adding a model to the registry under ``name``.
+
+    Args:
+      name: the ``model.name`` that selects it.
+      multi_task: without ``model.tasks`` the model predicts every label of the schema
+        (else only the first one).
+    """
     def deco(cls):
         if name in MODELS:
             raise ValueError(f"model {name!r} registered twice")
@@ -38,6 +45,8 @@ def resolve_tasks(cfg: ModelConfig, schema: Schema, multi_task: bool) -> tuple[s
         raise ValueError(f"tasks {unknown} are not labels of the schema {list(schema.label_names)}")
     if not multi_task and len(tasks) != 1:
         raise ValueError(f"model {cfg.name!r} is single-task; got tasks {list(tasks)}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks {list(tasks)} repeat a label")
     return tasks
 
 
@@ -50,23 +59,92 @@ def build_model(cfg: ModelConfig, schema: Schema) -> keras.Model:
 
 
 class RankingModel(keras.Model):
-    """Base class: holds the config, schema sizes and task names."""
+    """Base class: holds the config, schema sizes, task names and resolved field sets."""
 
     def __init__(self, cfg: ModelConfig, schema: Schema, tasks: tuple[str, ...], **kwargs):
         super().__init__(name=cfg.name, **kwargs)
         self.cfg = cfg
-        self.tasks = tasks
+        self.schema = schema
+        self.tasks = tuple(tasks)
         self.num_features = schema.num_features
         self.num_fields = schema.num_fields
         self.linear_only_fields = schema.linear_only_field_ids
+        for t in cfg.task_fields:
+            if t not in self.tasks:
+                raise ValueError(f"model.task_fields names {t!r}, not a task of {list(self.tasks)}")
+        self.bias_fields = self.field_ids(cfg.bias_fields) if cfg.bias_fields else self.linear_only_fields
+        private = {f for names in cfg.task_fields.values() for f in self.field_ids(names)}
+        # Fields every task's shared part sees: no position-like bias, no task-private field.
+        self.shared_fields = tuple(f.id for f in schema.fields
+                                   if f.id not in self.bias_fields and f.id not in private)
+        self.numeric_fields = tuple(f.id for f in schema.fields if f.kind == "numeric")
+
+    def field_ids(self, names) -> tuple[int, ...]:
+        """Field ids of field names (KeyError for a name not in the schema)."""
+        return tuple(self.schema.field(n).id for n in names)
+
+    def task_field_ids(self, task: str) -> tuple[int, ...]:
+        return self.field_ids(self.cfg.task_fields.get(task, ()))
+
+    @property
+    def bias_tasks(self) -> tuple[str, ...]:
+        """Tasks that see the position-bias fields (default: the first task, e.g. click)."""
+        return tuple(self.cfg.bias_tasks) or self.tasks[:1]
 
     @property
     def serving_outputs(self) -> tuple[str, ...]:
         """Output keys the exporter serves: the tasks, plus derived outputs a model may add (e.g. ctcvr)."""
         return self.tasks
 
+    @property
+    def derived_eval(self) -> dict[str, tuple[str, str]]:
+        """Derived outputs to evaluate: {output: (label, condition label)} (metrics where the condition is 1)."""
+        return {}
+
+    def get_config(self):
+        return {"model_config": configs.to_dict(self.cfg), "schema": self.schema.to_json_dict(),
+                "tasks": list(self.tasks)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        schema = Schema.from_json_dict(config["schema"])
+        return cls(configs.from_dict(ModelConfig, config["model_config"]), schema, tuple(config["tasks"]))
+
     def _single(self, logit):
         return {self.tasks[0]: tf.sigmoid(tf.squeeze(logit, axis=1))}
+
+    def _embedding(self):
+        """The field-wise pooled embedding table every deep model uses."""
+        c = self.cfg
+        return layers.FieldEmbedding(self.num_features, self.num_fields, c.embedding_dim, c.embedding_combiner,
+                                     l2=c.l2_embedding, init_stddev=c.init_stddev, name="embedding")
+
+    # Dropout seeds come from the global seed (train.seed via keras.utils.set_random_seed).
+    def _mlp(self, units, name):
+        c = self.cfg
+        return layers.MLP(units, c.activation, c.dropout, c.l2_dense, name=name)
+
+    def _tower(self, name):
+        c = self.cfg
+        return layers.TaskTower(c.tower_units, c.activation, c.dropout, c.l2_dense, name=name)
+
+    def _split_fields(self, fields, name):
+        """(categorical/binned fields, FieldValues layer of the numeric ones or None) of a deep input."""
+        cat = tuple(f for f in fields if f not in self.numeric_fields)
+        num = tuple(f for f in fields if f in self.numeric_fields)
+        return cat, (layers.FieldValues(num, name=name) if num else None)
+
+    def _deep_input(self, features, emb, cat_fields, values_layer):
+        """Flattened embeddings of ``cat_fields`` (part 1) ++ dense values (part 2), ``[batch, d]``."""
+        parts = []
+        if cat_fields:
+            e = tf.gather(emb, list(cat_fields), axis=1)
+            parts.append(tf.reshape(e, [-1, len(cat_fields) * self.cfg.embedding_dim]))
+        if values_layer is not None:
+            parts.append(values_layer(features))
+        if not parts:
+            raise ValueError(f"model {self.cfg.name!r}: a deep part has no input field")
+        return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
 @register_model("lr")
@@ -108,3 +186,129 @@ class FieldAwareFM(RankingModel):
 
     def call(self, features, training=False):
         return self._single(self.linear(features) + self.ffm(features))
+
+
+@register_model("wide_deep")
+class WideDeep(RankingModel):
+    """Wide&Deep (search-ads layout): pooled field embeddings ++ dense values -> MLP, plus a wide linear
+    part over the position-bias fields and ``wide_fields``."""
+
+    def __init__(self, cfg, schema, tasks, **kwargs):
+        super().__init__(cfg, schema, tasks, **kwargs)
+        self.embedding = self._embedding()
+        self.deep_fields, self.values = self._split_fields(self.shared_fields, "values")
+        self.mlp = self._mlp(cfg.hidden_units, "mlp")
+        self.deep_logit = keras.layers.Dense(1, name="deep_logit")
+        wide = self.field_ids(cfg.wide_fields) if cfg.wide_fields else tuple(range(self.num_fields))
+        self.wide = layers.Linear(self.num_features, l2=cfg.l2_linear,
+                                  fields=sorted(set(wide) | set(self.bias_fields)), name="wide")
+
+    def call(self, features, training=False):
+        deep = self._deep_input(features, self.embedding(features), self.deep_fields, self.values)
+        logit = self.deep_logit(self.mlp(deep, training=training)) + self.wide(features)
+        return self._single(logit)
+
+
+@register_model("deepfm")
+class DeepFM(RankingModel):
+    """DeepFM: linear term + FM over field embeddings + MLP over the same embeddings (shared)."""
+
+    def __init__(self, cfg, schema, tasks, **kwargs):
+        super().__init__(cfg, schema, tasks, **kwargs)
+        self.embedding = self._embedding()
+        self.linear = layers.Linear(self.num_features, l2=cfg.l2_linear)
+        crossed = tuple(f for f in range(self.num_fields) if f not in self.linear_only_fields)
+        self.deep_fields, self.values = self._split_fields(crossed, "values")
+        self.fm = layers.FieldFMInteraction(name="fm")
+        self.mlp = self._mlp(cfg.hidden_units, "mlp")
+        self.deep_logit = keras.layers.Dense(1, name="deep_logit")
+
+    def call(self, features, training=False):
+        emb = self.embedding(features)
+        fm = self.fm(tf.gather(emb, list(self.deep_fields), axis=1))
+        deep = self.deep_logit(self.mlp(self._deep_input(features, emb, self.deep_fields, self.values),
+                                        training=training))
+        return self._single(self.linear(features) + fm + deep)
+
+
+class _SharedBottomBase(RankingModel):
+    """Shared embeddings; per task: a tower over a shared input, task-private fields and, for
+    ``bias_tasks``, a wide term over the position-bias fields (which no other task sees)."""
+
+    def _build_heads(self):
+        cfg = self.cfg
+        self.embedding = self._embedding()
+        self.deep_fields, self.values = self._split_fields(self.shared_fields, "values")
+        self.towers, self.private, self.bias = {}, {}, {}
+        for t in self.tasks:
+            self.towers[t] = self._tower(f"tower_{t}")
+            own = self.task_field_ids(t)
+            if own:
+                self.private[t] = self._split_fields(own, f"values_{t}")
+            if t in self.bias_tasks and self.bias_fields:
+                self.bias[t] = layers.Linear(self.num_features, l2=cfg.l2_linear, fields=self.bias_fields,
+                                             name=f"bias_{t}")
+
+    def _tower_logit(self, t, shared, features, emb, training):
+        x = shared
+        if t in self.private:
+            x = tf.concat([x, self._deep_input(features, emb, *self.private[t])], axis=1)
+        logit = self.towers[t](x, training=training)
+        if t in self.bias:
+            logit = logit + self.bias[t](features)
+        return logit
+
+
+@register_model("mtl", multi_task=True)
+class SharedBottom(_SharedBottomBase):
+    """Hard-sharing multi-task: shared embeddings + bottom MLP, one tower per task (label)."""
+
+    def __init__(self, cfg, schema, tasks, **kwargs):
+        super().__init__(cfg, schema, tasks, **kwargs)
+        self._build_heads()
+        self.bottom = self._mlp(cfg.hidden_units, "bottom")
+
+    def call(self, features, training=False):
+        emb = self.embedding(features)
+        shared = self.bottom(self._deep_input(features, emb, self.deep_fields, self.values), training=training)
+        return {t: tf.sigmoid(tf.squeeze(self._tower_logit(t, shared, features, emb, training), axis=1))
+                for t in self.tasks}
+
+
+@register_model("esmm", multi_task=True)
+class ESMM(_SharedBottomBase):
+    """ESMM: pCTR and position-free pCVR towers on shared embeddings; pCTCVR = pCTR x pCVR, both trained
+    on all impressions."""
+
+    def __init__(self, cfg, schema, tasks, **kwargs):
+        super().__init__(cfg, schema, tasks, **kwargs)
+        if len(self.tasks) != 2:
+            raise ValueError(f"esmm needs two tasks (click, then click-and-convert), got {list(self.tasks)}")
+        if self.tasks[1] in self.bias_tasks:
+            raise ValueError(f"esmm: the CVR tower ({self.tasks[1]!r}) must not see the position-bias fields")
+        self._build_heads()
+        self.bottoms = {t: self._mlp(cfg.hidden_units, f"bottom_{t}") for t in self.tasks}
+
+    @property
+    def serving_outputs(self) -> tuple[str, ...]:
+        return self.tasks + tuple(o for o in ESMM_OUTPUTS if o not in self.tasks)
+
+    @property
+    def derived_eval(self) -> dict[str, tuple[str, str]]:
+        # pCVR = P(conversion | click): its observable labels are the conversions of clicked impressions.
+        return {"cvr": (self.tasks[1], self.tasks[0])}
+
+    def call(self, features, training=False):
+        emb = self.embedding(features)
+        deep = self._deep_input(features, emb, self.deep_fields, self.values)
+        ctr_task, ctcvr_task = self.tasks
+        logits = {t: tf.squeeze(self._tower_logit(t, self.bottoms[t](deep, training=training), features, emb,
+                                                  training), axis=1) for t in self.tasks}
+        ctr = tf.sigmoid(logits[ctr_task])
+        cvr = tf.sigmoid(logits[ctcvr_task])
+        ctcvr = ctr * cvr
+        return {ctr_task: ctr, ctcvr_task: ctcvr, "ctr": ctr, "cvr": cvr, "ctcvr": ctcvr}
+
+
+# ESMM's derived outputs: pCTR, pCVR = P(conversion | click), pCTCVR = P(click and conversion).
+ESMM_OUTPUTS = ("ctr", "cvr", "ctcvr")

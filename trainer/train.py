@@ -5,14 +5,17 @@
 
 Writes into ``run_dir``: ``config.yaml`` (the resolved config), ``backup/``
 (kill-safe checkpoints every ``train.checkpoint_every_steps``: rerunning the
-same command after a kill resumes there), ``tensorboard/``, ``model/`` (final
-weights for the exporter) and ``metrics.json`` (per task: AUC, logloss,
-calibration on the eval split).
+same command after a kill resumes at the checkpointed step), ``best/`` (the best
+epoch's weights under early stopping), ``tensorboard/``, ``progress.jsonl``
+(one line per start/epoch/end with the optimizer step), ``model/`` (final
+weights for the exporter), ``metrics.json`` (per task: AUC, logloss,
+calibration on the eval split) and ``report/`` (``train.report``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +30,9 @@ from trainer import data, metrics
 from trainer.models import MODELS, build_model
 
 WEIGHTS_DIR = "model"
+BACKUP_DIR = "backup"
+BEST_DIR = "best"
+PROGRESS_FILE = "progress.jsonl"
 
 
 def make_optimizer(cfg: config_lib.OptimizerConfig, batch_size: int = 1):
@@ -39,13 +45,43 @@ def make_optimizer(cfg: config_lib.OptimizerConfig, batch_size: int = 1):
         return keras.optimizers.Adagrad(lr, initial_accumulator_value=cfg.initial_accumulator_value,
                                         epsilon=1e-10)
     if cfg.name == "ftrl":
-        return keras.optimizers.Ftrl(lr)
-    return keras.optimizers.SGD(lr)
+        return keras.optimizers.Ftrl(lr, initial_accumulator_value=cfg.initial_accumulator_value,
+                                     l1_regularization_strength=cfg.l1, l2_regularization_strength=cfg.l2)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum)
 
 
-def _select(ds, tasks):
+def check_task_settings(cfg: config_lib.ExperimentConfig, tasks, schema: Schema) -> None:
+    """Per-task settings must name tasks of the model (and conditions labels of the schema)."""
+    t = cfg.train
+    for key, mapping in (("loss_weights", t.loss_weights), ("pos_weight", t.pos_weight),
+                         ("task_condition", t.task_condition)):
+        unknown = [k for k in mapping if k not in tasks]
+        if unknown:
+            raise ValueError(f"train.{key} names {unknown}, not tasks of the model {list(tasks)}")
+    bad = {k: v for k, v in t.task_condition.items() if v not in schema.label_names}
+    if bad:
+        raise ValueError(f"train.task_condition {bad}: conditions must be labels of {list(schema.label_names)}")
+
+
+def task_weights(labels: dict, weights: tf.Tensor, tasks, train_cfg: config_lib.TrainConfig, training: bool):
+    """Per-task sample weights: example weight x positive weight (training only) x condition label."""
+    out = {}
+    for t in tasks:
+        w = weights
+        pw = train_cfg.pos_weight.get(t, 1.0)
+        if training and pw != 1.0:
+            w = w * (1.0 + (pw - 1.0) * labels[t])
+        cond = train_cfg.task_condition.get(t)
+        if cond:
+            w = w * labels[cond]
+        out[t] = w
+    return out
+
+
+def _select(ds, tasks, train_cfg: config_lib.TrainConfig | None = None, training: bool = True):
     """(features, labels, weights) -> Keras (x, y, sample_weight) for the model's tasks."""
-    return ds.map(lambda f, y, w: (f, {t: y[t] for t in tasks}, {t: w for t in tasks}))
+    train_cfg = train_cfg or config_lib.TrainConfig()
+    return ds.map(lambda f, y, w: (f, {t: y[t] for t in tasks}, task_weights(y, w, tasks, train_cfg, training)))
 
 
 def binary_crossentropy(y_true, y_pred):
@@ -54,11 +90,25 @@ def binary_crossentropy(y_true, y_pred):
                                              tf.reshape(y_pred, [-1]))
 
 
+class LogLoss(keras.metrics.Mean):
+    """Weighted mean log loss of [batch] labels and probabilities (the ``logloss`` Keras logs)."""
+
+    def __init__(self, name="logloss", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            sample_weight = tf.reshape(sample_weight, [-1])
+        return super().update_state(binary_crossentropy(y_true, y_pred), sample_weight)
+
+
 def build_and_compile(cfg: config_lib.ExperimentConfig, schema: Schema):
     model = build_model(cfg.model, schema)
+    check_task_settings(cfg, model.tasks, schema)
     model.compile(optimizer=make_optimizer(cfg.optimizer, cfg.data.batch_size),
                   loss={t: binary_crossentropy for t in model.tasks},
-                  weighted_metrics={t: [keras.metrics.AUC(name="auc")] for t in model.tasks})
+                  loss_weights={t: cfg.train.loss_weights.get(t, 1.0) for t in model.tasks},
+                  weighted_metrics={t: [keras.metrics.AUC(name="auc"), LogLoss()] for t in model.tasks})
     return model
 
 
@@ -69,15 +119,23 @@ def init_model(model, schema: Schema):
     return model
 
 
-def predict_split(model, schema: Schema, split: str, batch_size: int):
-    """Predictions, labels and weights of a whole split, in file order."""
-    preds = {t: [] for t in model.tasks}
+def predict_split(model, schema: Schema, split: str, batch_size: int, outputs=None):
+    """Predictions, labels and weights of a whole split, in file order.
+
+    Args:
+      outputs: model outputs to collect (default: the tasks).
+
+    Returns:
+      ({output: probs [n]}, {label: 0/1 [n]}, weights [n]).
+    """
+    outputs = tuple(outputs or model.tasks)
+    preds = {t: [] for t in outputs}
     labels = {name: [] for name in schema.label_names}
     weights = []
-    predict = tf.function(lambda f: model(f, training=False))
+    predict = tf.function(lambda f: model(f, training=False), reduce_retracing=True)
     for features, y, w in data.make_dataset(schema, split, batch_size):
         out = predict(features)
-        for t in model.tasks:
+        for t in outputs:
             preds[t].append(out[t].numpy())
         for name in schema.label_names:
             labels[name].append(y[name].numpy())
@@ -86,36 +144,183 @@ def predict_split(model, schema: Schema, split: str, batch_size: int):
     return cat(preds), cat(labels), np.concatenate(weights)
 
 
-def evaluate(model, schema: Schema, batch_size: int) -> dict:
-    """Per-task AUC, logloss and calibration on the eval split."""
-    preds, labels, weights = predict_split(model, schema, "eval", batch_size)
-    return {t: metrics.binary_report(labels[t], preds[t], weights) for t in model.tasks}
+def derived_eval(model) -> dict:
+    """{output: (label, condition label)} of derived outputs a model reports (ESMM's cvr on clicks)."""
+    return dict(getattr(model, "derived_eval", {}))
+
+
+def eval_metrics(model, preds: dict, labels: dict, weights, train_cfg: config_lib.TrainConfig | None = None) -> dict:
+    """Per task, over the whole split: AUC, logloss, calibration, examples, positive rate.
+
+    A task trained under ``train.task_condition`` (e.g. conversion on clicks) also reports
+    ``given_<condition>``: the same metrics on the examples where the condition label is 1; a
+    derived output (ESMM's ``cvr``) reports ``<output>_given_<condition>`` under its label.
+    """
+    train_cfg = train_cfg or config_lib.TrainConfig()
+    weights = np.asarray(weights)
+    results = {t: metrics.binary_report(labels[t], preds[t], weights) for t in model.tasks}
+
+    def subset(label, scores, cond):
+        m = labels[cond] > 0.5
+        return metrics.binary_report(labels[label][m], scores[m], weights[m])
+
+    for t, cond in train_cfg.task_condition.items():
+        if t in results:
+            results[t][f"given_{cond}"] = subset(t, preds[t], cond)
+    for out, (label, cond) in derived_eval(model).items():
+        results[label][f"{out}_given_{cond}"] = subset(label, preds[out], cond)
+    return results
+
+
+def evaluate(model, schema: Schema, batch_size: int, train_cfg: config_lib.TrainConfig | None = None) -> dict:
+    """Per-task AUC, logloss and calibration on the eval split (see ``eval_metrics``)."""
+    preds, labels, weights = predict_split(model, schema, "eval", batch_size,
+                                           model.tasks + tuple(derived_eval(model)))
+    return eval_metrics(model, preds, labels, weights, train_cfg)
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class ProgressLog(keras.callbacks.Callback):
+    """Appends start/epoch/end records with the optimizer step to ``progress.jsonl``.
+
+    Placed after ``BackupAndRestore``, the start record shows the step a resumed run continues from.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def _step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def on_train_begin(self, logs=None):
+        step = self._step()
+        if step:
+            print(f"train: resuming from the checkpoint at step {step}", flush=True)
+        _append_jsonl(self.path, {"event": "start", "step": step, "time": time.time()})
+
+    def on_epoch_end(self, epoch, logs=None):
+        _append_jsonl(self.path, {"event": "epoch", "epoch": epoch + 1, "step": self._step(),
+                                  **{k: float(v) for k, v in (logs or {}).items()}})
+
+    def on_train_end(self, logs=None):
+        _append_jsonl(self.path, {"event": "end", "step": self._step(), "time": time.time()})
+
+
+def val_logloss(logs: dict, tasks, loss_weights: dict) -> float:
+    """Eval log loss summed over tasks with their loss weights, from Keras' epoch logs."""
+    if len(tasks) == 1 and "val_logloss" in logs:
+        return float(logs["val_logloss"]) * loss_weights.get(tasks[0], 1.0)
+    return float(sum(loss_weights.get(t, 1.0) * logs[f"val_{t}_logloss"] for t in tasks))
+
+
+class EarlyStoppingOnLogloss(keras.callbacks.Callback):
+    """Stops when the eval log loss has not improved for ``patience`` epochs and restores the best
+    epoch's weights at the end. Kill-safe: the best weights and counters live in ``best_dir``."""
+
+    def __init__(self, best_dir: str, tasks, loss_weights: dict, patience: int, min_delta: float = 0.0):
+        super().__init__()
+        self.best_dir = best_dir
+        self.tasks = tuple(tasks)
+        self.loss_weights = dict(loss_weights)
+        self.patience = patience
+        self.min_delta = min_delta
+        self.state = {"best": math.inf, "best_epoch": 0, "wait": 0, "last_epoch": 0}
+
+    @property
+    def _state_file(self):
+        return os.path.join(self.best_dir, "state.json")
+
+    def _ckpt(self):
+        return tf.train.Checkpoint(model=self.model)
+
+    def on_train_begin(self, logs=None):
+        if os.path.exists(self._state_file):  # a resumed run
+            with open(self._state_file, encoding="utf-8") as f:
+                self.state = json.load(f)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = val_logloss(logs or {}, self.tasks, self.loss_weights)
+        s = self.state
+        s["last_epoch"] = epoch + 1
+        if value < s["best"] - self.min_delta:
+            s.update(best=value, best_epoch=epoch + 1, wait=0)
+            self._ckpt().write(os.path.join(self.best_dir, "weights"))
+        else:
+            s["wait"] += 1
+            if s["wait"] >= self.patience:
+                self.model.stop_training = True
+        os.makedirs(self.best_dir, exist_ok=True)
+        tmp = self._state_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(s, f)
+        os.replace(tmp, self._state_file)
+
+    def on_train_end(self, logs=None):
+        s = self.state
+        if s["best_epoch"] and s["best_epoch"] != s["last_epoch"]:
+            self._ckpt().read(os.path.join(self.best_dir, "weights")).expect_partial()
+            print(f"train: restored the best epoch {s['best_epoch']} (eval logloss {s['best']:.5f}; "
+                  f"stopped after epoch {s['last_epoch']})", flush=True)
+
+
+def _has_backup(backup_dir: str) -> bool:
+    return any(tf.train.latest_checkpoint(os.path.join(backup_dir, d))
+               for d in (tf.io.gfile.listdir(backup_dir) if tf.io.gfile.isdir(backup_dir) else []))
 
 
 def train(cfg: config_lib.ExperimentConfig) -> dict:
-    """Runs one training job; returns the eval metrics."""
+    """Runs one training job (resuming from ``run_dir/backup`` after a kill); returns the eval metrics."""
     keras.utils.set_random_seed(cfg.train.seed)
     schema = load_schema(cfg.data.path)
     os.makedirs(cfg.run_dir, exist_ok=True)
     config_lib.save(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-    model = build_and_compile(cfg, schema)
+    backup_dir = os.path.join(cfg.run_dir, BACKUP_DIR)
+    best_dir = os.path.join(cfg.run_dir, BEST_DIR)
+    if not _has_backup(backup_dir):  # a fresh run: forget the best epoch of an earlier one
+        tf.io.gfile.rmtree(best_dir) if tf.io.gfile.exists(best_dir) else None
+    # Built before fit so that BackupAndRestore can restore into existing variables.
+    model = init_model(build_and_compile(cfg, schema), schema)
+    examples = schema.splits.get("train", {}).get("examples")
+    steps = cfg.train.steps_per_epoch or (math.ceil(examples / cfg.data.batch_size) if examples else None)
+    # Repeated with a fixed number of steps per epoch, so a resumed epoch runs only its remaining steps.
     train_ds = _select(data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
-                                         cfg.train.seed, cfg.data.cache, cfg.data.num_parallel_reads),
-                       model.tasks)
-    eval_ds = _select(data.make_dataset(schema, "eval", cfg.data.eval_batch_size), model.tasks)
+                                         cfg.train.seed, cfg.data.cache, cfg.data.num_parallel_reads,
+                                         repeat=steps is not None),
+                       model.tasks, cfg.train, training=True)
+    eval_ds = _select(data.make_dataset(schema, "eval", cfg.data.eval_batch_size), model.tasks, cfg.train,
+                      training=False)
     callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(cfg.run_dir, "backup"),
-                                         save_freq=cfg.train.checkpoint_every_steps, delete_checkpoint=True),
-        keras.callbacks.TensorBoard(os.path.join(cfg.run_dir, "tensorboard"), update_freq="epoch"),
+        keras.callbacks.BackupAndRestore(backup_dir, save_freq=cfg.train.checkpoint_every_steps,
+                                         delete_checkpoint=True),
+        ProgressLog(os.path.join(cfg.run_dir, PROGRESS_FILE)),
+        keras.callbacks.TensorBoard(os.path.join(cfg.run_dir, "tensorboard"), update_freq="epoch",
+                                    profile_batch=0),
     ]
+    if cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingOnLogloss(best_dir, model.tasks, cfg.train.loss_weights,
+                                                cfg.train.early_stopping_patience,
+                                                cfg.train.early_stopping_min_delta))
     start = time.time()
-    model.fit(train_ds, validation_data=eval_ds, epochs=cfg.train.epochs, callbacks=callbacks,
-              verbose=cfg.train.verbose)
+    model.fit(train_ds, validation_data=eval_ds, epochs=cfg.train.epochs, steps_per_epoch=steps,
+              callbacks=callbacks, verbose=cfg.train.verbose)
     elapsed = time.time() - start
     tf.train.Checkpoint(model=model).write(os.path.join(cfg.run_dir, WEIGHTS_DIR, "weights"))
-    results = evaluate(model, schema, cfg.data.eval_batch_size)
+    preds, labels, weights = predict_split(model, schema, "eval", cfg.data.eval_batch_size,
+                                           model.tasks + tuple(derived_eval(model)))
+    results = eval_metrics(model, preds, labels, weights, cfg.train)
     with open(os.path.join(cfg.run_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
+    if cfg.train.report:
+        from trainer import report as report_lib  # matplotlib only when a report is wanted
+
+        report_lib.write_report(cfg.run_dir, {t: preds[t] for t in model.tasks}, labels, weights)
     for t, r in results.items():
         print(f"train: {cfg.model.name} {t}: eval AUC {r['auc']:.4f} logloss {r['logloss']:.4f} "
               f"calibration {r['calibration']:.3f} ({r['examples']} examples, {elapsed:.1f}s training)")
