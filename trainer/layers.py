@@ -55,7 +55,7 @@ class Linear(keras.layers.Layer):
 
     def call(self, features):
         rows, ids, values, fields, batch = sparse_parts(features)
-        w = tf.gather(self.w, ids)
+        w = tf.nn.embedding_lookup(self.w, ids)  # sharded under ParameterServerStrategy
         if self.fields:
             keep = 1.0 - _not_in(fields, self.fields)
             w = w * keep[:, None]  # other fields neither contribute nor get L2
@@ -105,7 +105,7 @@ class FMInteraction(keras.layers.Layer):
 
     def call(self, features):
         rows, ids, values, fields, batch = sparse_parts(features)
-        v = tf.gather(self.v, ids)
+        v = tf.nn.embedding_lookup(self.v, ids)
         if self.l2:
             self.add_loss(_touched_l2(v, self.l2) / tf.cast(batch, tf.float32))
         x = values
@@ -200,7 +200,7 @@ class FFMInteraction(keras.layers.Layer):
         crossed = present * _not_in(fields, self.linear_only_fields)
         x = x * crossed
         n = tf.shape(ids)[1]
-        rows = tf.gather(self.v, ids)                                    # [B, n, F, k]
+        rows = tf.nn.embedding_lookup(self.v, ids)                       # [B, n, F, k]
         # v[b, i, j] = latent vector of feature i against the field of feature j.
         target = tf.broadcast_to(fields[:, None, :], tf.stack([tf.shape(ids)[0], n, n]))
         v = tf.gather(rows, target, axis=2, batch_dims=2)                # [B, n, n, k]
@@ -273,7 +273,7 @@ class FieldEmbedding(keras.layers.Layer):
 
     def call(self, features):
         rows, ids, values, fields, batch = sparse_parts(features)
-        v = tf.gather(self.v, ids)
+        v = tf.nn.embedding_lookup(self.v, ids)
         if self.l2:
             self.add_loss(_touched_l2(v, self.l2) / tf.cast(batch, tf.float32))
         segment = rows * self.num_fields + fields
