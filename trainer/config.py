@@ -26,6 +26,9 @@ class DataConfig:
       shuffle_buffer: example-level shuffle buffer (0 disables shuffling).
       cache: cache parsed batches in memory after the first epoch.
       num_parallel_reads: TFRecord files read concurrently.
+      deterministic: read and parse in a fixed order, so that ``train.seed`` fixes the example order
+        (and, on CPU, the whole run); False lets parallel reads deliver out of order (faster when
+        files are on slow storage).
     """
 
     path: str = "data/etl"
@@ -34,6 +37,7 @@ class DataConfig:
     shuffle_buffer: int = 50_000
     cache: bool = False
     num_parallel_reads: int = 4
+    deterministic: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,8 @@ def parse_batch(serialized: tf.Tensor, schema: Schema):
 
 def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: int = 0, seed: int = 0,
                  cache: bool = False, num_parallel_reads: int = 4, repeat: bool = False,
-                 drop_remainder: bool = False, files: list[str] | None = None) -> tf.data.Dataset:
+                 drop_remainder: bool = False, files: list[str] | None = None,
+                 deterministic: bool | None = None) -> tf.data.Dataset:
     """Builds the dataset of one split.
 
     Args:
@@ -60,7 +61,11 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
       repeat: repeat forever (for step-based training).
       drop_remainder: drop the last partial batch.
       files: explicit files instead of the split's globs (a worker's shard).
+      deterministic: keep the parallel interleave and map in order, so a seed fixes the example
+        order; None: in order only without shuffling (a shuffled order is random anyway).
     """
+    if deterministic is None:
+        deterministic = not shuffle_buffer
     if files is None:
         files = []
         for pattern in schema.split_files(split):
@@ -74,14 +79,14 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
         lambda f: tf.data.TFRecordDataset(f, compression_type=schema.compression or None),
         cycle_length=max(1, min(num_parallel_reads, len(files))),
         num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=not shuffle_buffer)
+        deterministic=deterministic)
     if cache:  # raw records, before the shuffle, so every epoch is shuffled anew
         ds = ds.cache()
     if shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.map(lambda s: parse_batch(s, schema), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=not shuffle_buffer)
+                deterministic=deterministic)
     if repeat:
         ds = ds.repeat()
     return ds.prefetch(tf.data.AUTOTUNE)

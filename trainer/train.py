@@ -292,7 +292,7 @@ def train(cfg: config_lib.ExperimentConfig) -> dict:
     # Repeated with a fixed number of steps per epoch, so a resumed epoch runs only its remaining steps.
     train_ds = _select(data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
                                          cfg.train.seed, cfg.data.cache, cfg.data.num_parallel_reads,
-                                         repeat=steps is not None),
+                                         repeat=steps is not None, deterministic=cfg.data.deterministic),
                        model.tasks, cfg.train, training=True)
     eval_ds = _select(data.make_dataset(schema, "eval", cfg.data.eval_batch_size), model.tasks, cfg.train,
                       training=False)
