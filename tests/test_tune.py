@@ -21,6 +21,8 @@ def test_parse_grid_values():
     assert tune.parse_grid("model.hidden_units=[[256,128],[64]]") == ("model.hidden_units", [[256, 128], [64]])
     with pytest.raises(ValueError, match="KEY=VALUES"):
         tune.parse_grid("model.embedding_dim")
+    assert tune.parse_point("data.batch_size=64 optimizer.learning_rate=2e-1") == {
+        "data.batch_size": 64, "optimizer.learning_rate": 0.2}
 
 
 def test_grid_and_random_trials():
@@ -61,16 +63,22 @@ def _entropy(p: float) -> float:
 def lr_search(tiny_etl, tmp_path_factory):
     """A two-trial grid search of LR in this process (the second trial's L2 is crushing)."""
     out = str(tmp_path_factory.mktemp("tune") / "lr")
-    argv = ["--data", tiny_etl, "--model", "lr", "--set", "train.epochs=1", "--set", "train.verbose=0",
+    argv = ["--data", tiny_etl, "--model", "lr", "--set", "train.epochs=1", "--set", "train.verbose=0", "--set", "train.report=false",
             "--set", "optimizer.learning_rate=0.1", "--grid", "model.l2_linear=0,100", "--out", out]
     return argv, out, tune.main(argv)
 
 
 def test_two_trial_grid_table(lr_search, tiny_etl):
+    from trainer import train
+
+    # The tuner reads these run-dir files without importing TensorFlow.
+    assert tune.PROGRESS_FILE == train.PROGRESS_FILE
+    assert tune.BEST_STATE == os.path.join(train.BEST_DIR, "state.json")
     argv, out, result = lr_search
     trials = result["trials"]
     assert [t["values"] for t in trials] == [{"model.l2_linear": 0}, {"model.l2_linear": 100}]
     assert [t["status"] for t in trials] == ["ok", "ok"]
+    assert [t["epochs"] for t in trials] == ["1", "1"]  # one epoch, no early stopping
     for t in trials:
         with open(os.path.join(t["run_dir"], "metrics.json")) as f:
             assert t["metrics"] == json.load(f)  # the table holds each run's own eval metrics
@@ -80,7 +88,7 @@ def test_two_trial_grid_table(lr_search, tiny_etl):
     free, crushed = trials[0]["metrics"]["click"], trials[1]["metrics"]["click"]
     # Crushing L2 leaves only the bias: the prediction is the base rate, logloss its entropy.
     assert crushed["logloss"] == pytest.approx(_entropy(crushed["positive_rate"]), abs=0.01)
-    assert free["logloss"] < crushed["logloss"] - 0.02 and free["auc"] > 0.6
+    assert free["logloss"] < crushed["logloss"] - 0.005 and free["auc"] > crushed["auc"] + 0.1
     assert result["task"] == "click" and result["metric"] == "logloss"
     assert result["best"]["index"] == 0 and result["best"]["values"] == {"model.l2_linear": 0}
 
@@ -106,7 +114,7 @@ def test_subprocess_workers_and_failed_trial(lr_search, tiny_etl, tmp_path):
     _, _, inproc = lr_search
     base = config_lib.configs.to_dict(config_lib.resolve("", "", {
         "data": {"path": tiny_etl}, "model": {"name": "lr"}, "optimizer": {"learning_rate": 0.1},
-        "train": {"epochs": 1, "verbose": 0}}))
+        "train": {"epochs": 1, "verbose": 0, "report": False}}))
     result = tune.search(base, [{"model.l2_linear": 0}, {"model.name": "no_such_model"}], str(tmp_path),
                          workers=2)
     ok, failed = result["trials"]

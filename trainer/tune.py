@@ -17,9 +17,11 @@ Search space:
                          list-valued choices.
   --dist KEY=log:LO:HI | uniform:LO:HI | int:LO:HI
                          a continuous (or integer) range, for ``--random`` only.
+  --point "KEY=V KEY=V"  one extra trial with these values (keys that move together,
+                         e.g. a batch size and its learning rate); repeatable.
 Without ``--random`` every combination of the grids runs (grid search); with
 ``--random N``, N trials are drawn with seed ``--seed``: distinct grid points when
-there are only grids, otherwise independent draws per key.
+there are only grids, otherwise independent draws per key. ``--point`` trials follow.
 
 ``--workers 1`` runs the trials one after another in this process; ``--workers N``
 runs up to N trials at once, each in its own ``python -m trainer.train`` process
@@ -59,6 +61,9 @@ from trainer import config as config_lib
 
 TRIAL_CONFIG = "trial.yaml"
 METRICS_FILE = "metrics.json"
+# trainer.train's run-dir files (not imported: the parent of subprocess workers stays TF-free).
+PROGRESS_FILE = "progress.jsonl"
+BEST_STATE = os.path.join("best", "state.json")
 # Objectives: name -> (sort key from a task's metrics, lower is better).
 OBJECTIVES = {
     "logloss": lambda m: m["logloss"],
@@ -133,6 +138,17 @@ def parse_dist(item: str) -> tuple[str, Dist]:
     return key, Dist(parts[0], float(parts[1]), float(parts[2]))
 
 
+def parse_point(item: str) -> dict:
+    """``"a=1 b.c=x"`` -> ``{"a": 1, "b.c": "x"}`` (one explicit trial)."""
+    point = {}
+    for part in item.split():
+        key, raw = _split_key(part)
+        point[key] = _scalar(yaml.safe_load(raw))
+    if not point:
+        raise ValueError(f"--point {item!r} has no KEY=VALUE")
+    return point
+
+
 def grid_trials(grid: list[tuple[str, list]]) -> list[dict]:
     """Every combination of the grids, the first key varying slowest."""
     keys = [k for k, _ in grid]
@@ -184,6 +200,7 @@ class Trial:
     status: str = "pending"  # pending | ok | cached | failed
     metrics: dict = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    epochs: str = ""  # "best/run" epochs under early stopping, else epochs run
     error: str = ""
 
 
@@ -239,6 +256,21 @@ def run_subprocess(cfg: config_lib.ExperimentConfig, threads: int) -> dict:
     return _read_metrics(cfg.run_dir)
 
 
+def epochs_of(run_dir: str) -> str:
+    """Epochs as "best/run" from the early-stopping state, else the epochs in progress.jsonl."""
+    state = os.path.join(run_dir, BEST_STATE)
+    if os.path.exists(state):
+        with open(state, encoding="utf-8") as f:
+            s = json.load(f)
+        return f"{s['best_epoch']}/{s['last_epoch']}"
+    progress = os.path.join(run_dir, PROGRESS_FILE)
+    if not os.path.exists(progress):
+        return ""
+    with open(progress, encoding="utf-8") as f:
+        epochs = [json.loads(line).get("epoch") for line in f if '"epoch"' in line]
+    return str(max((e for e in epochs if e), default=0))
+
+
 def objective(trial: Trial, metric: str, task: str) -> float:
     """The trial's sort key (lower is better); +inf when it failed or has no such task."""
     m = trial.metrics.get(task)
@@ -272,7 +304,7 @@ def markdown_table(search: dict, trials: list[Trial]) -> str:
     head = ["rank", "trial"] + [f"`{k}`" for k in keys]
     for t in tasks:
         head += [f"{t} AUC", f"{t} logloss", f"{t} calib."]
-    head += ["seconds", "status"]
+    head += ["epochs", "seconds", "status"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rank, tr in enumerate(ranked(trials, metric, task), 1):
         row = [str(rank) if objective(tr, metric, task) < math.inf else "-", f"{tr.index:03d}"]
@@ -280,7 +312,7 @@ def markdown_table(search: dict, trials: list[Trial]) -> str:
         for t in tasks:
             m = tr.metrics.get(t, {})
             row += [f"{m['auc']:.4f}", f"{m['logloss']:.4f}", f"{m['calibration']:.3f}"] if m else ["", "", ""]
-        row += [f"{tr.seconds:.0f}", tr.status + (f": {tr.error}" if tr.error else "")]
+        row += [tr.epochs, f"{tr.seconds:.0f}", tr.status + (f": {tr.error}" if tr.error else "")]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -341,6 +373,7 @@ def search(base: dict, points: list[dict], out: str, *, metric: str = "logloss",
     def run(trial: Trial, cfg: config_lib.ExperimentConfig) -> None:
         if _finished(trial, cfg):
             trial.status, trial.metrics = "cached", _read_metrics(trial.run_dir)
+            trial.epochs = epochs_of(trial.run_dir)
             record(trial)
             return
         os.makedirs(trial.run_dir, exist_ok=True)
@@ -352,8 +385,10 @@ def search(base: dict, points: list[dict], out: str, *, metric: str = "logloss",
         except Exception as e:  # a failed trial is a row of the table, not the end of the search
             trial.status, trial.error = "failed", f"{type(e).__name__}: {e}"[:300]
         trial.seconds = time.time() - start
+        trial.epochs = epochs_of(trial.run_dir)
         record(trial)
 
+    write_tables(out, info, trials)  # the pending trials, visible from the start
     if workers > 1:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(run, trials, cfgs))
@@ -378,6 +413,8 @@ def parse_args(argv):
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="discrete search values")
     p.add_argument("--dist", action="append", default=[], metavar="KEY=KIND:LO:HI",
                    help="range for --random (log, uniform or int)")
+    p.add_argument("--point", action="append", default=[], metavar="'KEY=V KEY=V'",
+                   help="an explicit trial (space-separated KEY=VALUE)")
     p.add_argument("--random", type=int, default=0, metavar="N", help="N random trials instead of the full grid")
     p.add_argument("--seed", type=int, default=0, help="seed of the random search")
     p.add_argument("--workers", type=int, default=1, help="concurrent trials (>1: one process each)")
@@ -396,8 +433,9 @@ def main(argv=None) -> dict:
     dists = [parse_dist(d) for d in args.dist]
     if dists and not args.random:
         raise SystemExit("--dist needs --random N")
-    if not grid and not dists:
-        raise SystemExit("nothing to search: give --grid KEY=V1,V2 and/or --dist KEY=KIND:LO:HI")
+    points = [parse_point(x) for x in args.point]
+    if not grid and not dists and not points:
+        raise SystemExit("nothing to search: give --grid KEY=V1,V2, --dist KEY=KIND:LO:HI or --point 'KEY=V ...'")
     flat = {}
     if args.data:
         flat["data"] = {"path": args.data}
@@ -406,7 +444,10 @@ def main(argv=None) -> dict:
     overrides = configs.deep_merge(configs.parse_overrides(args.set), flat)
     base_cfg = config_lib.resolve(args.experiment, args.config, overrides)  # validates the base
     base = configs.to_dict(base_cfg)
-    points = random_trials(grid, dists, args.random, args.seed) if args.random else grid_trials(grid)
+    if args.random:
+        points = random_trials(grid, dists, args.random, args.seed) + points
+    elif grid:
+        points = grid_trials(grid) + points
     name = args.experiment or base_cfg.model.name
     out = args.out or os.path.join("runs", "tune", name)
     command = "python -m trainer.tune " + " ".join(shlex.quote(a) for a in argv)
