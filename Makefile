@@ -21,6 +21,12 @@ MODEL ?=
 EXPERIMENT ?=
 RUN_DIR ?= runs/default
 EXPORT_BASE ?= runs/export
+# DISTRIBUTE=ps: ParameterServerStrategy on a local cluster of WORKERS workers and PS parameter servers
+DISTRIBUTE ?=
+WORKERS ?= 2
+PS ?= 2
+# WARM_START=<run dir or export version dir>: initialise from yesterday's model
+WARM_START ?=
 # extra flags for the underlying command, e.g. ARGS='--set train.epochs=3'
 ARGS ?=
 
@@ -31,6 +37,7 @@ help:
 	@echo "make etl [INPUT=<glob>] [EVAL_INPUT=<glob>] [FORMAT=libfm|libffm] [FIELD_MAP=<tsv>] [LABELS=a,b] [OUT=<dir>] [CONFIG=<yaml>]"
 	@echo "                             no INPUT: generate the default click log into $(RAW) first"
 	@echo "make train [DATA=<etl out>] [MODEL=<name>] [EXPERIMENT=<name>] [RUN_DIR=<dir>] [EXPORT_BASE=<dir>]"
+	@echo "           [DISTRIBUTE=ps WORKERS=2 PS=2] [WARM_START=<run dir or export>]"
 	@echo "make test                    default test suite (slow suites: make test-all)"
 	@echo "make bench                   benchmarks (tables on stdout, JSON under runs/bench)"
 
@@ -53,9 +60,18 @@ else
 	  $(if $(FIELD_MAP),--field_map $(FIELD_MAP)) $(if $(LABELS),--labels $(LABELS)) --out $(OUT) $(ARGS)
 endif
 
+TRAIN_FLAGS = --data $(DATA) --run_dir $(RUN_DIR) --export_base $(EXPORT_BASE) \
+  $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) \
+  $(if $(WARM_START),--set train.warm_start=$(WARM_START)) $(ARGS)
+
 train: install
-	$(PY) -m trainer.train --data $(DATA) --run_dir $(RUN_DIR) --export_base $(EXPORT_BASE) \
-	  $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
+ifeq ($(DISTRIBUTE),ps)
+	$(PY) -m trainer.distributed launch --workers $(WORKERS) --ps $(PS) -- $(TRAIN_FLAGS)
+else ifeq ($(DISTRIBUTE),)
+	$(PY) -m trainer.train $(TRAIN_FLAGS)
+else
+	@echo "DISTRIBUTE=$(DISTRIBUTE): expected ps or nothing" && exit 2
+endif
 	$(PY) -m export.exporter --run_dir $(RUN_DIR)
 
 # Hyper-parameter search (trainer/tune.py), e.g. make tune DATA=data/frappe MODEL=ffm ARGS='--grid ...'

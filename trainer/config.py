@@ -142,6 +142,8 @@ class TrainConfig:
         tasks with ``loss_weights``) and restore the best epoch's weights; 0 disables.
       early_stopping_min_delta: smallest decrease that counts as an improvement.
       report: write the evaluation report (``run_dir/report``: JSON, ROC and calibration PNGs).
+      warm_start: a previous run dir or TF Serving export version dir to initialise from
+        (``trainer/warm_start.py``: variables by name, vocabulary rows by feature); empty: cold start.
     """
 
     epochs: int = 2
@@ -155,6 +157,7 @@ class TrainConfig:
     early_stopping_patience: int = 0
     early_stopping_min_delta: float = 0.0
     report: bool = True
+    warm_start: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -287,6 +287,10 @@ def train(cfg: config_lib.ExperimentConfig) -> dict:
         tf.io.gfile.rmtree(best_dir) if tf.io.gfile.exists(best_dir) else None
     # Built before fit so that BackupAndRestore can restore into existing variables.
     model = init_model(build_and_compile(cfg, schema), schema)
+    if cfg.train.warm_start and not _has_backup(backup_dir):  # a resumed run continues from its backup
+        from trainer.warm_start import warm_start
+
+        print("train: " + warm_start(model, schema, cfg.train.warm_start).summary(), flush=True)
     examples = schema.splits.get("train", {}).get("examples")
     steps = cfg.train.steps_per_epoch or (math.ceil(examples / cfg.data.batch_size) if examples else None)
     # Repeated with a fixed number of steps per epoch, so a resumed epoch runs only its remaining steps.

@@ -1,0 +1,99 @@
+"""ParameterServerStrategy training on a local cluster of processes (chief, workers, parameter servers)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from export import exporter
+from feature_schema import load_schema
+
+ENV = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _launch(data, run_dir, model, epochs, extra=(), workers=2, ps=2, min_shard_bytes=512):
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.distributed", "launch", "--workers", str(workers), "--ps", str(ps),
+         "--min_shard_bytes", str(min_shard_bytes), "--", "--data", data, "--model", model, "--run_dir", run_dir,
+         "--set", f"train.epochs={epochs}", "--set", "train.verbose=2", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+
+
+def _single(data, run_dir, model, epochs, extra=()):
+    out = subprocess.run([sys.executable, "-m", "trainer.train", "--data", data, "--model", model,
+                          "--run_dir", run_dir, "--set", f"train.epochs={epochs}", "--set", "train.verbose=2",
+                          *extra], capture_output=True, text=True, env=ENV, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.load(open(os.path.join(run_dir, "metrics.json")))
+
+
+def _auc(run_dir, task="click"):
+    return json.load(open(os.path.join(run_dir, "metrics.json")))[task]["auc"]
+
+
+def test_local_cluster_shards_tables_and_exports_an_ordinary_savedmodel(tiny_etl, tmp_path):
+    run_dir = str(tmp_path / "ps")
+    proc = _launch(tiny_etl, run_dir, "fm", epochs=2,
+                   extra=("--set", "data.batch_size=128", "--set", "optimizer.learning_rate=0.01"))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    schema = load_schema(tiny_etl)
+    # MinSizePartitioner split each table across the 2 parameter servers, rows adding up to the vocabulary.
+    shards = json.loads(re.search(r"distributed: sharded tables (\{.*\})", out).group(1))
+    for name in ("fm/linear/w", "fm/fm_interaction/v"):
+        assert len(shards[name]) == 2 and sum(shards[name]) == schema.num_features, shards
+    assert _auc(run_dir) > 0.6
+    # Every process of the cluster is gone.
+    pids = json.load(open(os.path.join(run_dir, "cluster.json")))["pids"].values()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    # The export is an ordinary SavedModel: the TF Serving loader check passes.
+    path, check = exporter.export(run_dir, export_base=str(tmp_path / "export"))
+    assert check["max_abs_diff"] <= 1e-5 and os.path.basename(path).isdigit()
+
+
+def _wait_for(path, proc, timeout=300):
+    start = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() - start < timeout, f"{path} never appeared"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role", ["worker:1", "ps:0"])
+def test_killed_worker_or_parameter_server(tiny_etl, tmp_path, role):
+    """A killed worker: the coordinator reschedules its work. A killed ps: the cluster restarts from a checkpoint."""
+    run_dir = str(tmp_path / role.replace(":", "_"))
+    proc = _launch(tiny_etl, run_dir, "fm", epochs=4, extra=("--set", "data.batch_size=64"))
+    _wait_for(os.path.join(run_dir, "ps_checkpoints", "ckpt-1.index"), proc)
+    pid = json.load(open(os.path.join(run_dir, "cluster.json")))["pids"][role]
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    if role.startswith("ps"):
+        assert "restarting the cluster" in out
+        assert re.search(r"resumed from .*ckpt-\d+ at epoch [1-3]", out), out[-3000:]
+    else:
+        assert "restarting the cluster" not in out
+    assert _auc(run_dir) > 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,extra", [
+    ("ffm", ("--set", "optimizer.name=adagrad", "--set", "optimizer.learning_rate=0.05")),
+    ("deepfm", ()),
+])
+def test_distributed_quality_matches_single_process(tiny_etl, tmp_path, model, extra):
+    single = _single(tiny_etl, str(tmp_path / "single"), model, 4, extra)["click"]["auc"]
+    proc = _launch(tiny_etl, str(tmp_path / "ps"), model, 4, extra)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert abs(_auc(str(tmp_path / "ps")) - single) <= 0.005, (_auc(str(tmp_path / "ps")), single)

@@ -1,0 +1,263 @@
+"""Parameter-server training with ``tf.distribute.ParameterServerStrategy`` and ``Model.fit``.
+
+Roles come from ``TF_CONFIG`` (chief, worker, ps), so one code path serves both
+ways to run:
+
+* a local cluster of processes on loopback, started and torn down by
+
+      python -m trainer.distributed launch --workers 2 --ps 2 -- --data data/etl --model ffm --run_dir runs/ps
+
+  (``make train DISTRIBUTE=ps WORKERS=2 PS=2``); every process is killed at the
+  end, also on failure or Ctrl-C, and a job whose parameter server died is
+  restarted (``--max_restarts``) and resumes from its last checkpoint;
+* real machines: each worker and parameter server runs
+  ``python -m trainer.distributed server`` and the chief runs
+  ``python -m trainer.distributed chief <trainer flags>``, each with its own
+  ``TF_CONFIG`` (docs/DISTRIBUTED.md).
+
+Embedding tables are sharded across the parameter servers by
+``MinSizePartitioner`` (shards of at least ``--min_shard_bytes``, at most one
+per parameter server), so a table sized from the schema's ``num_features``
+splits evenly. Each worker reads a disjoint subset of the TFRecord shards. The
+chief coordinates, checkpoints every epoch and, at the end, copies the sharded
+variables into an ordinary single-process model, which it evaluates and saves
+exactly like ``trainer.train`` does: the export of a distributed run is an
+ordinary SavedModel with no parameter-server dependency.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+CHECKPOINT_DIR = "ps_checkpoints"
+CLUSTER_FILE = "cluster.json"
+# Exit status of a chief whose job failed because a parameter server is gone.
+PS_FAILURE_EXIT = 75
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_cluster(workers: int, ps: int) -> dict:
+    """Cluster spec of one chief, ``workers`` workers and ``ps`` parameter servers on loopback."""
+    if workers < 1 or ps < 1:
+        raise ValueError(f"need at least one worker and one parameter server (got {workers}, {ps})")
+    return {"chief": [f"127.0.0.1:{free_port()}"],
+            "worker": [f"127.0.0.1:{free_port()}" for _ in range(workers)],
+            "ps": [f"127.0.0.1:{free_port()}" for _ in range(ps)]}
+
+
+def tf_config(cluster: dict, task_type: str, index: int) -> str:
+    return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
+
+
+def run_server() -> None:
+    """Runs this process's worker or ps role from TF_CONFIG until killed."""
+    import tensorflow as tf
+
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if resolver.task_type not in ("worker", "ps"):
+        raise SystemExit(f"server role must be worker or ps, TF_CONFIG says {resolver.task_type!r}")
+    # Workers run the training closures: keep them to one intra-op thread each on small machines.
+    server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type,
+                                  task_index=resolver.task_id, protocol="grpc", start=True)
+    server.join()
+
+
+def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) -> dict:
+    """Trains ``cfg`` on the cluster in TF_CONFIG (this process is the chief); returns eval metrics."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from feature_schema import load_schema
+    from trainer import config as config_lib
+    from trainer import data
+    from trainer import train as trainer_lib
+    from trainer.models import build_model
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    schema = load_schema(cfg.data.path)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    config_lib.save(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    num_ps = num_ps or len(resolver.cluster_spec().as_dict().get("ps", []))
+    partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
+        min_shard_bytes=min_shard_bytes, max_shards=num_ps)
+    strategy = tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
+    with strategy.scope():
+        model = trainer_lib.build_and_compile(cfg, schema)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var)
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(cfg.run_dir, CHECKPOINT_DIR), max_to_keep=2)
+    initial_epoch = 0
+    if cfg.train.warm_start and not manager.latest_checkpoint:
+        raise ValueError("train.warm_start is not supported with DISTRIBUTE=ps yet: warm-start a "
+                         "single-process run, or start the cluster from its checkpoint")
+    if manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint)
+        initial_epoch = int(epoch_var.numpy())
+        print(f"distributed: resumed from {manager.latest_checkpoint} at epoch {initial_epoch}", flush=True)
+
+    train_files = []
+    for pattern in schema.split_files("train"):
+        train_files.extend(sorted(tf.io.gfile.glob(pattern)))
+    tasks = model.tasks
+
+    def dataset_fn(ctx):
+        # Disjoint TFRecord shards per worker input pipeline.
+        files = train_files[ctx.input_pipeline_id::ctx.num_input_pipelines] or train_files
+        ds = data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
+                               cfg.train.seed + ctx.input_pipeline_id, cfg.data.cache,
+                               cfg.data.num_parallel_reads, repeat=True, files=files)
+        return ds.map(lambda f, y, w: (f, {t: y[t] for t in tasks}, {t: w for t in tasks}))
+
+    steps_per_epoch = max(1, math.ceil(schema.splits["train"]["examples"] / cfg.data.batch_size))
+
+    class EpochCheckpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_var.assign(epoch + 1)
+            manager.save(checkpoint_number=epoch + 1)
+
+    start = time.time()
+    if initial_epoch < cfg.train.epochs:
+        model.fit(keras.utils.experimental.DatasetCreator(dataset_fn), epochs=cfg.train.epochs,
+                  initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+                  callbacks=[EpochCheckpoint()], verbose=min(cfg.train.verbose, 2) and 2)  # no progress bar under PSS
+    elapsed = time.time() - start
+    steps_run = steps_per_epoch * max(0, cfg.train.epochs - initial_epoch)
+    with open(os.path.join(cfg.run_dir, "timing.json"), "w", encoding="utf-8") as f:
+        json.dump({"train_seconds": elapsed, "steps": steps_run, "batch_size": cfg.data.batch_size,
+                   "examples_per_second": steps_run * cfg.data.batch_size / elapsed if elapsed else None}, f)
+    shards = {}
+    for v in model.variables:
+        if "/part_" in v.name:
+            shards.setdefault(v.name.split("/part_")[0], []).append(int(v.shape[0]))
+    print("distributed: sharded tables " + json.dumps(shards, sort_keys=True), flush=True)
+
+    # An ordinary model with the trained values: evaluated and saved as a single-process run.
+    # The values travel through a checkpoint, which reads them from the parameter servers and
+    # stores each ShardedVariable whole (reading the chief's cached copies could be stale).
+    final = manager.save(checkpoint_number=cfg.train.epochs + 1)
+    plain = trainer_lib.init_model(build_model(cfg.model, schema), schema)
+    tf.train.Checkpoint(model=plain).read(final).expect_partial().assert_existing_objects_matched()
+    tf.train.Checkpoint(model=plain).write(os.path.join(cfg.run_dir, trainer_lib.WEIGHTS_DIR, "weights"))
+    results = trainer_lib.evaluate(plain, schema, cfg.data.eval_batch_size)
+    with open(os.path.join(cfg.run_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    for t, r in results.items():
+        print(f"train: {cfg.model.name} (ps: {len(resolver.cluster_spec().as_dict()['worker'])} workers, "
+              f"{num_ps} ps) {t}: eval AUC {r['auc']:.4f} logloss {r['logloss']:.4f} "
+              f"calibration {r['calibration']:.3f} ({elapsed:.1f}s training)", flush=True)
+    return results
+
+
+def _kill(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def launch(train_args: list[str], workers: int, ps: int, run_dir: str, max_restarts: int = 1) -> int:
+    """Starts a local cluster, runs the chief to completion, tears everything down.
+
+    Returns:
+      The chief's exit status (0 on success).
+    """
+    attempt = 0
+    while True:
+        cluster = local_cluster(workers, ps)
+        procs = []
+        try:
+            env = dict(os.environ)
+            for job in ("ps", "worker"):
+                for i in range(len(cluster[job])):
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "trainer.distributed", "server"],
+                        env={**env, "TF_CONFIG": tf_config(cluster, job, i)}, start_new_session=True))
+            chief = subprocess.Popen([sys.executable, "-m", "trainer.distributed", "chief", *train_args],
+                                     env={**env, "TF_CONFIG": tf_config(cluster, "chief", 0)},
+                                     start_new_session=True)
+            procs.append(chief)
+            os.makedirs(run_dir, exist_ok=True)
+            roles = [("ps", i) for i in range(ps)] + [("worker", i) for i in range(workers)] + [("chief", 0)]
+            with open(os.path.join(run_dir, CLUSTER_FILE), "w", encoding="utf-8") as f:
+                json.dump({"cluster": cluster, "attempt": attempt,
+                           "pids": {f"{r}:{i}": p.pid for (r, i), p in zip(roles, procs)}}, f)
+            rc = chief.wait()
+        finally:
+            _kill(procs)
+        if rc == PS_FAILURE_EXIT and attempt < max_restarts:
+            attempt += 1
+            print(f"distributed: a parameter server failed; restarting the cluster "
+                  f"(attempt {attempt}/{max_restarts}), resuming from the last checkpoint", flush=True)
+            continue
+        return rc
+
+
+def _is_ps_failure(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return any(s in text for s in ("/job:ps", "job:ps", "UnavailableError", "Unavailable", "failed to connect"))
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("launch", "server", "chief"):
+        raise SystemExit("usage: python -m trainer.distributed {launch|server|chief} ...")
+    role, rest = argv[0], argv[1:]
+    if role == "server":
+        run_server()
+        return
+    if role == "chief":
+        from trainer import train as trainer_lib
+
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument("--min_shard_bytes", type=int, default=64 << 10)
+        extra, train_argv = p.parse_known_args(rest)
+        cfg = trainer_lib.resolve_from_args(trainer_lib.parse_args(train_argv))
+        try:
+            train_ps(cfg, min_shard_bytes=extra.min_shard_bytes)
+        except Exception as e:  # noqa: BLE001  (classify, then re-raise as an exit status)
+            if _is_ps_failure(e):
+                print(f"distributed: parameter server failure: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                os._exit(PS_FAILURE_EXIT)
+            raise
+        # The coordinator's threads keep the process alive; the work is done and saved.
+        sys.stdout.flush()
+        os._exit(0)
+    p = argparse.ArgumentParser(description="Run a local parameter-server cluster for trainer flags after --")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ps", type=int, default=2)
+    p.add_argument("--max_restarts", type=int, default=1, help="cluster restarts after a parameter-server failure")
+    p.add_argument("--min_shard_bytes", type=int, default=64 << 10, help="smallest embedding shard")
+    args, train_args = p.parse_known_args(rest)
+    if train_args and train_args[0] == "--":
+        train_args = train_args[1:]
+    from trainer import train as trainer_lib
+
+    cfg = trainer_lib.resolve_from_args(trainer_lib.parse_args(train_args))
+    rc = launch(["--min_shard_bytes", str(args.min_shard_bytes), *train_args], args.workers, args.ps,
+                cfg.run_dir, args.max_restarts)
+    raise SystemExit(rc)
+
+
+if __name__ == "__main__":
+    main()
