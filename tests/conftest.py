@@ -54,3 +54,22 @@ def tiny_etl(tiny_raw, tmp_path_factory):
         pipeline.build_pipeline(p, cfg)
     pipeline.write_schema(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def served_export(tiny_etl, tmp_path_factory):
+    """{"base", "model", "runs": {"lr", "fm"}, "versions": {1: lr version dir, 2: fm version dir}}:
+    lr and fm trained for one short epoch on tiny_etl, exported as versions 1 and 2 of model "ctr"."""
+    from export import exporter
+    from trainer import config as config_lib
+    from trainer import train as trainer_lib
+
+    base = str(tmp_path_factory.mktemp("export"))
+    runs, version_dirs = {}, {}
+    for v, name in ((1, "lr"), (2, "fm")):
+        runs[name] = str(tmp_path_factory.mktemp(f"run-{name}"))
+        trainer_lib.train(config_lib.resolve(f"generated_{name}", overrides={
+            "data": {"path": tiny_etl, "batch_size": 512}, "run_dir": runs[name], "export_base": base,
+            "train": {"epochs": 1, "verbose": 0}}))
+        version_dirs[v], _ = exporter.export(runs[name], base, "ctr")
+    return {"base": base, "model": "ctr", "runs": runs, "versions": version_dirs}

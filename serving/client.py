@@ -1,0 +1,462 @@
+"""gRPC client of TF Serving's PredictionService (this project's server or ``tensorflow_model_server``).
+
+    python -m serving.client score --server 127.0.0.1:8500 --model fm --schema runs/export/fm/1 \\
+        --format libffm [--join item=data/raw/items.tsv] [--splits 4] data/raw/eval.libffm
+    python -m serving.client score ... --format libfm --field_map data/raw/field_map.tsv FILE
+    python -m serving.client score ... --format ids FILE     # lines of field_id:hash:value tokens
+    python -m serving.client status --server 127.0.0.1:8500 --model fm
+
+``ServingClient.score_examples`` / ``score_ids`` score one request's candidate
+ads by splitting them into ``splits`` sub-requests sent concurrently (gRPC
+futures on one channel), each with the remaining deadline; sub-requests failing
+with a transient status (UNAVAILABLE, ABORTED, or DEADLINE_EXCEEDED of one
+attempt while the overall deadline has time left) are retried with backoff.
+If a version swap lands between sub-requests, the ones answered by the older
+version are re-sent pinned to the newer one, so every ad of a call is scored by
+one version.
+
+``score`` prints, per input line, ``output=probability`` for every model
+output, tab-separated, in input order. libfm/libffm lines are turned into
+features the way the ETL does (``feature_schema.feature_hash``; the fields,
+bins and field ids come from ``--schema``, the export's ``assets.extra/schema.json``;
+``--join`` adds an entity table's columns; a field absent from a line gets the
+field's missing feature, which the served graph maps to its rare row). A
+leading token without ``:`` is taken as the label(s) and ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import os
+import sys
+import time
+
+import grpc
+import numpy as np
+from tensorflow.core.example import example_pb2
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
+                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
+                                     regression_pb2)
+
+from feature_schema import SCHEMA_FILENAME, Schema, feature_hash, load_schema
+from serving import protocol
+from serving.protocol import (DEFAULT_SIGNATURE, EXAMPLES_INPUT, FIELDS_INPUT, IDS_INPUT, IDS_SIGNATURE,
+                              VALUES_INPUT)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+# Key of the feature the ETL adds for a field absent from a line (etl.features.MISSING_KEY; a test
+# checks they agree). It is never in the vocabulary, so the served graph maps it to the field's rare row.
+MISSING_KEY = "__missing__"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """Outputs of one scoring call: {output key: array [n]} and the version that produced all of them."""
+
+    outputs: dict
+    version: int
+
+
+class ScoringError(RuntimeError):
+    """A scoring call failed after its retries; ``code`` is the last gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+
+
+class ServingClient:
+    """Client of one served model.
+
+    Args:
+      target: ``host:port`` of the server.
+      model_name: the served model.
+      version: pin a version (default: the server's latest, or ``version_label``).
+      version_label: a label of models.config (``stable``, ``canary``).
+      timeout_s: deadline of one scoring call, retries included.
+      attempt_timeout_s: deadline of one attempt (default: whatever is left of ``timeout_s``).
+      retries: extra attempts of a sub-request after a transient failure.
+      backoff_s: wait before the first retry, doubled for each next one.
+      max_message_bytes: cap on request and response size.
+    """
+
+    def __init__(self, target: str, model_name: str, version: int | None = None, version_label: str = "",
+                 timeout_s: float = 5.0, attempt_timeout_s: float | None = None, retries: int = 2,
+                 backoff_s: float = 0.02, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.model_name = model_name
+        self.version = version
+        self.version_label = version_label
+        self.timeout_s = timeout_s
+        self.attempt_timeout_s = attempt_timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+
+    def _spec(self, spec, signature: str, version: int | None = None) -> None:
+        spec.name = self.model_name
+        spec.signature_name = signature
+        version = version if version is not None else self.version
+        if version is not None:
+            spec.version.value = version
+        elif self.version_label:
+            spec.version_label = self.version_label
+
+    # ---- Predict, split into concurrent sub-requests
+
+    def score_examples(self, examples, splits: int = 1, signature: str = DEFAULT_SIGNATURE,
+                       output_filter=()) -> Prediction:
+        """Scores serialized tf.Examples (one candidate ad each) with a Predict signature on ``examples``."""
+        def build(lo, hi, version):
+            req = predict_pb2.PredictRequest()
+            self._spec(req.model_spec, signature, version)
+            protocol.strings_proto(examples[lo:hi], req.inputs[EXAMPLES_INPUT])
+            req.output_filter.extend(output_filter)
+            return req
+        return self._scatter(len(examples), splits, build)
+
+    def score_ids(self, ids, values, fields, splits: int = 1, signature: str = IDS_SIGNATURE,
+                  output_filter=()) -> Prediction:
+        """Scores dense padded ``predict_ids`` inputs (see ``serving.protocol``: field -1 pads)."""
+        arrays = (np.asarray(ids, np.int64), np.asarray(values, np.float32), np.asarray(fields, np.int64))
+
+        def build(lo, hi, version):
+            req = predict_pb2.PredictRequest()
+            self._spec(req.model_spec, signature, version)
+            for key, arr in zip((IDS_INPUT, VALUES_INPUT, FIELDS_INPUT), arrays):
+                protocol.from_ndarray(arr[lo:hi], req.inputs[key])
+            req.output_filter.extend(output_filter)
+            return req
+        return self._scatter(len(arrays[0]), splits, build)
+
+    def predict(self, inputs: dict, signature: str = DEFAULT_SIGNATURE, output_filter=()) -> Prediction:
+        """One Predict request of {input key: array} (no splitting)."""
+        def build(lo, hi, version):
+            req = predict_pb2.PredictRequest()
+            self._spec(req.model_spec, signature, version)
+            for key, arr in inputs.items():
+                protocol.from_ndarray(arr, req.inputs[key])
+            req.output_filter.extend(output_filter)
+            return req
+        return self._scatter(1, 1, build)
+
+    def _scatter(self, n: int, splits: int, build) -> Prediction:
+        k = max(1, min(splits, n))
+        bounds = [(n * i // k, n * (i + 1) // k) for i in range(k)]
+        deadline = time.monotonic() + self.timeout_s
+        for _ in range(self.retries + 2):
+            responses = self._gather({i: build(lo, hi, None) for i, (lo, hi) in enumerate(bounds)}, deadline)
+            versions = {r.model_spec.version.value for r in responses.values()}
+            if len(versions) == 1:
+                break
+            # A swap landed between sub-requests: rescore the others on the newest version; if that one
+            # is already gone (a rollback), score the whole call again.
+            newest = max(versions)
+            redo = {i: build(*bounds[i], newest) for i, r in responses.items() if r.model_spec.version.value != newest}
+            try:
+                responses.update(self._gather(redo, deadline))
+                break
+            except ScoringError as e:
+                if e.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+        else:
+            raise ScoringError(grpc.StatusCode.UNAVAILABLE, "versions kept changing between sub-requests")
+        newest = max(r.model_spec.version.value for r in responses.values())
+        keys = list(responses[0].outputs)
+        outputs = {}
+        for key in keys:
+            parts = [protocol.to_ndarray(responses[i].outputs[key]) for i in range(k)]
+            outputs[key] = parts[0] if k == 1 else np.concatenate(parts)
+        return Prediction(outputs, newest)
+
+    def _gather(self, requests: dict, deadline: float) -> dict:
+        """Sends requests concurrently, retrying transient failures until ``deadline``; returns the responses."""
+        results, pending, attempt = {}, dict(requests), 0
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ScoringError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{len(pending)} sub-requests left at deadline")
+            per_attempt = min(remaining, self.attempt_timeout_s or remaining)
+            futures = {i: self.stub.Predict.future(req, timeout=per_attempt) for i, req in pending.items()}
+            failed = {}
+            for i, fut in futures.items():
+                try:
+                    results[i] = fut.result()
+                except grpc.RpcError as e:
+                    code = e.code()
+                    transient = code in RETRYABLE or (code == grpc.StatusCode.DEADLINE_EXCEEDED
+                                                      and deadline - time.monotonic() > 0)
+                    if not transient or attempt >= self.retries:
+                        for f in futures.values():
+                            f.cancel()
+                        raise ScoringError(code, e.details() or "") from None
+                    failed[i] = pending[i]
+            pending = failed
+            if pending:
+                time.sleep(min(self.backoff_s * (2 ** attempt), max(0.0, deadline - time.monotonic())))
+                attempt += 1
+        return results
+
+    # ---- Classify, Regress, metadata, status
+
+    def classify(self, examples, signature: str = protocol.CLASSIFY_SIGNATURE) -> tuple[list, np.ndarray, int]:
+        """(class labels per example, scores [n, classes], version) of serialized tf.Examples."""
+        req = classification_pb2.ClassificationRequest()
+        self._spec(req.model_spec, signature)
+        for s in examples:
+            req.input.example_list.examples.add().ParseFromString(s)
+        resp = self._call(self.stub.Classify, req)
+        labels = [[c.label for c in cl.classes] for cl in resp.result.classifications]
+        scores = np.array([[c.score for c in cl.classes] for cl in resp.result.classifications], np.float32)
+        return labels, scores, resp.model_spec.version.value
+
+    def regress(self, examples, signature: str = protocol.REGRESS_SIGNATURE) -> tuple[np.ndarray, int]:
+        """(values [n], version) of serialized tf.Examples."""
+        req = regression_pb2.RegressionRequest()
+        self._spec(req.model_spec, signature)
+        for s in examples:
+            req.input.example_list.examples.add().ParseFromString(s)
+        resp = self._call(self.stub.Regress, req)
+        return np.array([r.value for r in resp.result.regressions], np.float32), resp.model_spec.version.value
+
+    def metadata(self) -> tuple[dict, int]:
+        """({signature name: SignatureDef}, version) of the served version."""
+        req = get_model_metadata_pb2.GetModelMetadataRequest()
+        self._spec(req.model_spec, "")
+        req.metadata_field.append("signature_def")
+        resp = self._call(self.stub.GetModelMetadata, req)
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        resp.metadata["signature_def"].Unpack(sig_map)
+        return dict(sig_map.signature_def), resp.model_spec.version.value
+
+    def status(self) -> list[tuple[int, str, str]]:
+        """[(version, state name, error message)] of the model's versions (or the pinned one)."""
+        req = get_model_status_pb2.GetModelStatusRequest()
+        self._spec(req.model_spec, "")
+        req.model_spec.ClearField("signature_name")
+        resp = self._call(self.model_stub.GetModelStatus, req)
+        state = get_model_status_pb2.ModelVersionStatus.State
+        return [(s.version, state.Name(s.state), s.status.error_message) for s in resp.model_version_status]
+
+    def _call(self, method, req):
+        deadline = time.monotonic() + self.timeout_s
+        for attempt in range(self.retries + 1):
+            try:
+                return method(req, timeout=max(1e-3, deadline - time.monotonic()))
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.retries or time.monotonic() >= deadline:
+                    raise ScoringError(e.code(), e.details() or "") from None
+                time.sleep(self.backoff_s * (2 ** attempt))
+        raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lines -> features (the ETL's mapping, without the ETL)
+
+
+class LineFeaturizer:
+    """Turns libfm/libffm lines into the ``(hash, value, field id)`` features the ETL writes.
+
+    Args:
+      schema: the served model's schema (fields, bins, example keys).
+      fmt: ``libfm`` or ``libffm``.
+      field_map: feature key -> field name (libfm lines).
+      joins: ``(key field, {key: {column: value}})`` entity tables whose columns become fields.
+    """
+
+    def __init__(self, schema: Schema, fmt: str, field_map: dict | None = None, joins=()):
+        if fmt not in ("libfm", "libffm"):
+            raise ValueError(f"format {fmt!r} is not libfm or libffm")
+        if fmt == "libfm" and field_map is None:
+            raise ValueError("libfm lines need a field map (--field_map feature<TAB>field TSV)")
+        self.schema = schema
+        self.fmt = fmt
+        self.field_map = field_map
+        self.joins = tuple(joins)
+        self.field_ids = {f.name: f.id for f in schema.fields}
+        self.bins = {f.name: f.bin_boundaries for f in schema.fields if f.kind == "binned"}
+        self.numeric = {f.name for f in schema.fields if f.kind in ("binned", "numeric")}
+        self.missing = {f.name: feature_hash(f.name, MISSING_KEY) for f in schema.fields}
+
+    def features(self, line: str) -> list[tuple[int, float, int]]:
+        """``(hash, value, field id)`` of one line: its features, joined columns, missing fields (schema order).
+
+        Raises:
+          ValueError: a malformed token, an unmapped feature or a field not in the schema.
+        """
+        tokens = line.split()
+        if tokens and ":" not in tokens[0]:
+            tokens = tokens[1:]  # labels
+        raw = []
+        for tok in tokens:
+            parts = tok.split(":")
+            if self.fmt == "libffm":
+                if len(parts) != 3:
+                    raise ValueError(f"token {tok!r} is not field:key:value")
+                field, key, value = parts
+            else:
+                if len(parts) != 2:
+                    raise ValueError(f"token {tok!r} is not key:value")
+                key, value = parts
+                field = self.field_map.get(key)
+                if field is None:
+                    raise ValueError(f"feature {key!r} is not in the field map")
+            raw.append((field, key, float(value)))
+        for key_field, table in self.joins:
+            for field, key, _ in list(raw):
+                row = table.get(key) if field == key_field else None
+                for col, val in (row or {}).items():
+                    if val not in (None, ""):
+                        raw.append((col, col, float(val)) if col in self.numeric else (col, str(val), 1.0))
+        out, present = [], set()
+        for field, key, value in raw:
+            fid = self.field_ids.get(field)
+            if fid is None:
+                raise ValueError(f"field {field!r} is not in the schema")
+            b = self.bins.get(field)
+            if b is not None:
+                key, value = f"bin{bisect.bisect_right(b, value)}", 1.0
+            out.append((feature_hash(field, key), value, fid))
+            present.add(fid)
+        for name, fid in self.field_ids.items():
+            if fid not in present:
+                out.append((self.missing[name], 1.0, fid))
+        return out
+
+    def example(self, line: str) -> bytes:
+        """The serialized tf.Example (hashes, values, field ids) of one line."""
+        return features_to_example(self.features(line), self.schema.example_keys)
+
+
+def features_to_example(rows, keys) -> bytes:
+    ex = example_pb2.Example()
+    feat = ex.features.feature
+    feat[keys.hashes].int64_list.value.extend(r[0] for r in rows)
+    feat[keys.values].float_list.value.extend(r[1] for r in rows)
+    feat[keys.fields].int64_list.value.extend(r[2] for r in rows)
+    return ex.SerializeToString()
+
+
+def parse_id_line(line: str) -> list[tuple[int, float, int]]:
+    """``(hash, value, field id)`` of a pre-hashed line of ``field_id:hash:value`` tokens."""
+    out = []
+    for tok in line.split():
+        parts = tok.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"token {tok!r} is not field_id:hash:value")
+        out.append((int(parts[1]), float(parts[2]), int(parts[0])))
+    return out
+
+
+def read_tsv_table(path: str, key_column: str) -> dict[str, dict[str, str]]:
+    """{key: {column: value}} of a TSV with a header row."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+        if key_column not in header:
+            raise ValueError(f"{path}: no column {key_column!r} in {header}")
+        out = {}
+        for line in f:
+            cells = line.rstrip("\r\n").split("\t")
+            row = dict(zip(header, cells))
+            out[row.pop(key_column)] = row
+    return out
+
+
+def read_field_map(path: str) -> dict[str, str]:
+    table = read_tsv_table(path, "feature")
+    return {k: v["field"] for k, v in table.items()}
+
+
+def _load_schema(path: str) -> Schema:
+    """A schema from schema.json, an ETL output dir, or an export version dir (assets.extra/schema.json)."""
+    extra = os.path.join(path, protocol.ASSETS_EXTRA, SCHEMA_FILENAME)
+    return load_schema(extra if os.path.exists(extra) else path)
+
+
+def score_lines(client: ServingClient, lines, fmt: str, schema: Schema | None = None, field_map=None, joins=(),
+                signature: str = "", splits: int = 1) -> Prediction:
+    """Scores text lines (libfm, libffm or ids) as one request's candidates."""
+    lines = [line for line in lines if line.strip()]
+    if fmt == "ids":
+        rows = [parse_id_line(line) for line in lines]
+        return client.score_ids(*protocol.pad_ids(rows), splits=splits, signature=signature or IDS_SIGNATURE)
+    if schema is None:
+        raise ValueError(f"{fmt} lines need --schema (the export's assets.extra/schema.json)")
+    fz = LineFeaturizer(schema, fmt, field_map, joins)
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            rows.append(fz.features(line))
+        except ValueError as e:
+            raise ValueError(f"line {lineno}: {e}") from None
+    if (signature or DEFAULT_SIGNATURE) == IDS_SIGNATURE:
+        return client.score_ids(*protocol.pad_ids(rows), splits=splits)
+    examples = [features_to_example(r, schema.example_keys) for r in rows]
+    return client.score_examples(examples, splits=splits, signature=signature or DEFAULT_SIGNATURE)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Client of a TF-Serving-protocol server.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("score", "status"):
+        s = sub.add_parser(name)
+        s.add_argument("--server", default="127.0.0.1:8500")
+        s.add_argument("--model", required=True)
+        s.add_argument("--version", type=int, default=None)
+        s.add_argument("--version_label", default="")
+        s.add_argument("--timeout", type=float, default=10.0, help="deadline of the call, retries included (s)")
+        s.add_argument("--retries", type=int, default=2)
+    s = sub.choices["score"]
+    s.add_argument("--format", choices=("libffm", "libfm", "ids"), default="libffm")
+    s.add_argument("--schema", default="", help="schema.json, ETL dir or export version dir (libfm/libffm)")
+    s.add_argument("--field_map", default="", help="feature<TAB>field TSV (libfm)")
+    s.add_argument("--join", action="append", default=[], metavar="KEY_FIELD=TSV",
+                   help="entity table whose columns become fields, keyed by KEY_FIELD's feature key")
+    s.add_argument("--signature", default="", help="serving_default (default) or predict_ids")
+    s.add_argument("--splits", type=int, default=1, help="concurrent sub-requests")
+    s.add_argument("inputs", nargs="*", default=["-"], help="files of lines (- : stdin)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    with ServingClient(args.server, args.model, args.version, args.version_label, timeout_s=args.timeout,
+                       retries=args.retries) as client:
+        if args.command == "status":
+            for version, state, error in client.status():
+                print(f"{args.model}\t{version}\t{state}\t{error}")
+            return
+        lines = []
+        for path in args.inputs:
+            if path == "-":
+                lines.extend(sys.stdin.read().splitlines())
+            else:
+                with open(path, encoding="utf-8") as f:
+                    lines.extend(f.read().splitlines())
+        joins = []
+        for spec in args.join:
+            key_field, _, path = spec.partition("=")
+            joins.append((key_field, read_tsv_table(path, key_field)))
+        pred = score_lines(client, lines, args.format, _load_schema(args.schema) if args.schema else None,
+                           read_field_map(args.field_map) if args.field_map else None, joins, args.signature,
+                           args.splits)
+    keys = sorted(pred.outputs)
+    for i in range(len(pred.outputs[keys[0]]) if keys else 0):
+        print("\t".join(f"{k}={pred.outputs[k][i]:.6f}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()

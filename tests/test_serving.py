@@ -1,0 +1,425 @@
+"""The local TF-Serving-protocol server over real gRPC on 127.0.0.1, with the tensorflow-serving-api stubs.
+
+The module server reads serving_configs/models.config as committed (model "fm", versions 1 and 2,
+labels stable=1 and canary=2) with --base_path pointing at a copy of the session's exports: version
+1 is an LR model, version 2 an FM model, so every answer shows which version produced it.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
+                                     inference_pb2, model_management_pb2, predict_pb2, regression_pb2)
+
+from export import exporter
+from feature_schema import load_schema
+from serving import client as client_lib
+from serving import protocol, server, sync
+from trainer import train as trainer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "serving_configs")
+N = 300
+CAP = 4 << 20
+
+
+@pytest.fixture(scope="module")
+def env(served_export, tiny_etl, tmp_path_factory):
+    schema = load_schema(tiny_etl)
+    examples = exporter.eval_examples(schema, N)
+    expected = {}
+    for v, name in ((1, "lr"), (2, "fm")):
+        _, _, model = trainer_lib.load_trained(served_export["runs"][name])
+        expected[v] = exporter.in_process_predict(model, schema, examples, N)["click"]
+    base = str(tmp_path_factory.mktemp("serving"))
+    for v, path in served_export["versions"].items():
+        shutil.copytree(path, os.path.join(base, "fm", str(v)))
+    config = server.read_config(os.path.join(CONFIGS, "models.config"))
+    manager = server.ModelManager(config, base_path=base, session_config=server.session_config())
+    srv = server.Server(manager, port=0, max_message_bytes=CAP)
+    srv.start()
+    client = client_lib.ServingClient(srv.target, "fm", timeout_s=30)
+    yield {"schema": schema, "examples": examples, "expected": expected, "server": srv, "client": client,
+           "base": base, "export": served_export}
+    client.close()
+    srv.stop()
+
+
+def _close(got, want):
+    return np.max(np.abs(np.asarray(got) - np.asarray(want))) <= 1e-5
+
+
+def test_predict_serving_default_latest_pinned_and_by_label(env):
+    c, ex, exp = env["client"], env["examples"], env["expected"]
+    assert env["server"].target.startswith("127.0.0.1:")
+    pred = c.score_examples(ex)
+    assert pred.version == 2 and set(pred.outputs) == {"click"} and _close(pred.outputs["click"], exp[2])
+    for label, version in (("stable", 1), ("canary", 2)):
+        with client_lib.ServingClient(env["server"].target, "fm", version_label=label) as cl:
+            pred = cl.score_examples(ex[:50])
+        assert pred.version == version and _close(pred.outputs["click"], exp[version][:50])
+    with client_lib.ServingClient(env["server"].target, "fm", version=1) as cl:
+        assert _close(cl.score_examples(ex[:7]).outputs["click"], exp[1][:7])
+
+
+@pytest.mark.parametrize("splits", [1, 4, 1000])
+def test_predict_ids_split_into_concurrent_subrequests(env, splits):
+    rows = protocol.example_rows(env["examples"], env["schema"].example_keys)
+    pred = env["client"].score_ids(*protocol.pad_ids(rows), splits=splits)
+    assert pred.version == 2 and pred.outputs["click"].shape == (N,)
+    assert _close(pred.outputs["click"], env["expected"][2])
+    pred = env["client"].score_examples(env["examples"], splits=splits)
+    assert _close(pred.outputs["click"], env["expected"][2])
+
+
+def test_classify_and_regress(env):
+    c, ex, p = env["client"], env["examples"][:40], env["expected"][2][:40]
+    labels, scores, version = c.classify(ex)
+    assert version == 2 and labels == [["0", "1"]] * 40
+    assert _close(scores[:, 1], p) and _close(scores[:, 0], 1 - p)
+    values, version = c.regress(ex)
+    assert version == 2 and _close(values, p)
+    # Context features are merged into each example: an empty example with the whole example as
+    # context scores like the example itself.
+    req = regression_pb2.RegressionRequest()
+    req.model_spec.name, req.model_spec.signature_name = "fm", "regression"
+    req.input.example_list_with_context.context.ParseFromString(ex[3])
+    req.input.example_list_with_context.examples.add()
+    resp = c.stub.Regress(req, timeout=10)
+    assert abs(resp.result.regressions[0].value - p[3]) <= 1e-5
+
+
+def test_model_metadata_is_the_savedmodel_signature_map(env):
+    sigs, version = env["client"].metadata()
+    assert version == 2
+    sm = exporter.SessionModel(env["export"]["versions"][2])
+    sm.close()
+    assert sigs == sm.signatures
+    assert sigs["classification"].method_name == "tensorflow/serving/classify"
+
+
+def test_model_status_and_reload_config(env):
+    c = env["client"]
+    assert c.status() == [(1, "AVAILABLE", ""), (2, "AVAILABLE", "")]
+    req = get_model_status_pb2.GetModelStatusRequest()
+    req.model_spec.name, req.model_spec.version_label = "fm", "stable"
+    resp = c.model_stub.GetModelStatus(req, timeout=10)
+    assert [(s.version, s.state) for s in resp.model_version_status] == [(1, 30)]  # AVAILABLE
+    # Promote the canary: stable -> 2 through HandleReloadConfigRequest, then back.
+    config = server.read_config(os.path.join(CONFIGS, "models.config"))
+    try:
+        config.model_config_list.config[0].version_labels["stable"] = 2
+        c.model_stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), timeout=30)
+        with client_lib.ServingClient(env["server"].target, "fm", version_label="stable") as cl:
+            assert cl.score_examples(env["examples"][:5]).version == 2
+    finally:
+        config.model_config_list.config[0].version_labels["stable"] = 1
+        c.model_stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), timeout=30)
+    assert c.status() == [(1, "AVAILABLE", ""), (2, "AVAILABLE", "")]
+
+
+def _predict(name="fm", signature="", inputs=None, **spec):
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = name
+    req.model_spec.signature_name = signature
+    if "version" in spec:
+        req.model_spec.version.value = spec.pop("version")
+    for k, v in spec.items():
+        setattr(req.model_spec, k, v)
+    for k, t in (inputs or {}).items():
+        req.inputs[k].CopyFrom(t)
+    return req
+
+
+def _bad_requests(good_examples):
+    ex = protocol.strings_proto(good_examples[:2])
+    as_float = protocol.from_ndarray(np.ones(2, np.float32))
+    two_d = protocol.from_ndarray(np.array([[good_examples[0]], [good_examples[1]]], dtype=object))
+    short = protocol.from_ndarray(np.ones(4, np.int64))
+    short.tensor_content = short.tensor_content[:-1]
+    ids = {"ids": protocol.from_ndarray(np.zeros((2, 3), np.int64)),
+           "values": protocol.from_ndarray(np.zeros((2, 4), np.float32)),
+           "fields": protocol.from_ndarray(np.zeros((2, 4), np.int64))}
+    filtered = _predict(inputs={"examples": ex})
+    filtered.output_filter.append("nope")
+    no_name = _predict(name="", inputs={"examples": ex})
+    classify_default = classification_pb2.ClassificationRequest()
+    classify_default.model_spec.name = "fm"
+    classify_default.input.example_list.examples.add().ParseFromString(good_examples[0])
+    classify_empty = classification_pb2.ClassificationRequest()
+    classify_empty.model_spec.name, classify_empty.model_spec.signature_name = "fm", "classification"
+    regress_unknown = regression_pb2.RegressionRequest()
+    regress_unknown.model_spec.name = "nope"
+    meta_bad = get_model_metadata_pb2.GetModelMetadataRequest()
+    meta_bad.model_spec.name = "fm"
+    meta_bad.metadata_field.append("nope")
+    status_unknown = get_model_status_pb2.GetModelStatusRequest()
+    status_unknown.model_spec.name = "nope"
+    status_version = get_model_status_pb2.GetModelStatusRequest()
+    status_version.model_spec.name = "fm"
+    status_version.model_spec.version.value = 99
+    NF, IA = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT
+    return [
+        ("unknown model", "Predict", _predict(name="nope", inputs={"examples": ex}), NF),
+        ("unknown version", "Predict", _predict(inputs={"examples": ex}, version=99), NF),
+        ("unknown signature", "Predict", _predict(signature="nope", inputs={"examples": ex}), NF),
+        ("unknown label", "Predict", _predict(inputs={"examples": ex}, version_label="nope"), IA),
+        ("no model name", "Predict", no_name, IA),
+        ("wrong input key", "Predict", _predict(inputs={"x": ex}), IA),
+        ("missing input", "Predict", _predict(), IA),
+        ("wrong dtype", "Predict", _predict(inputs={"examples": as_float}), IA),
+        ("wrong rank", "Predict", _predict(inputs={"examples": two_d}), IA),
+        ("not a tf.Example", "Predict",
+         _predict(inputs={"examples": protocol.strings_proto([b"\xff\xfe not a proto"])}), IA),
+        ("truncated tensor_content", "Predict", _predict(signature="predict_ids", inputs={
+            "ids": short, "values": protocol.from_ndarray(np.ones(4, np.float32)), "fields": short}), IA),
+        ("mismatched id shapes", "Predict", _predict(signature="predict_ids", inputs=ids), IA),
+        ("unknown output_filter", "Predict", filtered, IA),
+        ("Classify on a predict signature", "Classify", classify_default, IA),
+        ("Classify without examples", "Classify", classify_empty, IA),
+        ("Regress unknown model", "Regress", regress_unknown, NF),
+        ("unknown metadata field", "GetModelMetadata", meta_bad, IA),
+        ("status of unknown model", "GetModelStatus", status_unknown, NF),
+        ("status of unknown version", "GetModelStatus", status_version, NF),
+        ("MultiInference", "MultiInference", inference_pb2.MultiInferenceRequest(), grpc.StatusCode.UNIMPLEMENTED),
+    ]
+
+
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(env):
+    c, ex = env["client"], env["examples"]
+    for what, method, req, code in _bad_requests(ex):
+        stub = c.model_stub if method == "GetModelStatus" else c.stub
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(stub, method)(req, timeout=10)
+        assert err.value.code() == code, (what, err.value.code(), err.value.details())
+        assert _close(c.score_examples(ex[:3]).outputs["click"], env["expected"][2][:3]), what
+    # Over the message cap: gRPC refuses it before the handler; the server stays up.
+    huge = _predict(inputs={"examples": protocol.strings_proto([b"x" * (CAP + 1024)])})
+    with pytest.raises(grpc.RpcError) as err:
+        c.stub.Predict(huge, timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _close(c.score_examples(ex).outputs["click"], env["expected"][2])
+
+
+def test_client_score_cli_on_raw_lines(env, tiny_raw, capsys):
+    """libffm lines (item table joined like the ETL does) and pre-hashed id lines print the served scores."""
+    raw, _ = tiny_raw
+    with open(os.path.join(raw, "eval.libffm")) as f:
+        lines = [next(f) for _ in range(30)]
+    schema = env["schema"]
+    fz = client_lib.LineFeaturizer(schema, "libffm", joins=[("item", client_lib.read_tsv_table(
+        os.path.join(raw, "items.tsv"), "item"))])
+    want = exporter.session_predict(env["export"]["versions"][2], [fz.example(line) for line in lines])["click"]
+    path = os.path.join(env["base"], "lines.libffm")
+    with open(path, "w") as f:
+        f.writelines(lines)
+    common = ["score", "--server", env["server"].target, "--model", "fm"]
+    client_lib.main(common + ["--schema", env["export"]["versions"][2], "--join",
+                              f"item={os.path.join(raw, 'items.tsv')}", "--splits", "3", path])
+    got = [float(line.split("=")[1]) for line in capsys.readouterr().out.splitlines()]
+    assert len(got) == 30 and np.max(np.abs(np.array(got) - want)) <= 2e-6  # printed with 6 decimals
+    ids_path = os.path.join(env["base"], "lines.ids")
+    with open(ids_path, "w") as f:
+        for line in lines:
+            f.write(" ".join(f"{fid}:{h}:{v}" for h, v, fid in fz.features(line)) + "\n")
+    client_lib.main(common + ["--format", "ids", ids_path])
+    got = [float(line.split("=")[1]) for line in capsys.readouterr().out.splitlines()]
+    assert np.max(np.abs(np.array(got) - want)) <= 2e-6
+
+
+def test_version_swap_and_rollback_under_concurrent_load_fail_no_request(env, tmp_path):
+    """Sync publishes version 2 while 3 threads score 100 ads each (2 sub-requests); the poller loads,
+    warms up, switches, unloads version 1; then a rollback swaps back. Zero requests fail, and every
+    answer is exactly its version's prediction."""
+    ex, exp = env["examples"][:100], {v: e[:100] for v, e in env["expected"].items()}
+    dest = str(tmp_path / "ctr")
+    sync.push(env["export"]["versions"][1], dest)
+    manager = server.ModelManager(server.single_model_config("ctr", dest), session_config=server.session_config())
+    srv = server.Server(manager, port=0)
+    srv.start()
+    manager.start(poll_wait_s=0.05)
+    results, errors, stop = [], [], threading.Event()
+
+    def loop(k):
+        with client_lib.ServingClient(srv.target, "ctr", timeout_s=30) as cl:
+            while not stop.is_set():
+                try:
+                    pred = cl.score_examples(ex, splits=2)
+                    results.append((k, time.monotonic(), pred.version, pred.outputs["click"]))
+                except Exception as e:  # noqa: BLE001 (counted, must stay zero)
+                    errors.append(repr(e))
+
+    def wait_for(cond, what):
+        deadline = time.monotonic() + 90
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(results) >= 10, "first requests")
+        assert sync.push(env["export"]["versions"][2], dest).version == 2
+        status = client_lib.ServingClient(srv.target, "ctr")
+        wait_for(lambda: status.status() == [(1, "END", ""), (2, "AVAILABLE", "")], "swap to version 2")
+        swapped = len(results)
+        wait_for(lambda: len(results) >= swapped + 10, "requests after the swap")
+        assert sync.rollback(dest) == 1
+        wait_for(lambda: [s[:2] for s in status.status()] == [(1, "AVAILABLE"), (2, "END")], "rollback")
+        rolled = len(results)
+        wait_for(lambda: len(results) >= rolled + 10, "requests after the rollback")
+        status.close()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        srv.stop()
+    assert errors == []
+    for _, _, version, probs in results:
+        assert _close(probs, exp[version])
+    versions = [v for _, _, v, _ in sorted(results, key=lambda r: r[1])]
+    assert versions[0] == 1 and versions[-1] == 1 and 2 in versions
+    for k in range(3):  # per thread: 1...1 2...2 1...1 (never back to an unloaded version)
+        seq = [v for kk, _, v, _ in results if kk == k]
+        changes = [b for a, b in zip(seq, seq[1:]) if a != b]
+        assert changes in ([2, 1], [1], [2], []), seq
+    assert 2 in manager.models["ctr"].statuses and manager.models["ctr"].statuses[2][0] == 50  # END
+
+
+def test_a_broken_version_never_replaces_the_serving_one(env, tmp_path):
+    dest = str(tmp_path / "m")
+    shutil.copytree(env["export"]["versions"][1], os.path.join(dest, "1"))
+    manager = server.ModelManager(server.single_model_config("m", dest), max_load_retries=1)
+    try:
+        assert sorted(manager.models["m"].versions) == [1]
+        os.makedirs(os.path.join(dest, "2"))
+        with open(os.path.join(dest, "2", "saved_model.pb"), "wb") as f:
+            f.write(b"not a SavedModel")
+        for _ in range(4):  # the first load and one retry fail; later polls leave version 2 alone
+            manager.poll()
+        assert manager.models["m"].failures[2] == 2
+        assert sorted(manager.models["m"].versions) == [1]
+        state, code, message = manager.models["m"].statuses[2]
+        assert state == 50 and code != 0 and "load failed" in message
+        spec = predict_pb2.PredictRequest().model_spec
+        spec.name = "m"
+        lv = manager.acquire(spec)
+        assert lv.version == 1 and lv.warmup_requests == 8
+        lv.release()
+    finally:
+        manager.stop()
+
+
+def test_make_serve_command_starts_the_server_on_loopback(env, tmp_path):
+    """The Makefile's command line, in a child process: loads, serves, stops cleanly on SIGTERM."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--model_config_file", os.path.join(CONFIGS, "models.config"),
+         "--base_path", env["base"], "--port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving: listening on 127.0.0.1:"), line
+        target = line.split()[3].rstrip(";")
+        with client_lib.ServingClient(target, "fm", timeout_s=30) as c:
+            assert c.status() == [(1, "AVAILABLE", ""), (2, "AVAILABLE", "")]
+            assert _close(c.score_examples(env["examples"][:20]).outputs["click"], env["expected"][2][:20])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_committed_serving_configs_parse_as_tf_serving_protos():
+    config = server.read_config(os.path.join(CONFIGS, "models.config"))
+    (mc,) = config.model_config_list.config
+    assert mc.name == "fm" and mc.base_path == "/models/fm" and mc.model_platform == "tensorflow"
+    assert dict(mc.version_labels) == {"stable": 1, "canary": 2}
+    assert set(mc.version_labels.values()) <= set(mc.model_version_policy.specific.versions)
+    # BatchingParameters and MonitoringConfig are not in the tensorflow-serving-api wheel: build their
+    # descriptors from TF Serving's .proto definitions and parse the files strictly.
+    batching = _message("BatchingParameters", [
+        ("max_batch_size", 1, "Int64Value"), ("batch_timeout_micros", 2, "Int64Value"),
+        ("max_enqueued_batches", 3, "Int64Value"), ("num_batch_threads", 4, "Int64Value"),
+        ("thread_pool_name", 5, "StringValue"), ("allowed_batch_sizes", 6, "repeated int64"),
+        ("pad_variable_length_inputs", 7, "bool")])
+    with open(os.path.join(CONFIGS, "batching_parameters.txt")) as f:
+        b = text_format.Parse(f.read(), batching())
+    assert list(b.allowed_batch_sizes) == sorted(b.allowed_batch_sizes)
+    assert b.allowed_batch_sizes[-1] == b.max_batch_size.value  # TF Serving rejects anything else
+    assert not b.pad_variable_length_inputs
+    prometheus = _message("PrometheusConfig", [("enable", 1, "bool"), ("path", 2, "string")])
+    monitoring = _message("MonitoringConfig", [("prometheus_config", 1, ".t.PrometheusConfig")],
+                          pool=prometheus.DESCRIPTOR.file.pool)
+    with open(os.path.join(CONFIGS, "monitoring.config")) as f:
+        m = text_format.Parse(f.read(), monitoring())
+    assert m.prometheus_config.enable and m.prometheus_config.path.startswith("/")
+
+
+def _message(name, fields, pool=None):
+    F = descriptor_pb2.FieldDescriptorProto
+    if pool is None:
+        pool = descriptor_pool.DescriptorPool()
+        pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    fdp = descriptor_pb2.FileDescriptorProto(name=f"{name}.proto", package="t", syntax="proto3",
+                                             dependency=["google/protobuf/wrappers.proto"])
+    msg = fdp.message_type.add(name=name)
+    for fname, number, typ in fields:
+        f = msg.field.add(name=fname, number=number, label=F.LABEL_OPTIONAL)
+        if typ.startswith("repeated "):
+            f.label, typ = F.LABEL_REPEATED, typ.split()[1]
+        scalar = {"int64": F.TYPE_INT64, "bool": F.TYPE_BOOL, "string": F.TYPE_STRING}
+        if typ in scalar:
+            f.type = scalar[typ]
+        else:
+            f.type = F.TYPE_MESSAGE
+            f.type_name = typ if typ.startswith(".") else f".google.protobuf.{typ}"
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"t.{name}"))
+
+
+def test_serving_imports_no_training_code():
+    """serving/ may import TF, gRPC, protos, numpy, feature_schema and itself: nothing of the training code."""
+    allowed = {"grpc", "numpy", "tensorflow", "tensorflow_serving", "google", "feature_schema", "serving"}
+    stdlib = set(sys.stdlib_module_names)
+    for name in sorted(os.listdir(os.path.join(ROOT, "serving"))):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(ROOT, "serving", name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for mod in mods:
+                top = mod.split(".")[0]
+                assert top in allowed or top in stdlib or top == "__future__", f"serving/{name} imports {mod}"
+
+
+def test_proto_tensor_conversions_round_trip():
+    for arr in (np.arange(6, dtype=np.int64).reshape(2, 3), np.linspace(0, 1, 5, dtype=np.float32),
+                np.array([b"a", b"", b"\x00b"], dtype=object), np.array([True, False]), np.zeros((0, 4), np.int32)):
+        back = protocol.to_ndarray(protocol.from_ndarray(arr))
+        assert back.dtype == arr.dtype and back.shape == arr.shape and np.array_equal(back, arr)
+        ref = tf.make_ndarray(protocol.from_ndarray(arr))
+        assert np.array_equal(ref, arr)
+    # Typed value fields, with TF's rule that fewer values than elements repeat the last one.
+    t = tf.make_tensor_proto([1.5, 2.5, 2.5, 2.5], dtype=tf.float32)
+    t.ClearField("tensor_content")
+    t.float_val.extend([1.5, 2.5])
+    assert np.array_equal(protocol.to_ndarray(t), tf.make_ndarray(t))
+    t = tf.make_tensor_proto(7, dtype=tf.int64, shape=[2, 2])
+    assert np.array_equal(protocol.to_ndarray(t), np.full((2, 2), 7, np.int64))
