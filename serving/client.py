@@ -45,6 +45,7 @@ from serving.protocol import (DEFAULT_SIGNATURE, EXAMPLES_INPUT, FIELDS_INPUT, I
                               VALUES_INPUT)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+HTTP2_WINDOW_BYTES = 4 << 20
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
 # Key of the feature the ETL adds for a field absent from a line (etl.features.MISSING_KEY; a test
 # checks they agree). It is never in the vocabulary, so the served graph maps it to the field's rare row.
@@ -94,7 +95,8 @@ class ServingClient:
         self.backoff_s = backoff_s
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.http2.lookahead_bytes", HTTP2_WINDOW_BYTES)])  # large responses in one window
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
@@ -194,7 +196,11 @@ class ServingClient:
             if remaining <= 0:
                 raise ScoringError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{len(pending)} sub-requests left at deadline")
             per_attempt = min(remaining, self.attempt_timeout_s or remaining)
-            futures = {i: self.stub.Predict.future(req, timeout=per_attempt) for i, req in pending.items()}
+            if len(pending) == 1:  # a blocking call polls in this thread: no hand-off to gRPC's poller
+                ((i, req),) = pending.items()
+                futures = {i: _Done(self.stub.Predict, req, per_attempt)}
+            else:
+                futures = {i: self.stub.Predict.future(req, timeout=per_attempt) for i, req in pending.items()}
             failed = {}
             for i, fut in futures.items():
                 try:
@@ -265,6 +271,24 @@ class ServingClient:
                     raise ScoringError(e.code(), e.details() or "") from None
                 time.sleep(self.backoff_s * (2 ** attempt))
         raise AssertionError("unreachable")
+
+
+class _Done:
+    """A blocking call shaped like a gRPC future (``result``, ``cancel``)."""
+
+    def __init__(self, method, req, timeout):
+        try:
+            self._value, self._error = method(req, timeout=timeout), None
+        except grpc.RpcError as e:
+            self._value, self._error = None, e
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def cancel(self):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,444 @@
+"""Serving latency and throughput through gRPC, next to the compute floor and the transport floor.
+
+    python -m bench.bench_serving [--data data/etl] [--sizes 1,10,100,500] [--rounds 15] [--block 10]
+        [--concurrency 4] [--qps_seconds 2] [--swap_seconds 6] [--workdir runs/bench/serving]
+        [--out runs/bench/serving.json]
+
+Models, each exported as a TF Serving SavedModel and served by ``serving.server`` in a child
+process (``python -m serving.server``, loopback, the default flags):
+
+* ``deepfm`` (``fm`` if no DeepFM is registered): trained for one epoch on ``--data`` (the
+  default ``make etl`` output, built with ``make etl`` when missing) with the model's default
+  config, exported and verified by ``export.exporter``; requests are held-out examples.
+* ``mlp``: the seed's serving shape, built here directly in TF: 39 id features x 8-dim
+  embeddings (20,000 rows per field, ids hashed into them in the graph), MLP 512-256-256-256-128,
+  sigmoid; random weights (latency does not depend on them); signature ``serving_default`` on
+  serialized tf.Examples of 39 hashes and values; warm-up records like the exporter's.
+* ``noop``: a SavedModel whose Predict signature returns its 1-float input: the transport floor
+  (request building, gRPC both ways, the server's request path, response decoding).
+
+For every model and ads-per-request size, interleaved in blocks so both see the same background
+load: (a) the compute floor, the same SavedModel loaded in this process through the server's own
+loader (``serving.server.LoadedVersion``: TF1 loader, same Session config, same callable) fed the
+already-decoded batch; (b) end to end through gRPC with ``serving.client.ServingClient``, from a
+list of serialized examples to a numpy array of probabilities. Then QPS with ``--concurrency``
+closed-loop clients. Last, p99 at 100 ads of requests sent while a new version is loaded, warmed
+up, switched to and the old one unloaded, next to p99 of the same loop without a swap.
+
+Bars (printed, never asserted in tests): at 100 ads e2e p50 <= 1.25 x floor p50; at 1 ad
+e2e p50 <= floor p50 + 1.5 x transport p50; swap p99 <= 2 x p99 without a swap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import tensorflow as tf  # noqa: E402
+
+from serving import protocol  # noqa: E402
+
+MLP_FIELDS, MLP_DIM, MLP_ROWS, MLP_HIDDEN = 39, 8, 20_000, (512, 256, 256, 256, 128)
+BAR_100, BAR_1, BAR_SWAP = 1.25, 1.5, 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class SeedMLP(tf.Module):
+    """The seed's serving shape: 39 hashed id features x 8-dim embeddings -> MLP 512-256-256-256-128 -> sigmoid."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.table = tf.Variable(rng.normal(0, 0.05, (MLP_FIELDS * MLP_ROWS, MLP_DIM)).astype(np.float32))
+        self.layers, width = [], MLP_FIELDS * MLP_DIM
+        for units in (*MLP_HIDDEN, 1):
+            w = rng.normal(0, np.sqrt(2.0 / width), (width, units)).astype(np.float32)
+            self.layers.append((tf.Variable(w), tf.Variable(np.zeros(units, np.float32))))
+            width = units
+        self.offsets = tf.constant(np.arange(MLP_FIELDS, dtype=np.int64) * MLP_ROWS)
+
+    def forward(self, hashes, values):
+        rows = tf.math.floormod(hashes, MLP_ROWS) + self.offsets
+        x = tf.reshape(tf.gather(self.table, rows) * values[:, :, None], [-1, MLP_FIELDS * MLP_DIM])
+        for i, (w, b) in enumerate(self.layers):
+            x = tf.matmul(x, w) + b
+            if i < len(self.layers) - 1:
+                x = tf.nn.relu(x)
+        return {"ctr": tf.sigmoid(x[:, 0])}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve(self, examples):
+        parsed = tf.io.parse_example(examples, {
+            "feat_hashes": tf.io.FixedLenFeature([MLP_FIELDS], tf.int64),
+            "feat_vals": tf.io.FixedLenFeature([MLP_FIELDS], tf.float32)})
+        return self.forward(parsed["feat_hashes"], parsed["feat_vals"])
+
+
+class NoOp(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def serve(self, x):
+        return {"y": tf.identity(x)}
+
+
+def mlp_examples(n: int, seed: int = 1) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ex = tf.train.Example()
+        ex.features.feature["feat_hashes"].int64_list.value.extend(
+            rng.integers(-2**63, 2**63 - 1, MLP_FIELDS, dtype=np.int64).tolist())
+        ex.features.feature["feat_vals"].float_list.value.extend([1.0] * MLP_FIELDS)
+        out.append(ex.SerializeToString())
+    return out
+
+
+def save_module(module, path: str, name: str, warmup_examples: list[bytes] | None) -> None:
+    from export import exporter
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    os.makedirs(os.path.join(path, protocol.ASSETS_EXTRA), exist_ok=True)
+    logs = []
+    for n in (1, 100):
+        log = prediction_log_pb2.PredictionLog()
+        req = log.predict_log.request
+        req.model_spec.name = name
+        if warmup_examples is None:
+            protocol.from_ndarray(np.zeros(n, np.float32), req.inputs["x"])
+        else:
+            protocol.strings_proto(warmup_examples[:n], req.inputs["examples"])
+        logs.append(log)
+    exporter.write_warmup(os.path.join(path, protocol.ASSETS_EXTRA, protocol.WARMUP_FILE), logs)
+
+
+def build_models(args, export_base: str) -> dict:
+    """{name: (version dir, request examples or None, note)} of the benchmarked models."""
+    from export import exporter
+    from feature_schema import load_schema
+    from trainer import config as config_lib
+    from trainer import train as trainer_lib
+    from trainer.models import MODELS
+
+    if not os.path.exists(os.path.join(args.data, "schema.json")):
+        print(f"bench_serving: {args.data} has no schema.json: running `make etl`", flush=True)
+        subprocess.run(["make", "etl"], check=True)
+    deep = "deepfm" if "deepfm" in MODELS else "fm"
+    note = "" if deep == "deepfm" else "DeepFM is not registered: FM instead"
+    run_dir = os.path.join(args.workdir, f"run-{deep}")
+    cfg = config_lib.resolve(overrides={"model": {"name": deep}, "data": {"path": args.data, "batch_size": 1024},
+                                        "run_dir": run_dir, "export_base": export_base,
+                                        "train": {"epochs": 1, "verbose": 0}})
+    trainer_lib.train(cfg)
+    path, check = exporter.export(run_dir, export_base, deep, verify_examples=5000)
+    schema = load_schema(args.data)
+    examples = exporter.eval_examples(schema, max(args.sizes))
+    models = {deep: (path, examples, note or f"trained 1 epoch on {args.data}, export check "
+                                              f"max diff {check['max_abs_diff']:.1e}")}
+    mlp_ex = mlp_examples(max(args.sizes))
+    path = os.path.join(export_base, "mlp", "1")
+    save_module(SeedMLP(), path, "mlp", mlp_ex)
+    models["mlp"] = (path, mlp_ex, "seed serving shape, random weights")
+    path = os.path.join(export_base, "noop", "1")
+    save_module(NoOp(), path, "noop", None)
+    models["noop"] = (path, None, "identity of one float")
+    return models
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+
+
+def pct(xs, q) -> float:
+    return float(np.percentile(np.asarray(xs) * 1e3, q)) if len(xs) else float("nan")
+
+
+def timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def start_server(config_path: str, log_path: str, *flags):
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--model_config_file", config_path,
+                             "--port", "0", "--file_system_poll_wait_seconds", "0.2", *flags],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("serving: listening on "):
+        proc.kill()
+        raise RuntimeError(f"server did not start ({line!r}); see {log_path}")
+    return proc, line.split()[3].rstrip(";")
+
+
+def qps(target: str, model: str, examples, concurrency: int, seconds: float) -> tuple[float, int]:
+    from serving.client import ServingClient
+
+    counts, errors, stop = [0] * concurrency, [], threading.Event()
+
+    def loop(k):
+        with ServingClient(target, model, timeout_s=30) as c:
+            c.score_examples(examples)
+            while not stop.is_set():
+                try:
+                    c.score_examples(examples)
+                    counts[k] += 1
+                except Exception as e:  # noqa: BLE001 (reported)
+                    errors.append(repr(e))
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    start = sum(counts)
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    done, elapsed = sum(counts) - start, time.perf_counter() - t0
+    stop.set()
+    for t in threads:
+        t.join()
+    return done / elapsed, len(errors)
+
+
+def swap_probe(target: str, model: str, version_dir: str, examples, seconds: float) -> dict:
+    """p99 of a sequential 100-ad loop without a swap, then of the requests sent during one."""
+    from serving.client import ServingClient
+
+    def loop(duration, on_start=None):
+        rec, errors = [], 0
+        with ServingClient(target, model, timeout_s=30) as c:
+            t_end = time.perf_counter() + duration
+            started = False
+            while time.perf_counter() < t_end:
+                if on_start and not started and time.perf_counter() > t_end - duration + 0.5:
+                    on_start()
+                    started = True
+                t = time.perf_counter()
+                try:
+                    v = c.score_examples(examples).version
+                    rec.append((t, time.perf_counter() - t, v))
+                except Exception:  # noqa: BLE001 (counted)
+                    errors += 1
+        return rec, errors
+
+    base, base_err = loop(seconds)
+    model_dir = os.path.dirname(version_dir)
+    old = int(os.path.basename(version_dir))
+    new = max(int(d) for d in os.listdir(model_dir) if d.isdigit()) + 1
+    window = {}
+
+    def trigger():
+        tmp = os.path.join(model_dir, f".bench-{new}")
+        shutil.copytree(os.path.join(model_dir, str(old)), tmp)
+        window["start"] = time.perf_counter()
+        os.rename(tmp, os.path.join(model_dir, str(new)))
+
+        def watch():
+            with ServingClient(target, model, timeout_s=30) as c:
+                while True:
+                    states = dict((v, s) for v, s, _ in c.status())
+                    if states.get(old) == "END" and states.get(new) == "AVAILABLE":
+                        window["end"] = time.perf_counter()
+                        return
+                    time.sleep(0.01)
+        window["watcher"] = threading.Thread(target=watch)
+        window["watcher"].start()
+
+    rec, err = loop(seconds, trigger)
+    window["watcher"].join(timeout=60)
+    during = [d for t, d, _ in rec if window["start"] <= t <= window.get("end", float("inf"))]
+    return {"p99_ms_without_swap": pct([d for _, d, _ in base], 99), "requests_without_swap": len(base),
+            "p99_ms_during_swap": pct(during, 99), "requests_during_swap": len(during),
+            "p99_ms_whole_loop_with_swap": pct([d for _, d, _ in rec], 99),
+            "swap_seconds": window.get("end", float("nan")) - window["start"],
+            "versions_seen": sorted({v for _, _, v in rec}), "failed_requests": base_err + err,
+            "new_version": new}
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import grpc
+
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "tensorflow": tf.__version__, "grpcio": grpc.__version__,
+            "loadavg_start": os.getloadavg()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="data/etl", help="ETL output for the DeepFM model (make etl if missing)")
+    p.add_argument("--sizes", default="1,10,100,500", help="ads per request")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved blocks per size")
+    p.add_argument("--block", type=int, default=10, help="calls per block")
+    p.add_argument("--concurrency", type=int, default=4, help="closed-loop clients of the QPS figure")
+    p.add_argument("--qps_seconds", type=float, default=2.0)
+    p.add_argument("--swap_seconds", type=float, default=6.0, help="length of each swap-probe loop")
+    p.add_argument("--swap_without_warmup", type=int, default=1, help="also probe a swap with warm-up off")
+    p.add_argument("--workdir", default="runs/bench/serving")
+    p.add_argument("--out", default="runs/bench/serving.json")
+    args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    from tensorflow_serving.config import model_server_config_pb2
+    from google.protobuf import text_format
+
+    from serving import server
+    from serving.client import ServingClient
+
+    info = machine()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    export_base = os.path.abspath(os.path.join(args.workdir, "export"))
+    models = build_models(args, export_base)
+    config = model_server_config_pb2.ModelServerConfig()
+    for name, (path, _, _) in models.items():
+        mc = config.model_config_list.config.add()
+        mc.name, mc.base_path, mc.model_platform = name, os.path.dirname(path), "tensorflow"
+    config_path = os.path.join(args.workdir, "models.config")
+    with open(config_path, "w") as f:
+        f.write(text_format.MessageToString(config))
+    proc, target = start_server(config_path, os.path.join(args.workdir, "server.log"))
+    results = {"machine": info, "command": "python -m bench.bench_serving " + " ".join(sys.argv[1:] if argv is None
+                                                                                        else argv),
+               "server": {"target": target, "process": "separate (python -m serving.server)"}, "models": {}}
+    try:
+        noop = ServingClient(target, "noop", timeout_s=30)
+        x = {"x": np.zeros(1, np.float32)}
+        noop.predict(x)
+        transport = []
+        for name, (path, examples, note) in models.items():
+            if examples is None:
+                continue
+            lv = server.LoadedVersion(name, 1, path, server.session_config())
+            sig = lv.signature("serving_default")
+            client = ServingClient(target, name, timeout_s=30)
+            rows = {}
+            for b in args.sizes:
+                batch = examples[:b]
+                arr = np.empty(b, dtype=object)
+                arr[:] = batch
+                floor_fn = lambda: sig.run([arr], sig.output_keys)  # noqa: E731
+                e2e_fn = lambda: client.score_examples(batch)  # noqa: E731
+                floor_fn(), e2e_fn(), noop.predict(x)
+                floor, e2e = [], []
+                for _ in range(args.rounds):
+                    floor += timed(floor_fn, args.block)
+                    e2e += timed(e2e_fn, args.block)
+                    transport += timed(lambda: noop.predict(x), max(1, args.block // 5))
+                q, q_err = qps(target, name, batch, args.concurrency, args.qps_seconds)
+                rows[b] = {"floor_p50_ms": pct(floor, 50), "floor_p99_ms": pct(floor, 99),
+                           "e2e_p50_ms": pct(e2e, 50), "e2e_p99_ms": pct(e2e, 99),
+                           "e2e_p50_us_per_ad": pct(e2e, 50) * 1e3 / b, "e2e_p99_us_per_ad": pct(e2e, 99) * 1e3 / b,
+                           "floor_p50_us_per_ad": pct(floor, 50) * 1e3 / b,
+                           "qps": q, "ads_per_s": q * b, "qps_errors": q_err, "calls": len(e2e)}
+                print(f"bench_serving: {name} {b:4d} ads: floor p50 {rows[b]['floor_p50_ms']:.3f} ms, "
+                      f"e2e p50 {rows[b]['e2e_p50_ms']:.3f} ms p99 {rows[b]['e2e_p99_ms']:.3f} ms, "
+                      f"{q:.0f} req/s", flush=True)
+            lv.retire()
+            client.close()
+            swap = swap_probe(target, name, path, examples[:100], args.swap_seconds)
+            print(f"bench_serving: {name} swap: p99 {swap['p99_ms_during_swap']:.2f} ms during "
+                  f"({swap['requests_during_swap']} requests, {swap['swap_seconds']:.2f} s) vs "
+                  f"{swap['p99_ms_without_swap']:.2f} ms without; failed {swap['failed_requests']}", flush=True)
+            results["models"][name] = {"note": note, "sizes": rows, "swap": swap}
+        noop.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    if args.swap_without_warmup:
+        # The same swap with warm-up replay off: what the warm-up records buy.
+        proc, target = start_server(config_path, os.path.join(args.workdir, "server-nowarmup.log"),
+                                    "--enable_model_warmup", "false")
+        try:
+            for name, (path, examples, _) in models.items():
+                if examples is None:
+                    continue
+                model_dir = os.path.dirname(path)
+                live = os.path.join(model_dir, str(max(int(d) for d in os.listdir(model_dir) if d.isdigit())))
+                swap = swap_probe(target, name, live, examples[:100], args.swap_seconds)
+                results["models"][name]["swap_without_warmup"] = swap
+                print(f"bench_serving: {name} swap, warm-up off: p99 {swap['p99_ms_during_swap']:.2f} ms during vs "
+                      f"{swap['p99_ms_without_swap']:.2f} ms without; failed {swap['failed_requests']}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    t50, t99 = pct(transport, 50), pct(transport, 99)
+    results["transport"] = {"p50_ms": t50, "p99_ms": t99, "calls": len(transport)}
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    bars = {}
+    for name, r in results["models"].items():
+        s = r["sizes"]
+        b = {}
+        if 100 in s:
+            ratio = s[100]["e2e_p50_ms"] / s[100]["floor_p50_ms"]
+            b["100_ads_e2e_over_floor"] = {"value": ratio, "bar": BAR_100, "ok": ratio <= BAR_100}
+        if 1 in s:
+            limit = s[1]["floor_p50_ms"] + BAR_1 * t50
+            b["1_ad_e2e_ms_vs_floor_plus_1.5_transport"] = {"value": s[1]["e2e_p50_ms"], "bar": limit,
+                                                            "ok": s[1]["e2e_p50_ms"] <= limit}
+        sw = r["swap"]
+        ratio = sw["p99_ms_during_swap"] / sw["p99_ms_without_swap"]
+        b["swap_p99_ratio"] = {"value": ratio, "bar": BAR_SWAP, "ok": ratio <= BAR_SWAP and not sw["failed_requests"]}
+        bars[name] = b
+    results["bars"] = bars
+    print_table(results, args.sizes)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    print(f"bench_serving: wrote {args.out}")
+
+
+def print_table(results: dict, sizes) -> None:
+    m = results["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores; load average {m['loadavg_start'][0]:.1f} at start, "
+          f"{m['loadavg_end'][0]:.1f} at end; TF {m['tensorflow']}, grpcio {m['grpcio']}")
+    t = results["transport"]
+    print(f"transport floor (no-op Predict round trip): p50 {t['p50_ms']:.3f} ms, p99 {t['p99_ms']:.3f} ms\n")
+    print(f"| model | ads/req | floor p50 ms | e2e p50 ms | e2e p99 ms | e2e/floor | e2e p50 us/ad | "
+          f"e2e p99 us/ad | QPS | ads/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results["models"].items():
+        for b in sizes:
+            x = r["sizes"][b]
+            print(f"| {name} | {b} | {x['floor_p50_ms']:.3f} | {x['e2e_p50_ms']:.3f} | {x['e2e_p99_ms']:.3f} | "
+                  f"{x['e2e_p50_ms'] / x['floor_p50_ms']:.2f} | {x['e2e_p50_us_per_ad']:.1f} | "
+                  f"{x['e2e_p99_us_per_ad']:.1f} | {x['qps']:.0f} | {x['ads_per_s']:.0f} |")
+    print("\n| model | warm-up | p99 ms during swap (requests) | p99 ms without swap | ratio | swap took s | failed |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, r in results["models"].items():
+        for key, label in (("swap", "on"), ("swap_without_warmup", "off")):
+            if key not in r:
+                continue
+            s = r[key]
+            print(f"| {name} | {label} | {s['p99_ms_during_swap']:.2f} ({s['requests_during_swap']}) | "
+                  f"{s['p99_ms_without_swap']:.2f} | {s['p99_ms_during_swap'] / s['p99_ms_without_swap']:.2f} | "
+                  f"{s['swap_seconds']:.2f} | {s['failed_requests']} |")
+    print("\nbars:")
+    for name, b in results["bars"].items():
+        for k, v in b.items():
+            print(f"  {name} {k}: {v['value']:.3f} (bar {v['bar']:.3f}) {'PASS' if v['ok'] else 'FAIL'}")
+    for name, r in results["models"].items():
+        if r["note"]:
+            print(f"  note: {name}: {r['note']}")
+
+
+if __name__ == "__main__":
+    main()
