@@ -6,6 +6,7 @@ import dataclasses
 from feature_schema import configs
 
 FIELD_KINDS = ("categorical", "binned", "numeric")
+JOIN_MODES = ("auto", "side_input", "keyed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +16,9 @@ class FieldConfig:
     Attributes:
       name: field name (as in libffm lines, the field map or an entity table column).
       kind: ``categorical``, ``binned`` (equal-frequency bins of a continuous
-        value) or ``numeric`` (one feature carrying the raw value).
+        value, boundaries recorded in the schema) or ``numeric`` (one feature,
+        key = the field name, whose value is the raw number; its training
+        mean/std/min/max are recorded in the schema).
       min_count: features of this field seen fewer times in training map to
         the field's rare id; None uses ``EtlConfig.min_count``.
       linear_only: the field gets first-order weights but no interactions.
@@ -60,8 +63,8 @@ class EntityTableConfig:
     join: str = "auto"
 
     def __post_init__(self):
-        if self.join not in ("auto", "side_input", "keyed"):
-            raise ValueError(f"entity table {self.name!r}: join {self.join!r} not in auto/side_input/keyed")
+        if self.join not in JOIN_MODES:
+            raise ValueError(f"entity table {self.name!r}: join {self.join!r} not in {JOIN_MODES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,20 +75,35 @@ class EtlConfig:
       input: glob of training log files.
       eval_input: glob of eval log files; empty means a hash split of ``input``.
       format: ``libfm`` or ``libffm``.
-      field_map: feature -> field TSV (header ``feature<TAB>field``) for libfm input.
+      field_map: feature -> field dictionary for libfm input: TSV with header
+        ``feature<TAB>field``, or Parquet with columns ``feature`` and ``field``.
+      field_map_join: ``auto`` (side input when the file is at most
+        ``side_input_max_bytes``, else keyed), ``side_input`` or ``keyed``.
+      field_ids: ``name`` (libffm field tokens are field names) or ``index``
+        (they are integer indexes into ``fields``; an index >= len(fields) is
+        dead-lettered as ``field_out_of_range``).
       labels: label names, in the order of the comma-separated labels of a line.
       out: output directory (local path or any Beam filesystem URL).
       fields: per-field settings; fields not listed are categorical with defaults.
       entity_tables: attribute tables joined by a key field.
       min_count: default frequency threshold for rare ids.
-      eval_percent: share of lines (by hash of the line) sent to eval when
-        ``eval_input`` is empty.
+      eval_percent: share of lines sent to eval when ``eval_input`` is empty.
+      split_key: empty: the eval split is chosen by the hash of the raw line;
+        a field name (``user``): by the hash of that field's feature, so all
+        lines of a user land in one split (lines without it: by line hash).
       max_features: lines with more features are dead-lettered.
-      num_shards: TFRecord shards per split (0 lets the runner choose).
+      num_shards: gzip TFRecord files per split (>= 1).
       fill_missing: add the field's rare id for every field absent from a line.
       strict_fields: only fields listed in ``fields`` (or added by entity tables)
         are allowed; others are dead-lettered as ``unknown_field``.
-      side_input_max_bytes: dictionaries up to this size are joined as side inputs.
+      side_input_max_bytes: dictionaries up to this size are joined as side
+        inputs; larger ones by key (CoGroupByKey), unless their ``join`` says.
+      vocabulary: an earlier run's output directory (or its schema.json):
+        reuse its fields and vocabulary instead of building new ones.
+      vocabulary_mode: with ``vocabulary``: ``fixed`` (rows unchanged; unknown
+        features -> rare; fields the base lacks are dead-lettered as
+        ``unknown_field``) or ``extend`` (old rows keep their indices, new
+        frequent features and new fields are appended after them).
     """
 
     input: str = ""
@@ -103,6 +121,11 @@ class EtlConfig:
     fill_missing: bool = True
     strict_fields: bool = False
     side_input_max_bytes: int = 64 << 20
+    field_map_join: str = "auto"
+    field_ids: str = "name"
+    split_key: str = ""
+    vocabulary: str = ""
+    vocabulary_mode: str = "fixed"
 
     def __post_init__(self):
         if self.format not in ("libfm", "libffm"):
@@ -116,6 +139,20 @@ class EtlConfig:
         names = [f.name for f in self.fields]
         if len(set(names)) != len(names):
             raise ValueError(f"fields declared twice: {names}")
+        if self.field_map_join not in JOIN_MODES:
+            raise ValueError(f"field_map_join {self.field_map_join!r} not in {JOIN_MODES}")
+        if self.field_ids not in ("name", "index"):
+            raise ValueError(f"field_ids {self.field_ids!r}: expected name or index")
+        if self.field_ids == "index" and (self.format != "libffm" or not self.fields):
+            raise ValueError("field_ids: index needs libffm input and the fields declared in order")
+        if self.split_key and self.eval_input:
+            raise ValueError("split_key splits `input`; it cannot be combined with eval_input")
+        if self.vocabulary_mode not in ("fixed", "extend"):
+            raise ValueError(f"vocabulary_mode {self.vocabulary_mode!r}: expected fixed or extend")
+        if self.num_shards < 1:
+            raise ValueError("num_shards must be >= 1")
+        if self.side_input_max_bytes < 0:
+            raise ValueError("side_input_max_bytes must be >= 0")
 
     def field_config(self, name: str) -> FieldConfig:
         for f in self.fields:

@@ -1,27 +1,51 @@
 """Dictionaries the ETL joins: the feature->field map and entity attribute tables.
 
-TSV files have a header row; Parquet files are read with pyarrow (through
-Beam's ``ReadFromParquet``). Both become PCollections of ``(key, value)`` that
-the job joins as side inputs or by key.
+TSV files have a header row; Parquet files are read with pyarrow (Beam's
+``ReadFromParquet`` in the job, ``pyarrow.parquet`` for headers). Both become
+PCollections of ``(key, value)``, joined as a side input when the file is at
+most ``side_input_max_bytes`` (or ``join: side_input``) and by key
+(CoGroupByKey, ``etl.transforms.KeyedLookup``) otherwise, so a dictionary never
+has to fit into one worker's memory.
 """
 from __future__ import annotations
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from etl import features as feat
 from etl.config import EntityTableConfig
+
+FIELD_MAP_COLUMNS = ("feature", "field")
 
 
 def is_parquet(path: str) -> bool:
     return path.endswith((".parquet", ".pq"))
 
 
-def read_tsv_header(path: str) -> list[str]:
-    """Column names from the first line of a TSV file (any Beam filesystem)."""
+def _files(path: str):
     match = FileSystems.match([path])[0].metadata_list
     if not match:
         raise FileNotFoundError(f"dictionary {path} not found")
-    with FileSystems.open(match[0].path) as f:
+    return sorted(match, key=lambda m: m.path)
+
+
+def dictionary_bytes(path: str) -> int:
+    """Total size of the file(s) matching ``path``."""
+    return sum(m.size_in_bytes for m in _files(path))
+
+
+def join_is_keyed(join: str, path: str, side_input_max_bytes: int) -> bool:
+    """True when a dictionary is joined by key: ``keyed``, or ``auto`` and larger than the limit."""
+    if join == "keyed":
+        return True
+    if join == "side_input":
+        return False
+    return dictionary_bytes(path) > side_input_max_bytes
+
+
+def read_tsv_header(path: str) -> list[str]:
+    """Column names from the first line of a TSV file (any Beam filesystem)."""
+    with FileSystems.open(_files(path)[0].path) as f:
         first = f.readline().decode("utf-8").rstrip("\r\n")
     return first.split("\t")
 
@@ -29,16 +53,17 @@ def read_tsv_header(path: str) -> list[str]:
 def read_parquet_columns(path: str) -> list[str]:
     import pyarrow.parquet as pq
 
-    match = FileSystems.match([path])[0].metadata_list
-    if not match:
-        raise FileNotFoundError(f"dictionary {path} not found")
-    with FileSystems.open(match[0].path) as f:
+    with FileSystems.open(_files(path)[0].path) as f:
         return list(pq.read_schema(f).names)
+
+
+def columns_of(path: str) -> list[str]:
+    return read_parquet_columns(path) if is_parquet(path) else read_tsv_header(path)
 
 
 def table_columns(t: EntityTableConfig) -> list[str]:
     """Columns of ``t`` that become fields (all but the key unless listed)."""
-    header = read_parquet_columns(t.path) if is_parquet(t.path) else read_tsv_header(t.path)
+    header = columns_of(t.path)
     key_column = t.key_column or t.key_field
     if key_column not in header:
         raise ValueError(f"entity table {t.name}: key column {key_column!r} not in {header}")
@@ -47,6 +72,34 @@ def table_columns(t: EntityTableConfig) -> list[str]:
     if missing:
         raise ValueError(f"entity table {t.name}: columns {missing} not in {header}")
     return cols
+
+
+def check_field_map(path: str) -> None:
+    header = columns_of(path)
+    if is_parquet(path) and not set(FIELD_MAP_COLUMNS) <= set(header):
+        raise ValueError(f"field map {path}: columns {header} must include feature, field")
+    if not is_parquet(path) and header[:2] != list(FIELD_MAP_COLUMNS):
+        raise ValueError(f"field map {path}: header {header} must start with feature, field")
+
+
+def field_map_fields(path: str) -> list[str]:
+    """Field names of a field map in order of first appearance (read on the launcher)."""
+    seen: dict[str, None] = {}
+    for m in _files(path):
+        if is_parquet(path):
+            import pyarrow.parquet as pq
+
+            with FileSystems.open(m.path) as f:
+                for name in pq.read_table(f, columns=["field"]).column("field").to_pylist():
+                    seen.setdefault(str(name), None)
+        else:
+            with FileSystems.open(m.path) as f:
+                f.readline()
+                for line in f:
+                    cells = line.decode("utf-8").rstrip("\r\n").split("\t")
+                    if len(cells) >= 2:
+                        seen.setdefault(cells[1], None)
+    return list(seen)
 
 
 def _tsv_rows(path: str):
@@ -58,27 +111,30 @@ def _tsv_rows(path: str):
             raise ValueError(f"{path}: line {line!r} has {len(cells)} cells, header has {len(header)}")
         return dict(zip(header, cells))
 
-    return header, to_row
+    return to_row
+
+
+def _read_rows(p: beam.Pipeline, path: str, columns: list[str], label: str):
+    if is_parquet(path):
+        return p | f"Read{label}" >> beam.io.ReadFromParquet(path, columns=columns)
+    return (p | f"Read{label}" >> beam.io.ReadFromText(path, skip_header_lines=1)
+            | f"Parse{label}" >> beam.Map(_tsv_rows(path)))
 
 
 def read_field_map(p: beam.Pipeline, path: str, label: str = "FieldMap"):
-    """PCollection of (feature key, field name) from a ``feature<TAB>field`` TSV."""
-    header, to_row = _tsv_rows(path)
-    if header[:2] != ["feature", "field"]:
-        raise ValueError(f"field map {path}: header {header} must start with feature, field")
-    return (p | f"Read{label}" >> beam.io.ReadFromText(path, skip_header_lines=1)
-            | f"Parse{label}" >> beam.Map(lambda line: tuple(to_row(line)[c] for c in ("feature", "field"))))
+    """PCollection of (feature key, field name) from a field map (TSV or Parquet)."""
+    check_field_map(path)
+    return (_read_rows(p, path, list(FIELD_MAP_COLUMNS), label)
+            | f"Key{label}" >> beam.Map(lambda r: (str(r["feature"]), str(r["field"]))))
 
 
-def read_entity_table(p: beam.Pipeline, t: EntityTableConfig, columns: list[str]):
-    """PCollection of (key, {column: value as str}) of an entity table."""
+def read_entity_table(p: beam.Pipeline, t: EntityTableConfig, columns: list[str], value_columns=frozenset()):
+    """PCollection of (key, features of the row) of an entity table (``features.row_features``)."""
     key_column = t.key_column or t.key_field
     label = f"Entity_{t.name}"
-    if is_parquet(t.path):
-        rows = p | f"Read{label}" >> beam.io.ReadFromParquet(t.path, columns=[key_column, *columns])
-    else:
-        _, to_row = _tsv_rows(t.path)
-        rows = (p | f"Read{label}" >> beam.io.ReadFromText(t.path, skip_header_lines=1)
-                | f"Parse{label}" >> beam.Map(to_row))
-    return rows | f"Key{label}" >> beam.Map(
-        lambda r: (str(r[key_column]), {c: ("" if r[c] is None else str(r[c])) for c in columns}))
+    value_columns = frozenset(value_columns)
+
+    def keyed(r):
+        return str(r[key_column]), feat.row_features({c: r[c] for c in columns}, value_columns)
+
+    return _read_rows(p, t.path, [key_column, *columns], label) | f"Key{label}" >> beam.Map(keyed)

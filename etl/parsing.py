@@ -1,21 +1,27 @@
 """Pure parsers of libfm/libffm lines (no Beam, no TensorFlow).
 
-Formats (tokens separated by single spaces or tabs):
+Formats (tokens separated by spaces or tabs):
 
     libfm:   label[,label2...] key:value key:value ...
     libffm:  label[,label2...] field:key:value field:key:value ...
 
 Labels are ``0``/``1`` or ``-1``/``1`` (``-1`` maps to 0). Keys may be integers
 or strings (``user_city=beijing``); ``:`` separates parts, so a key may not
-contain one. Every failure raises ``ParseError`` with a machine-readable
-``reason`` that the ETL writes, with the raw line, to its dead-letter output.
+contain one. With ``field_names`` given, a libffm field is an integer index
+into it (``3:4711:1`` is feature ``4711`` of the fourth declared field).
+
+A feature is a ``(field, key, value)`` tuple. The hot path (``parse_record``)
+returns plain tuples, which Beam encodes without pickling; ``Feature`` is the
+same tuple with names, and compares equal to it. Every failure raises
+``ParseError`` with a machine-readable ``reason`` that the ETL writes, with the
+raw line, to its dead-letter output.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import NamedTuple
 
-# Reasons a line is dead-lettered; tests and the README table list exactly these.
+# Reasons a line is dead-lettered; docs/ETL.md lists exactly these.
 EMPTY = "empty_line"
 NON_UTF8 = "non_utf8"
 BAD_LABEL = "bad_label"
@@ -24,14 +30,18 @@ BAD_TOKEN = "bad_token"
 BAD_VALUE = "bad_value"
 NON_FINITE = "non_finite_value"
 DUPLICATE_FIELD = "duplicate_field"
+FIELD_OUT_OF_RANGE = "field_out_of_range"
 UNKNOWN_FIELD = "unknown_field"
 UNMAPPED_FEATURE = "unmapped_feature"
 TOO_MANY_FEATURES = "too_many_features"
 NO_FEATURES = "no_features"
-REASONS = (EMPTY, NON_UTF8, BAD_LABEL, LABEL_COUNT, BAD_TOKEN, BAD_VALUE, NON_FINITE,
-           DUPLICATE_FIELD, UNKNOWN_FIELD, UNMAPPED_FEATURE, TOO_MANY_FEATURES, NO_FEATURES)
+BAD_DICTIONARY_VALUE = "bad_dictionary_value"
+REASONS = (EMPTY, NON_UTF8, BAD_LABEL, LABEL_COUNT, BAD_TOKEN, BAD_VALUE, NON_FINITE, DUPLICATE_FIELD,
+           FIELD_OUT_OF_RANGE, UNKNOWN_FIELD, UNMAPPED_FEATURE, TOO_MANY_FEATURES, NO_FEATURES,
+           BAD_DICTIONARY_VALUE)
 
 _LABEL_VALUES = {"1": 1.0, "0": 0.0, "-1": 0.0, "+1": 1.0, "1.0": 1.0, "0.0": 0.0, "-1.0": 0.0}
+_isfinite = math.isfinite
 
 
 class ParseError(ValueError):
@@ -43,8 +53,7 @@ class ParseError(ValueError):
         self.detail = detail
 
 
-@dataclasses.dataclass(frozen=True)
-class Feature:
+class Feature(NamedTuple):
     """One feature occurrence: ``field`` is None until a field map assigns it."""
 
     field: str | None
@@ -52,8 +61,7 @@ class Feature:
     value: float
 
 
-@dataclasses.dataclass(frozen=True)
-class ParsedLine:
+class ParsedLine(NamedTuple):
     labels: tuple[float, ...]
     features: tuple[Feature, ...]
 
@@ -73,7 +81,7 @@ def parse_value(text: str, token: str) -> float:
         v = float(text)
     except ValueError:
         raise ParseError(BAD_VALUE, f"value {text!r} of token {token!r} is not a number") from None
-    if not math.isfinite(v):
+    if not _isfinite(v):
         raise ParseError(NON_FINITE, f"value {text!r} of token {token!r} is not finite")
     return v
 
@@ -91,52 +99,79 @@ def parse_labels(text: str, num_labels: int) -> tuple[float, ...]:
     return tuple(out)
 
 
-def parse_line(raw: bytes | str, fmt: str, num_labels: int = 1, max_features: int = 1000) -> ParsedLine:
-    """Parses one libfm or libffm line.
+def _field_by_index(token: str, part: str, field_names: tuple[str, ...]) -> str:
+    if not (part.isascii() and part.isdigit()):  # no sign: "-1" is a bad token, not index -1
+        raise ParseError(BAD_TOKEN, f"field {part!r} of token {token!r} is not a field index")
+    i = int(part)
+    if i >= len(field_names):
+        raise ParseError(FIELD_OUT_OF_RANGE, f"field index {i} of token {token!r} >= {len(field_names)} fields")
+    return field_names[i]
+
+
+def parse_record(raw: bytes | str, fmt: str, num_labels: int = 1, max_features: int = 1000,
+                 field_names: tuple[str, ...] | None = None) -> tuple[tuple[float, ...], list[tuple]]:
+    """Parses one line into labels and ``(field, key, value)`` tuples (fields None for libfm).
 
     Args:
       raw: the line, bytes (checked to be UTF-8) or str.
       fmt: ``libfm`` or ``libffm``.
       num_labels: comma-separated labels expected before the features.
       max_features: lines with more features are rejected.
-
-    Returns:
-      The labels and features; fields are None for libfm.
+      field_names: libffm only: fields are integer indexes into this tuple.
 
     Raises:
       ParseError: with the reason the line is malformed.
     """
-    if fmt not in ("libfm", "libffm"):
+    if fmt == "libffm":
+        nparts = 3
+    elif fmt == "libfm":
+        nparts = 2
+    else:
         raise ValueError(f"unknown format {fmt!r}: expected libfm or libffm")
-    line = decode(raw)
-    tokens = line.split()
+    tokens = decode(raw).split()
     if not tokens:
         raise ParseError(EMPTY, "line has no tokens")
     labels = parse_labels(tokens[0], num_labels)
-    feats = tokens[1:]
-    if not feats:
+    n = len(tokens) - 1
+    if n == 0:
         raise ParseError(NO_FEATURES, "line has labels but no features")
-    if len(feats) > max_features:
-        raise ParseError(TOO_MANY_FEATURES, f"{len(feats)} features > max_features={max_features}")
-    parts_expected = 2 if fmt == "libfm" else 3
+    if n > max_features:
+        raise ParseError(TOO_MANY_FEATURES, f"{n} features > max_features={max_features}")
     out = []
-    for tok in feats:
+    append = out.append
+    for i in range(1, n + 1):
+        tok = tokens[i]
         parts = tok.split(":")
-        if len(parts) != parts_expected or not all(parts):
-            raise ParseError(BAD_TOKEN, f"token {tok!r} is not {'key:value' if fmt == 'libfm' else 'field:key:value'}")
-        value = parse_value(parts[-1], tok)
-        if fmt == "libfm":
-            out.append(Feature(None, parts[0], value))
+        if len(parts) != nparts or not all(parts):
+            raise ParseError(BAD_TOKEN, f"token {tok!r} is not {'key:value' if nparts == 2 else 'field:key:value'}")
+        text = parts[-1]
+        try:
+            v = float(text)
+        except ValueError:
+            raise ParseError(BAD_VALUE, f"value {text!r} of token {tok!r} is not a number") from None
+        if not _isfinite(v):
+            raise ParseError(NON_FINITE, f"value {text!r} of token {tok!r} is not finite")
+        if nparts == 2:
+            append((None, parts[0], v))
+        elif field_names is None:
+            append((parts[0], parts[1], v))
         else:
-            out.append(Feature(parts[0], parts[1], value))
-    return ParsedLine(labels, tuple(out))
+            append((_field_by_index(tok, parts[0], field_names), parts[1], v))
+    return labels, out
+
+
+def parse_line(raw: bytes | str, fmt: str, num_labels: int = 1, max_features: int = 1000,
+               field_names: tuple[str, ...] | None = None) -> ParsedLine:
+    """``parse_record`` with named tuples: labels and ``Feature``s (see there)."""
+    labels, feats = parse_record(raw, fmt, num_labels, max_features, field_names)
+    return ParsedLine(labels, tuple(Feature(*f) for f in feats))
 
 
 def check_fields(features, known_fields=None, multi_hot_fields=frozenset()) -> None:
     """Rejects unknown fields and repeated single-valued fields.
 
     Args:
-      features: parsed features with fields assigned.
+      features: ``(field, key, value)`` tuples with fields assigned.
       known_fields: if given, the only field names allowed.
       multi_hot_fields: fields that may occur several times in one line.
 
@@ -145,19 +180,21 @@ def check_fields(features, known_fields=None, multi_hot_fields=frozenset()) -> N
     """
     seen = set()
     for f in features:
-        if known_fields is not None and f.field not in known_fields:
-            raise ParseError(UNKNOWN_FIELD, f"field {f.field!r} of feature {f.key!r} is not one of {sorted(known_fields)}")
-        if f.field in seen and f.field not in multi_hot_fields:
-            raise ParseError(DUPLICATE_FIELD, f"field {f.field!r} occurs more than once")
-        seen.add(f.field)
+        field = f[0]
+        if known_fields is not None and field not in known_fields:
+            raise ParseError(UNKNOWN_FIELD, f"field {field!r} of feature {f[1]!r} is not one of {sorted(known_fields)}")
+        if field in seen and field not in multi_hot_fields:
+            raise ParseError(DUPLICATE_FIELD, f"field {field!r} occurs more than once")
+        seen.add(field)
 
 
-def assign_fields(features, field_map) -> tuple[Feature, ...]:
-    """Gives libfm features their field from a feature->field dictionary."""
+def assign_fields(features, field_map) -> tuple[tuple, ...]:
+    """Gives libfm features their field from a feature->field mapping (any ``.get``)."""
     out = []
+    get = field_map.get
     for f in features:
-        field = field_map.get(f.key)
+        field = get(f[1])
         if field is None:
-            raise ParseError(UNMAPPED_FEATURE, f"feature {f.key!r} is not in the field map")
-        out.append(Feature(field, f.key, f.value))
+            raise ParseError(UNMAPPED_FEATURE, f"feature {f[1]!r} is not in the field map")
+        out.append((field, f[1], f[2]))
     return tuple(out)

@@ -13,6 +13,7 @@ from feature_schema.schema import (
     Schema,
     VocabEntry,
     load_schema,
+    parse_vocabulary_line,
     read_vocabulary,
     write_vocabulary_lines,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "feature_key",
     "VocabEntry",
     "load_schema",
+    "parse_vocabulary_line",
     "read_vocabulary",
     "write_vocabulary_lines",
 ]

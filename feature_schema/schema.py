@@ -62,6 +62,12 @@ class FieldSpec:
       bin_boundaries: sorted upper-exclusive bin edges for ``binned`` fields.
       source: where the field comes from: ``log`` or ``dict:<table>``.
       multi_hot: True when an example may hold several features of the field.
+      extra_ranges: ``(first row, rows)`` blocks the field gained when a later
+        ETL run extended a fixed vocabulary (``vocabulary_mode: extend``): new
+        features are appended after all existing rows so that no old row moves.
+        The field owns ``[offset, offset + vocab_size)`` plus these blocks.
+      value_stats: for ``binned`` and ``numeric`` fields, ``{"count", "mean",
+        "std", "min", "max"}`` of the raw values in the training split.
     """
 
     name: str
@@ -75,6 +81,13 @@ class FieldSpec:
     bin_boundaries: tuple[float, ...] | None = None
     source: str = "log"
     multi_hot: bool = False
+    extra_ranges: tuple[tuple[int, int], ...] = ()
+    value_stats: dict[str, float] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        """All rows of the field: its block plus any ``extra_ranges``."""
+        return self.vocab_size + sum(n for _, n in self.extra_ranges)
 
     def __post_init__(self):
         if self.kind not in FIELD_KINDS:
@@ -117,6 +130,12 @@ class Schema:
       sources: input files and dictionaries the job read.
       compression: compression of the TFRecord shards (``GZIP``).
       format: input format the ETL parsed (``libfm`` or ``libffm``).
+      vocabulary_mode: ``build`` (vocabulary counted from this run's training
+        split), ``fixed`` (an earlier run's vocabulary reused unchanged) or
+        ``extend`` (an earlier run's rows kept, new frequent features appended).
+      base_schema: the earlier run's schema for ``fixed``/``extend``.
+      base_num_features: ``num_features`` of that schema: rows below it mean
+        the same features as there (what a warm start can copy).
     """
 
     fields: tuple[FieldSpec, ...]
@@ -131,6 +150,9 @@ class Schema:
     sources: dict[str, Any] = dataclasses.field(default_factory=dict)
     compression: str = "GZIP"
     format: str = "libffm"
+    vocabulary_mode: str = "build"
+    base_schema: str = ""
+    base_num_features: int = 0
     version: int = SCHEMA_VERSION
     # Directory the schema was loaded from; not serialized.
     base_dir: str = dataclasses.field(default="", compare=False)
@@ -139,11 +161,15 @@ class Schema:
         for i, f in enumerate(self.fields):
             if f.id != i:
                 raise ValueError(f"field {f.name!r} has id {f.id}, expected {i}")
+        # The fields' row blocks (and, after vocabulary extensions, their extra
+        # ranges) must tile [0, num_features) without gaps or overlaps.
+        blocks = sorted([(f.offset, f.vocab_size, f.name) for f in self.fields]
+                        + [(start, n, f.name) for f in self.fields for start, n in f.extra_ranges])
         end = 0
-        for f in self.fields:
-            if f.offset != end:
-                raise ValueError(f"field {f.name!r}: offset {f.offset} leaves a gap (expected {end})")
-            end += f.vocab_size
+        for start, n, name in blocks:
+            if start != end:
+                raise ValueError(f"field {name!r}: rows from {start} leave a gap or overlap (expected {end})")
+            end += n
         if end != self.num_features:
             raise ValueError(f"num_features {self.num_features} != sum of vocab sizes {end}")
         if not self.labels:
@@ -203,6 +229,8 @@ class Schema:
             f = dict(f)
             if f.get("bin_boundaries") is not None:
                 f["bin_boundaries"] = tuple(float(b) for b in f["bin_boundaries"])
+            if "extra_ranges" in f:
+                f["extra_ranges"] = tuple((int(a), int(n)) for a, n in f["extra_ranges"])
             fields.append(FieldSpec(**f))
         labels = tuple(LabelSpec(**label) for label in d.pop("labels"))
         keys = ExampleKeys(**d.pop("example_keys", {}))
@@ -248,6 +276,14 @@ def write_vocabulary_lines(entries) -> Iterator[str]:
     yield "\t".join(VOCAB_HEADER)
     for e in entries:
         yield f"{e.field}\t{_escape(e.key)}\t{e.hash}\t{e.index}\t{e.count}"
+
+
+def parse_vocabulary_line(line: str) -> VocabEntry:
+    """One data line of a vocabulary TSV (what ``write_vocabulary_lines`` wrote)."""
+    row = line.rstrip("\r\n").split("\t")
+    if len(row) != len(VOCAB_HEADER):
+        raise ValueError(f"vocabulary line {line!r}: expected {len(VOCAB_HEADER)} columns, got {len(row)}")
+    return VocabEntry(row[0], _unescape(row[1]), int(row[2]), int(row[3]), int(row[4]))
 
 
 def read_vocabulary(path: str) -> list[VocabEntry]:

@@ -63,3 +63,19 @@ def test_assign_fields_from_field_map():
     with pytest.raises(ParseError) as e:
         parsing.assign_fields(feats, {"266": "user"})
     assert e.value.reason == parsing.UNMAPPED_FEATURE
+
+
+def test_libffm_field_indexes_and_out_of_range():
+    names = ("user", "item")
+    assert parsing.parse_line(b"1 0:u7:1 1:i3:2", "libffm", field_names=names).features == (
+        Feature("user", "u7", 1.0), Feature("item", "i3", 2.0))
+    for line, reason in ((b"1 2:u7:1", parsing.FIELD_OUT_OF_RANGE), (b"1 -1:u7:1", parsing.BAD_TOKEN),
+                         (b"1 user:u7:1", parsing.BAD_TOKEN)):
+        with pytest.raises(ParseError) as e:
+            parsing.parse_line(line, "libffm", field_names=names)
+        assert e.value.reason == reason
+
+
+def test_parse_record_gives_plain_tuples_equal_to_features():
+    labels, feats = parsing.parse_record(b"1 user:a:1", "libffm")
+    assert type(feats[0]) is tuple and feats == [Feature("user", "a", 1.0)]
