@@ -1,7 +1,8 @@
 """Serving latency and throughput through gRPC, next to the compute floor and the transport floor.
 
     python -m bench.bench_serving [--data data/etl] [--sizes 1,10,100,500] [--rounds 15] [--block 10]
-        [--concurrency 4] [--qps_seconds 2] [--swap_seconds 6] [--workdir runs/bench/serving]
+        [--concurrency 4] [--qps_seconds 2] [--swap_seconds 5] [--swap_repeats 2] [--swap_without_warmup 1]
+        [--workdir runs/bench/serving]
         [--out runs/bench/serving.json]
 
 Models, each exported as a TF Serving SavedModel and served by ``serving.server`` in a child
@@ -23,7 +24,8 @@ loader (``serving.server.LoadedVersion``: TF1 loader, same Session config, same 
 already-decoded batch; (b) end to end through gRPC with ``serving.client.ServingClient``, from a
 list of serialized examples to a numpy array of probabilities. Then QPS with ``--concurrency``
 closed-loop clients. Last, p99 at 100 ads of requests sent while a new version is loaded, warmed
-up, switched to and the old one unloaded, next to p99 of the same loop without a swap.
+up, switched to and the old one unloaded, next to p99 of the same loop without a swap (two swaps,
+each after a loop without one), then the same on a second server started with warm-up off.
 
 Bars (printed, never asserted in tests): at 100 ads e2e p50 <= 1.25 x floor p50; at 1 ad
 e2e p50 <= floor p50 + 1.5 x transport p50; swap p99 <= 2 x p99 without a swap.
@@ -215,17 +217,22 @@ def qps(target: str, model: str, examples, concurrency: int, seconds: float) -> 
     return done / elapsed, len(errors)
 
 
-def swap_probe(target: str, model: str, version_dir: str, examples, seconds: float) -> dict:
-    """p99 of a sequential 100-ad loop without a swap, then of the requests sent during one."""
+def swap_probe(target: str, model: str, model_dir: str, examples, seconds: float, repeats: int) -> dict:
+    """p99 of a sequential 100-ad loop without a swap, then of the requests sent during one; ``repeats`` times.
+
+    A swap: a copy of the live version appears under the next version number (a hidden copy
+    renamed, as the exporter and sync publish); the server's poller loads it, replays its warm-up
+    records, switches, and unloads the old one. "During" is from the rename to the old version's END.
+    """
     from serving.client import ServingClient
 
     def loop(duration, on_start=None):
         rec, errors = [], 0
         with ServingClient(target, model, timeout_s=30) as c:
-            t_end = time.perf_counter() + duration
+            t0 = time.perf_counter()
             started = False
-            while time.perf_counter() < t_end:
-                if on_start and not started and time.perf_counter() > t_end - duration + 0.5:
+            while time.perf_counter() < t0 + duration:
+                if on_start and not started and time.perf_counter() > t0 + 0.5:
                     on_start()
                     started = True
                 t = time.perf_counter()
@@ -236,38 +243,43 @@ def swap_probe(target: str, model: str, version_dir: str, examples, seconds: flo
                     errors += 1
         return rec, errors
 
-    base, base_err = loop(seconds)
-    model_dir = os.path.dirname(version_dir)
-    old = int(os.path.basename(version_dir))
-    new = max(int(d) for d in os.listdir(model_dir) if d.isdigit()) + 1
-    window = {}
+    base_all, during_all, windows, failed, versions = [], [], [], 0, set()
+    for _ in range(repeats):
+        base, err = loop(seconds)
+        base_all += [d for _, d, _ in base]
+        failed += err
+        old = max(int(d) for d in os.listdir(model_dir) if d.isdigit())
+        new = old + 1
+        window = {}
 
-    def trigger():
-        tmp = os.path.join(model_dir, f".bench-{new}")
-        shutil.copytree(os.path.join(model_dir, str(old)), tmp)
-        window["start"] = time.perf_counter()
-        os.rename(tmp, os.path.join(model_dir, str(new)))
+        def trigger():
+            tmp = os.path.join(model_dir, f".bench-{new}")
+            shutil.copytree(os.path.join(model_dir, str(old)), tmp)
+            window["start"] = time.perf_counter()
+            os.rename(tmp, os.path.join(model_dir, str(new)))
 
-        def watch():
-            with ServingClient(target, model, timeout_s=30) as c:
-                while True:
-                    states = dict((v, s) for v, s, _ in c.status())
-                    if states.get(old) == "END" and states.get(new) == "AVAILABLE":
-                        window["end"] = time.perf_counter()
-                        return
-                    time.sleep(0.01)
-        window["watcher"] = threading.Thread(target=watch)
-        window["watcher"].start()
+            def watch():
+                with ServingClient(target, model, timeout_s=30) as c:
+                    while True:
+                        states = {v: st for v, st, _ in c.status()}
+                        if states.get(old) == "END" and states.get(new) == "AVAILABLE":
+                            window["end"] = time.perf_counter()
+                            return
+                        time.sleep(0.05)
+            window["watcher"] = threading.Thread(target=watch)
+            window["watcher"].start()
 
-    rec, err = loop(seconds, trigger)
-    window["watcher"].join(timeout=60)
-    during = [d for t, d, _ in rec if window["start"] <= t <= window.get("end", float("inf"))]
-    return {"p99_ms_without_swap": pct([d for _, d, _ in base], 99), "requests_without_swap": len(base),
-            "p99_ms_during_swap": pct(during, 99), "requests_during_swap": len(during),
-            "p99_ms_whole_loop_with_swap": pct([d for _, d, _ in rec], 99),
-            "swap_seconds": window.get("end", float("nan")) - window["start"],
-            "versions_seen": sorted({v for _, _, v in rec}), "failed_requests": base_err + err,
-            "new_version": new}
+        rec, err = loop(seconds, trigger)
+        window["watcher"].join(timeout=120)
+        failed += err
+        versions |= {v for _, _, v in rec}
+        end = window.get("end", float("inf"))
+        during_all += [d for t, d, _ in rec if window["start"] <= t <= end]
+        windows.append(end - window["start"])
+    return {"p99_ms_without_swap": pct(base_all, 99), "requests_without_swap": len(base_all),
+            "p99_ms_during_swap": pct(during_all, 99), "requests_during_swap": len(during_all),
+            "swap_seconds": windows, "swaps": repeats, "versions_seen": sorted(versions),
+            "failed_requests": failed}
 
 
 def machine() -> dict:
@@ -292,7 +304,8 @@ def main(argv=None) -> None:
     p.add_argument("--block", type=int, default=10, help="calls per block")
     p.add_argument("--concurrency", type=int, default=4, help="closed-loop clients of the QPS figure")
     p.add_argument("--qps_seconds", type=float, default=2.0)
-    p.add_argument("--swap_seconds", type=float, default=6.0, help="length of each swap-probe loop")
+    p.add_argument("--swap_seconds", type=float, default=5.0, help="length of each swap-probe loop")
+    p.add_argument("--swap_repeats", type=int, default=2, help="swaps (each after a loop without one)")
     p.add_argument("--swap_without_warmup", type=int, default=1, help="also probe a swap with warm-up off")
     p.add_argument("--workdir", default="runs/bench/serving")
     p.add_argument("--out", default="runs/bench/serving.json")
@@ -354,9 +367,10 @@ def main(argv=None) -> None:
                       f"{q:.0f} req/s", flush=True)
             lv.retire()
             client.close()
-            swap = swap_probe(target, name, path, examples[:100], args.swap_seconds)
+            swap = swap_probe(target, name, os.path.dirname(path), examples[:100], args.swap_seconds,
+                              args.swap_repeats)
             print(f"bench_serving: {name} swap: p99 {swap['p99_ms_during_swap']:.2f} ms during "
-                  f"({swap['requests_during_swap']} requests, {swap['swap_seconds']:.2f} s) vs "
+                  f"({swap['requests_during_swap']} requests) vs "
                   f"{swap['p99_ms_without_swap']:.2f} ms without; failed {swap['failed_requests']}", flush=True)
             results["models"][name] = {"note": note, "sizes": rows, "swap": swap}
         noop.close()
@@ -371,9 +385,8 @@ def main(argv=None) -> None:
             for name, (path, examples, _) in models.items():
                 if examples is None:
                     continue
-                model_dir = os.path.dirname(path)
-                live = os.path.join(model_dir, str(max(int(d) for d in os.listdir(model_dir) if d.isdigit())))
-                swap = swap_probe(target, name, live, examples[:100], args.swap_seconds)
+                swap = swap_probe(target, name, os.path.dirname(path), examples[:100], args.swap_seconds,
+                                  args.swap_repeats)
                 results["models"][name]["swap_without_warmup"] = swap
                 print(f"bench_serving: {name} swap, warm-up off: p99 {swap['p99_ms_during_swap']:.2f} ms during vs "
                       f"{swap['p99_ms_without_swap']:.2f} ms without; failed {swap['failed_requests']}", flush=True)
@@ -421,7 +434,7 @@ def print_table(results: dict, sizes) -> None:
             print(f"| {name} | {b} | {x['floor_p50_ms']:.3f} | {x['e2e_p50_ms']:.3f} | {x['e2e_p99_ms']:.3f} | "
                   f"{x['e2e_p50_ms'] / x['floor_p50_ms']:.2f} | {x['e2e_p50_us_per_ad']:.1f} | "
                   f"{x['e2e_p99_us_per_ad']:.1f} | {x['qps']:.0f} | {x['ads_per_s']:.0f} |")
-    print("\n| model | warm-up | p99 ms during swap (requests) | p99 ms without swap | ratio | swap took s | failed |")
+    print("\n| model | warm-up | p99 ms during swap (requests) | p99 ms without swap | ratio | swaps took s | failed |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, r in results["models"].items():
         for key, label in (("swap", "on"), ("swap_without_warmup", "off")):
@@ -430,7 +443,7 @@ def print_table(results: dict, sizes) -> None:
             s = r[key]
             print(f"| {name} | {label} | {s['p99_ms_during_swap']:.2f} ({s['requests_during_swap']}) | "
                   f"{s['p99_ms_without_swap']:.2f} | {s['p99_ms_during_swap'] / s['p99_ms_without_swap']:.2f} | "
-                  f"{s['swap_seconds']:.2f} | {s['failed_requests']} |")
+                  f"{', '.join(f'{w:.2f}' for w in s['swap_seconds'])} | {s['failed_requests']} |")
     print("\nbars:")
     for name, b in results["bars"].items():
         for k, v in b.items():
