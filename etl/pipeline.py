@@ -393,8 +393,9 @@ def write_schema(cfg: EtlConfig, keys: ExampleKeys = ExampleKeys(), out_dir: str
 
 
 def _files_under(directory: str) -> list[str]:
+    """Finished files of a directory (not the temporary files of failed write attempts)."""
     match = FileSystems.match([FileSystems.join(directory, "*")])[0].metadata_list
-    return sorted(m.path for m in match)
+    return sorted(m.path for m in match if ".tmp-" not in m.path.rsplit("/", 1)[-1])
 
 
 def _delete(paths) -> None:
