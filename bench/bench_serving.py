@@ -157,7 +157,49 @@ def build_models(args, export_base: str) -> dict:
     path = os.path.join(export_base, "noop", "1")
     save_module(NoOp(), path, "noop", None)
     models["noop"] = (path, None, "identity of one float")
+    manifest = {}
+    for name, (path, examples, note) in models.items():
+        ex_file = ""
+        if examples is not None:
+            ex_file = os.path.join(args.workdir, f"{name}.examples.tfrecord")
+            with tf.io.TFRecordWriter(ex_file) as w:
+                for e in examples:
+                    w.write(e)
+        manifest[name] = {"path": path, "examples": ex_file, "note": note}
+    with open(os.path.join(args.workdir, "models.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
     return models
+
+
+def built_models(args) -> dict:
+    """Builds the models in a child process and reads them back: {name: (version dir, examples, note)}.
+
+    The floor must run in a process whose TensorFlow runtime was first configured by the server's
+    own Session config: TF sizes its process-wide compute pool when the first Session or eager
+    context starts, and training or exporting here would start it with TF's defaults.
+    """
+    cmd = [sys.executable, "-m", "bench.bench_serving", "--build_only", "1", "--data", args.data,
+           "--sizes", ",".join(map(str, args.sizes)), "--workdir", args.workdir]
+    subprocess.run(cmd, check=True)
+    with open(os.path.join(args.workdir, "models.json")) as f:
+        manifest = json.load(f)
+    out = {}
+    for name, m in manifest.items():
+        examples = list(tf.compat.v1.io.tf_record_iterator(m["examples"])) if m["examples"] else None
+        out[name] = (m["path"], examples, m["note"])
+    return out
+
+
+def compute_threads() -> int:
+    """Threads of TF's process-wide compute pool in this process."""
+    n = 0
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                n += f.read().strip() == "tf_Compute"
+        except OSError:
+            pass
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +271,7 @@ def swap_probe(target: str, model: str, model_dir: str, examples, seconds: float
     def loop(duration, on_start=None):
         rec, errors = [], 0
         with ServingClient(target, model, timeout_s=30) as c:
+            c.score_examples(examples)  # untimed: the live version's first request (no warm-up: its executor)
             t0 = time.perf_counter()
             started = False
             while time.perf_counter() < t0 + duration:
@@ -278,6 +321,7 @@ def swap_probe(target: str, model: str, model_dir: str, examples, seconds: float
         windows.append(end - window["start"])
     return {"p99_ms_without_swap": pct(base_all, 99), "requests_without_swap": len(base_all),
             "p99_ms_during_swap": pct(during_all, 99), "requests_during_swap": len(during_all),
+            "max_ms_without_swap": pct(base_all, 100), "max_ms_during_swap": pct(during_all, 100),
             "swap_seconds": windows, "swaps": repeats, "versions_seen": sorted(versions),
             "failed_requests": failed}
 
@@ -308,6 +352,7 @@ def main(argv=None) -> None:
     p.add_argument("--swap_repeats", type=int, default=2, help="swaps (each after a loop without one)")
     p.add_argument("--swap_without_warmup", type=int, default=1, help="also probe a swap with warm-up off")
     p.add_argument("--workdir", default="runs/bench/serving")
+    p.add_argument("--build_only", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default="runs/bench/serving.json")
     args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
@@ -317,10 +362,14 @@ def main(argv=None) -> None:
     from serving import server
     from serving.client import ServingClient
 
+    export_base = os.path.abspath(os.path.join(args.workdir, "export"))
+    if args.build_only:
+        build_models(args, export_base)
+        return
     info = machine()
     shutil.rmtree(args.workdir, ignore_errors=True)
-    export_base = os.path.abspath(os.path.join(args.workdir, "export"))
-    models = build_models(args, export_base)
+    os.makedirs(args.workdir)
+    models = built_models(args)
     config = model_server_config_pb2.ModelServerConfig()
     for name, (path, _, _) in models.items():
         mc = config.model_config_list.config.add()
@@ -342,6 +391,8 @@ def main(argv=None) -> None:
                 continue
             lv = server.LoadedVersion(name, 1, path, server.session_config())
             sig = lv.signature("serving_default")
+            sig.run([np.array(examples[:1], dtype=object)], sig.output_keys)
+            results["floor_process_compute_threads"] = compute_threads()
             client = ServingClient(target, name, timeout_s=30)
             rows = {}
             for b in args.sizes:
@@ -434,8 +485,9 @@ def print_table(results: dict, sizes) -> None:
             print(f"| {name} | {b} | {x['floor_p50_ms']:.3f} | {x['e2e_p50_ms']:.3f} | {x['e2e_p99_ms']:.3f} | "
                   f"{x['e2e_p50_ms'] / x['floor_p50_ms']:.2f} | {x['e2e_p50_us_per_ad']:.1f} | "
                   f"{x['e2e_p99_us_per_ad']:.1f} | {x['qps']:.0f} | {x['ads_per_s']:.0f} |")
-    print("\n| model | warm-up | p99 ms during swap (requests) | p99 ms without swap | ratio | swaps took s | failed |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n| model | warm-up | p99 ms during swap (requests) | p99 ms without swap | ratio | max ms during | "
+          "max ms without | swaps took s | failed |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results["models"].items():
         for key, label in (("swap", "on"), ("swap_without_warmup", "off")):
             if key not in r:
@@ -443,6 +495,7 @@ def print_table(results: dict, sizes) -> None:
             s = r[key]
             print(f"| {name} | {label} | {s['p99_ms_during_swap']:.2f} ({s['requests_during_swap']}) | "
                   f"{s['p99_ms_without_swap']:.2f} | {s['p99_ms_during_swap'] / s['p99_ms_without_swap']:.2f} | "
+                  f"{s['max_ms_during_swap']:.1f} | {s['max_ms_without_swap']:.1f} | "
                   f"{', '.join(f'{w:.2f}' for w in s['swap_seconds'])} | {s['failed_requests']} |")
     print("\nbars:")
     for name, b in results["bars"].items():
