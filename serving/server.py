@@ -290,13 +290,15 @@ class ServedModel:
         self.versions: dict[int, LoadedVersion] = {}
         self.statuses: dict[int, tuple[int, int, str]] = {}  # version -> (state, error code, message)
         self.failures = collections.Counter()
+        self._status_lock = threading.Lock()  # the poller and unloading threads both update statuses
 
     @property
     def labels(self) -> dict[str, int]:
         return dict(self.config.version_labels)
 
     def set_status(self, version: int, state: int, code: int = _TF_OK, message: str = "") -> None:
-        self.statuses = {**self.statuses, version: (state, code, message)}
+        with self._status_lock:
+            self.statuses = {**self.statuses, version: (state, code, message)}
 
 
 class ModelManager:
