@@ -40,6 +40,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import classification_pb2, prediction_log_pb2, predict_pb2, regression_pb2
 
 from feature_schema import SCHEMA_FILENAME, VOCAB_FILENAME, Schema, read_vocabulary
+from feature_schema import paths
 from serving import manifest, protocol
 from serving.protocol import (CLASSIFY_CLASSES, CLASSIFY_INPUTS, CLASSIFY_METHOD, CLASSIFY_SCORES,
                               CLASSIFY_SIGNATURE, DEFAULT_SIGNATURE, EXAMPLES_INPUT, FIELDS_INPUT, IDS_INPUT,
@@ -200,7 +201,8 @@ def export(run_dir: str, export_base: str | None = None, model_name: str | None 
     """
     cfg, schema, model = trainer_lib.load_trained(run_dir)
     export_base = export_base or cfg.export_base
-    name = model_name or cfg.served_name
+    # The served name becomes a directory under export_base: one plain component, never ../x.
+    name = paths.plain_name(model_name or cfg.served_name, "served model name")
     model_dir = os.path.join(export_base, name)
     os.makedirs(model_dir, exist_ok=True)
     tmp = os.path.join(model_dir, f".tmp-export-{os.getpid()}-{time.time_ns()}")

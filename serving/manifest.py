@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+from feature_schema import paths
+
 MANIFEST_PATH = os.path.join("assets.extra", "checksums.sha256")
 _CHUNK = 1 << 20
 
@@ -28,10 +30,18 @@ def file_sha256(path: str) -> str:
 
 
 def list_files(version_dir: str) -> list[str]:
-    """Relative paths (``/``-separated) of every file under ``version_dir`` but the manifest, sorted."""
+    """Relative paths (``/``-separated) of every file under ``version_dir`` but the manifest, sorted.
+
+    Raises:
+      ChecksumError: a symlink resolves outside ``version_dir`` (a copy would pull in foreign files).
+    """
     out = []
     for root, dirs, files in os.walk(version_dir):
         dirs.sort()
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            if os.path.islink(full) and not paths.is_within(version_dir, full):
+                raise ChecksumError(f"{full} is a symlink to {os.path.realpath(full)}, outside {version_dir}")
         for name in files:
             rel = os.path.relpath(os.path.join(root, name), version_dir).replace(os.sep, "/")
             if rel != MANIFEST_PATH.replace(os.sep, "/"):
@@ -72,6 +82,10 @@ def read(version_dir: str) -> dict[str, str]:
             digest, sep, rel = line.rstrip("\n").partition("  ")
             if not sep or len(digest) != 64 or not rel:
                 raise ChecksumError(f"{path}:{lineno}: not a '<sha256>  <path>' line: {line!r}")
+            try:
+                paths.relative_path(rel, "manifest entry")
+            except ValueError as e:  # a manifest may not name files outside its version directory
+                raise ChecksumError(f"{path}:{lineno}: {e}") from None
             out[rel] = digest
     return out
 

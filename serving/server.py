@@ -26,6 +26,12 @@ Model lifecycle (as in TF Serving):
   stays until a newer one is available); an unloading version finishes the
   requests already running on it before its Session closes, so a swap fails no
   request.
+* Paths are confined (``feature_schema.paths``): with ``--base_path`` every
+  model directory is ``<base_path>/<plain name>`` and must resolve inside it
+  (no ``..``, no symlink out). A config sent by a client through
+  ``HandleReloadConfigRequest`` may only name base paths inside the server's
+  roots: ``--base_path``, else the parent directories of the startup config's
+  base paths; anything else is INVALID_ARGUMENT and changes nothing.
 * ``version_labels`` (``stable``, ``canary``) resolve ``ModelSpec.version_label``.
   With ``--model_config_file_poll_wait_seconds`` > 0 the config file is re-read
   when it changes (promote a canary by editing its label); the
@@ -59,6 +65,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      prediction_log_pb2, prediction_service_pb2_grpc, regression_pb2)
 from tensorflow_serving.config import model_server_config_pb2
 
+from feature_schema import paths
 from serving import protocol
 from serving.protocol import CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD, SERVE_TAG
 
@@ -324,16 +331,32 @@ class ModelManager:
         self._thread = None
         self._retiring: list[threading.Thread] = []
         self.handlers = Handlers(self)
+        # Directories a client-sent config (ReloadConfig RPC) may name base paths in.
+        self.roots = ([base_path] if base_path else
+                      sorted({os.path.dirname(os.path.abspath(mc.base_path.rstrip("/")))
+                              for mc in config.model_config_list.config}))
         self.apply_config(config)
 
     def _model_path(self, mc) -> str:
         if self._base_override:
-            return os.path.join(self._base_override, os.path.basename(mc.base_path.rstrip("/")))
+            name = paths.plain_name(os.path.basename(mc.base_path.rstrip("/")), f"model {mc.name!r}: base path name")
+            return paths.within(self._base_override, name, f"model {mc.name!r}: base path")
         return mc.base_path
+
+    def check_request_config(self, config) -> None:
+        """Raises ValueError unless every base path of a client-sent config lies inside ``roots``."""
+        validate_config(config)
+        for mc in config.model_config_list.config:
+            path = self._model_path(mc)
+            if not any(paths.is_within(root, path) for root in self.roots):
+                raise ValueError(f"model {mc.name!r}: base path {mc.base_path!r} is outside the server's "
+                                 f"roots {self.roots}")
 
     def apply_config(self, config) -> None:
         """Adds, updates and removes models to match ``config``, then loads their versions."""
         validate_config(config)
+        for mc in config.model_config_list.config:
+            self._model_path(mc)  # raises before anything changes
         with self._lock:
             new = {mc.name: mc for mc in config.model_config_list.config}
             models = dict(self.models)
@@ -720,6 +743,7 @@ class Handlers:
 
     def reload_config(self, req) -> model_management_pb2.ReloadConfigResponse:
         try:
+            self.manager.check_request_config(req.config)
             self.manager.apply_config(req.config)
         except ValueError as e:
             raise _invalid(f"config rejected: {e}") from None
