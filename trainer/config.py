@@ -63,7 +63,8 @@ class ModelConfig:
       embedding_combiner: pooling of multi-hot fields in deep models, ``sum`` or ``mean``.
       bias_fields: position-bias field names (wide part of ``wide_deep``; seen only by ``bias_tasks``
         in multi-task models; never in a deep part); empty means the schema's linear-only fields.
-      bias_tasks: tasks whose towers see ``bias_fields``; empty means the first task (the CTR task).
+      bias_tasks: tasks whose towers see ``bias_fields``; None (unset) means the first task (the CTR
+        task), an empty list none (e.g. a single-task CVR model).
       wide_fields: fields of the wide (linear) part of ``wide_deep`` besides ``bias_fields``; empty
         means all fields.
       task_fields: task -> field names only that task's tower sees (multi-task models).
@@ -84,7 +85,7 @@ class ModelConfig:
     normalize: bool = False
     embedding_combiner: str = "sum"
     bias_fields: tuple[str, ...] = ()
-    bias_tasks: tuple[str, ...] = ()
+    bias_tasks: tuple[str, ...] | None = None
     wide_fields: tuple[str, ...] = ()
     task_fields: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 

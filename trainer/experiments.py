@@ -1,6 +1,14 @@
-"""Named experiments: each returns overrides of the default ExperimentConfig."""
+"""Named experiments: each returns overrides of the default ExperimentConfig.
+
+* ``generated_*``: the generator's default data (``make etl``), the walking-skeleton runs.
+* ``quality_*``: the generator's ``quality`` preset (``make etl GEN_ARGS='--preset quality'``: 1M
+  impressions over small, learnable cardinalities), where the trainer issue's bars against the
+  planted Bayes-optimal model are measured (``tests/test_training_quality.py``).
+* ``frappe_*``: Frappe (``trainer/experiments_frappe.py``).
+"""
 from __future__ import annotations
 
+from feature_schema import configs
 from trainer.config import register_experiment
 
 
@@ -34,8 +42,77 @@ def libffm_adagrad(learning_rate: float = 0.2, batch_size: int = 32) -> dict:
 @register_experiment("generated_ffm")
 def generated_ffm() -> dict:
     """FFM with libffm's settings (normalisation, U(0,1/sqrt(k)) init, AdaGrad) on the generated data."""
-    from feature_schema import configs
     return configs.deep_merge(libffm_adagrad(0.2, 32), {
         "model": {"name": "ffm", "embedding_dim": 4, "normalize": True, "embedding_init": "uniform",
                   "l2_embedding": 2e-5},
         "train": {"epochs": 3}})
+
+
+# The quality preset: 1M train impressions, 9 fields. Shared settings of the quality_* runs.
+_QUALITY = {"data": {"batch_size": 1024},
+            "train": {"epochs": 10, "early_stopping_patience": 1}}
+_QUALITY_DEEP = {"embedding_dim": 16, "hidden_units": [256, 128], "tower_units": [64],
+                 "l2_embedding": 1e-3, "l2_linear": 1e-4}
+
+
+def _quality(model: dict, lr: float) -> dict:
+    return configs.deep_merge(_QUALITY, {"model": model, "optimizer": {"name": "adam", "learning_rate": lr}})
+
+
+@register_experiment("quality_lr")
+def quality_lr() -> dict:
+    """Logistic regression on the quality preset."""
+    return _quality({"name": "lr", "l2_linear": 1e-4}, 0.005)
+
+
+@register_experiment("quality_fm")
+def quality_fm() -> dict:
+    """FM on the quality preset."""
+    return _quality({"name": "fm", "embedding_dim": 16, "l2_embedding": 1e-3, "l2_linear": 1e-4}, 0.002)
+
+
+@register_experiment("quality_ffm")
+def quality_ffm() -> dict:
+    """FFM (k=4, the planted rank) on the quality preset."""
+    return _quality({"name": "ffm", "embedding_dim": 4, "l2_embedding": 1e-3, "l2_linear": 1e-4}, 0.004)
+
+
+@register_experiment("quality_deepfm")
+def quality_deepfm() -> dict:
+    """DeepFM on the quality preset."""
+    return _quality({"name": "deepfm", **_QUALITY_DEEP}, 0.002)
+
+
+@register_experiment("quality_wide_deep")
+def quality_wide_deep() -> dict:
+    """Wide&Deep (wide: position + all fields) on the quality preset."""
+    return _quality({"name": "wide_deep", **_QUALITY_DEEP}, 0.002)
+
+
+@register_experiment("quality_mtl")
+def quality_mtl() -> dict:
+    """Hard-sharing CTR+CVR model (position only in the click tower) on the quality preset."""
+    return _quality({"name": "mtl", "tasks": ["click", "conversion"], **_QUALITY_DEEP}, 0.002)
+
+
+@register_experiment("quality_ctr_single")
+def quality_ctr_single() -> dict:
+    """quality_mtl's architecture trained on click alone (the single-task reference)."""
+    return _quality({"name": "mtl", "tasks": ["click"], **_QUALITY_DEEP}, 0.002)
+
+
+@register_experiment("quality_esmm")
+def quality_esmm() -> dict:
+    """ESMM (pCTCVR = pCTR x pCVR on all impressions)."""
+    return _quality({"name": "esmm", "tasks": ["click", "conversion"], **_QUALITY_DEEP}, 0.002)
+
+
+@register_experiment("quality_cvr_clicked")
+def quality_cvr_clicked() -> dict:
+    """A position-free CVR model trained on clicked impressions only (the baseline ESMM must beat)."""
+    return configs.deep_merge(
+        _quality({"name": "mtl", "tasks": ["conversion"], "bias_tasks": [], **_QUALITY_DEEP}, 0.002),
+        {"train": {"task_condition": {"conversion": "click"}}})
+
+
+from trainer import experiments_frappe  # noqa: E402,F401  (registers the Frappe experiments)

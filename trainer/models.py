@@ -69,9 +69,10 @@ class RankingModel(keras.Model):
         self.num_features = schema.num_features
         self.num_fields = schema.num_fields
         self.linear_only_fields = schema.linear_only_field_ids
-        for t in cfg.task_fields:
-            if t not in self.tasks:
-                raise ValueError(f"model.task_fields names {t!r}, not a task of {list(self.tasks)}")
+        for key, names in (("task_fields", cfg.task_fields), ("bias_tasks", cfg.bias_tasks or ())):
+            for t in names:
+                if t not in self.tasks:
+                    raise ValueError(f"model.{key} names {t!r}, not a task of {list(self.tasks)}")
         self.bias_fields = self.field_ids(cfg.bias_fields) if cfg.bias_fields else self.linear_only_fields
         private = {f for names in cfg.task_fields.values() for f in self.field_ids(names)}
         # Fields every task's shared part sees: no position-like bias, no task-private field.
@@ -89,7 +90,7 @@ class RankingModel(keras.Model):
     @property
     def bias_tasks(self) -> tuple[str, ...]:
         """Tasks that see the position-bias fields (default: the first task, e.g. click)."""
-        return tuple(self.cfg.bias_tasks) or self.tasks[:1]
+        return self.tasks[:1] if self.cfg.bias_tasks is None else tuple(self.cfg.bias_tasks)
 
     @property
     def serving_outputs(self) -> tuple[str, ...]:

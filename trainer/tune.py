@@ -56,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from feature_schema import configs
+from feature_schema import configs, load_schema
 from trainer import config as config_lib
 
 TRIAL_CONFIG = "trial.yaml"
@@ -332,6 +332,16 @@ def write_tables(out: str, search: dict, trials: list[Trial]) -> None:
         os.replace(tmp, os.path.join(out, name))
 
 
+def _default_task(cfg: config_lib.ExperimentConfig) -> str:
+    """The model's first task: configured, else the schema's first label ("" when unreadable)."""
+    if cfg.model.tasks:
+        return cfg.model.tasks[0]
+    try:
+        return load_schema(cfg.data.path).label_names[0]
+    except (OSError, ValueError, IndexError):
+        return ""  # filled in from the first finished trial
+
+
 def search(base: dict, points: list[dict], out: str, *, metric: str = "logloss", task: str = "",
            workers: int = 1, name: str = "", command: str = "", mode: str = "grid") -> dict:
     """Runs every trial (resuming finished ones) and writes the tables; returns trials.json's content.
@@ -341,7 +351,7 @@ def search(base: dict, points: list[dict], out: str, *, metric: str = "logloss",
       points: one dict of flat ``key: value`` per trial.
       out: output directory.
       metric: ``logloss``, ``auc`` or ``calibration`` (closeness to 1).
-      task: task whose metric ranks the trials (default: the first task of the first finished trial).
+      task: task whose metric ranks the trials (default: the model's first task).
       workers: 1 = in this process; N > 1 = up to N concurrent training processes.
       name, command, mode: recorded in the tables.
     """
@@ -356,6 +366,7 @@ def search(base: dict, points: list[dict], out: str, *, metric: str = "logloss",
         cfgs.append(trial_config(base, values, trial.run_dir))  # every config is valid before any trains
         trials.append(trial)
     keys = list(dict.fromkeys(k for p in points for k in p))
+    task = task or _default_task(cfgs[0])
     info = {"name": name or os.path.basename(os.path.normpath(out)), "command": command, "mode": mode,
             "workers": workers, "metric": metric, "task": task, "keys": keys, "base": base}
     lock = threading.Lock()
@@ -448,11 +459,12 @@ def main(argv=None) -> dict:
         points = random_trials(grid, dists, args.random, args.seed) + points
     elif grid:
         points = grid_trials(grid) + points
+    mode = f"random {args.random}, seed {args.seed}" if args.random else ("grid" if grid else "points")
     name = args.experiment or base_cfg.model.name
     out = args.out or os.path.join("runs", "tune", name)
     command = "python -m trainer.tune " + " ".join(shlex.quote(a) for a in argv)
     result = search(base, points, out, metric=args.metric, task=args.task, workers=args.workers, name=name,
-                    command=command, mode=f"random {args.random}, seed {args.seed}" if args.random else "grid")
+                    command=command, mode=mode)
     print(open(os.path.join(out, "trials.md"), encoding="utf-8").read())
     return result
 
