@@ -101,13 +101,21 @@ def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) ->
     ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(cfg.run_dir, CHECKPOINT_DIR), max_to_keep=2)
     initial_epoch = 0
-    if cfg.train.warm_start and not manager.latest_checkpoint:
-        raise ValueError("train.warm_start is not supported with DISTRIBUTE=ps yet: warm-start a "
-                         "single-process run, or start the cluster from its checkpoint")
+    # The chief's ordinary (unsharded) copy of the model: warm start, per-epoch evaluation, the export.
+    plain = trainer_lib.init_model(build_model(cfg.model, schema), schema)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint)
         initial_epoch = int(epoch_var.numpy())
         print(f"distributed: resumed from {manager.latest_checkpoint} at epoch {initial_epoch}", flush=True)
+    elif cfg.train.warm_start:
+        # Yesterday's values are mapped into the plain model (vocabulary rows remapped by feature
+        # hash, as in one process), then restored into the sharded variables through a checkpoint,
+        # which stores each table whole and splits it across the parameter servers on restore.
+        from trainer.warm_start import warm_start
+
+        print("train: " + warm_start(plain, schema, cfg.train.warm_start).summary(), flush=True)
+        path = tf.train.Checkpoint(model=plain).write(os.path.join(cfg.run_dir, "warm_start", "weights"))
+        tf.train.Checkpoint(model=model).read(path).expect_partial()
 
     train_files = []
     for pattern in schema.split_files("train"):
@@ -124,18 +132,24 @@ def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) ->
 
     steps_per_epoch = max(1, math.ceil(schema.splits["train"]["examples"] / cfg.data.batch_size))
 
+    best_dir = os.path.join(cfg.run_dir, trainer_lib.BEST_DIR)
+    stopper = PsEarlyStopping(plain, schema, cfg, best_dir) if cfg.train.early_stopping_patience else None
+
     class EpochCheckpoint(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             epoch_var.assign(epoch + 1)
-            manager.save(checkpoint_number=epoch + 1)
+            path = manager.save(checkpoint_number=epoch + 1)
+            if stopper is not None and stopper.epoch_end(epoch + 1, path):
+                self.model.stop_training = True
 
     start = time.time()
-    if initial_epoch < cfg.train.epochs:
+    if initial_epoch < cfg.train.epochs and not (stopper and stopper.stopped):
         model.fit(keras.utils.experimental.DatasetCreator(dataset_fn), epochs=cfg.train.epochs,
                   initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
                   callbacks=[EpochCheckpoint()], verbose=min(cfg.train.verbose, 2) and 2)  # no progress bar under PSS
     elapsed = time.time() - start
-    steps_run = steps_per_epoch * max(0, cfg.train.epochs - initial_epoch)
+    last_epoch = int(epoch_var.numpy())
+    steps_run = steps_per_epoch * max(0, last_epoch - initial_epoch)
     with open(os.path.join(cfg.run_dir, "timing.json"), "w", encoding="utf-8") as f:
         json.dump({"train_seconds": elapsed, "steps": steps_run, "batch_size": cfg.data.batch_size,
                    "examples_per_second": steps_run * cfg.data.batch_size / elapsed if elapsed else None}, f)
@@ -148,9 +162,10 @@ def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) ->
     # An ordinary model with the trained values: evaluated and saved as a single-process run.
     # The values travel through a checkpoint, which reads them from the parameter servers and
     # stores each ShardedVariable whole (reading the chief's cached copies could be stale).
-    final = manager.save(checkpoint_number=cfg.train.epochs + 1)
-    plain = trainer_lib.init_model(build_model(cfg.model, schema), schema)
+    final = manager.save(checkpoint_number=last_epoch + 1)
     tf.train.Checkpoint(model=plain).read(final).expect_partial().assert_existing_objects_matched()
+    if stopper is not None:
+        stopper.restore_best(last_epoch)
     tf.train.Checkpoint(model=plain).write(os.path.join(cfg.run_dir, trainer_lib.WEIGHTS_DIR, "weights"))
     results = trainer_lib.evaluate(plain, schema, cfg.data.eval_batch_size)
     with open(os.path.join(cfg.run_dir, "metrics.json"), "w", encoding="utf-8") as f:
@@ -160,6 +175,67 @@ def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) ->
               f"{num_ps} ps) {t}: eval AUC {r['auc']:.4f} logloss {r['logloss']:.4f} "
               f"calibration {r['calibration']:.3f} ({elapsed:.1f}s training)", flush=True)
     return results
+
+
+class PsEarlyStopping:
+    """Early stopping on the eval log loss for ``train_ps``, restoring the best epoch at the end.
+
+    The single-process ``EarlyStoppingOnLogloss`` reads Keras' validation logs, which
+    ``Model.fit`` under ``ParameterServerStrategy`` does not produce. Here the chief reads each
+    epoch's checkpoint (the values live on the parameter servers) into its ordinary copy of the
+    model, evaluates the eval split with the same metrics as the final report, and keeps the best
+    epoch's weights in ``best_dir``. The counters live in ``best_dir/state.json``, so a cluster
+    restarted after a parameter-server failure continues the same stopping rule.
+    """
+
+    def __init__(self, plain, schema, cfg, best_dir: str):
+        self.plain, self.schema, self.cfg, self.best_dir = plain, schema, cfg, best_dir
+        self.state_file = os.path.join(best_dir, "state.json")
+        self.state = {"best": math.inf, "best_epoch": 0, "wait": 0, "last_epoch": 0}
+        if os.path.exists(self.state_file):  # a restarted cluster
+            with open(self.state_file, encoding="utf-8") as f:
+                self.state = json.load(f)
+
+    @property
+    def stopped(self) -> bool:
+        return self.state["wait"] >= self.cfg.train.early_stopping_patience
+
+    def epoch_end(self, epoch: int, checkpoint: str) -> bool:
+        """Evaluates the epoch's checkpoint; returns whether training should stop."""
+        import tensorflow as tf
+
+        from trainer import train as trainer_lib
+
+        tf.train.Checkpoint(model=self.plain).read(checkpoint).expect_partial()
+        results = trainer_lib.evaluate(self.plain, self.schema, self.cfg.data.eval_batch_size)
+        weights = self.cfg.train.loss_weights
+        value = float(sum(weights.get(t, 1.0) * results[t]["logloss"] for t in self.plain.tasks))
+        s = self.state
+        s["last_epoch"] = epoch
+        if value < s["best"] - self.cfg.train.early_stopping_min_delta:
+            s.update(best=value, best_epoch=epoch, wait=0)
+            tf.train.Checkpoint(model=self.plain).write(os.path.join(self.best_dir, "weights"))
+        else:
+            s["wait"] += 1
+        os.makedirs(self.best_dir, exist_ok=True)
+        tmp = self.state_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(s, f)
+        os.replace(tmp, self.state_file)
+        aucs = " ".join(f"{t} AUC {results[t]['auc']:.4f}" for t in self.plain.tasks)
+        print(f"distributed: epoch {epoch} eval logloss {value:.5f} {aucs} (best epoch {s['best_epoch']})",
+              flush=True)
+        return self.stopped
+
+    def restore_best(self, last_epoch: int) -> None:
+        """Loads the best epoch's weights into the plain model if a later epoch was worse."""
+        import tensorflow as tf
+
+        s = self.state
+        if s["best_epoch"] and s["best_epoch"] != last_epoch:
+            tf.train.Checkpoint(model=self.plain).read(os.path.join(self.best_dir, "weights")).expect_partial()
+            print(f"train: restored the best epoch {s['best_epoch']} (eval logloss {s['best']:.5f}; "
+                  f"stopped after epoch {last_epoch})", flush=True)
 
 
 def _kill(procs) -> None:
