@@ -8,9 +8,10 @@
 
 ``ServingClient.score_examples`` / ``score_ids`` score one request's candidate
 ads by splitting them into ``splits`` sub-requests sent concurrently (gRPC
-futures on one channel), each with the remaining deadline; sub-requests failing
-with a transient status (UNAVAILABLE, ABORTED, or DEADLINE_EXCEEDED of one
-attempt while the overall deadline has time left) are retried with backoff.
+futures on one channel, the last one a blocking call in the caller's thread),
+each with the remaining deadline; sub-requests failing with a transient status
+(UNAVAILABLE, ABORTED, or DEADLINE_EXCEEDED of one attempt while the overall
+deadline has time left) are retried with backoff.
 If a version swap lands between sub-requests, the ones answered by the older
 version are re-sent pinned to the newer one, so every ad of a call is scored by
 one version.
@@ -196,11 +197,11 @@ class ServingClient:
             if remaining <= 0:
                 raise ScoringError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{len(pending)} sub-requests left at deadline")
             per_attempt = min(remaining, self.attempt_timeout_s or remaining)
-            if len(pending) == 1:  # a blocking call polls in this thread: no hand-off to gRPC's poller
-                ((i, req),) = pending.items()
-                futures = {i: _Done(self.stub.Predict, req, per_attempt)}
-            else:
-                futures = {i: self.stub.Predict.future(req, timeout=per_attempt) for i, req in pending.items()}
+            # The last sub-request is a blocking call, which polls in this thread (no hand-off to gRPC's
+            # poller thread); the others are futures already in flight, so they run concurrently with it.
+            *others, (last, last_req) = pending.items()
+            futures = {i: self.stub.Predict.future(req, timeout=per_attempt) for i, req in others}
+            futures[last] = _Done(self.stub.Predict, last_req, per_attempt)
             failed = {}
             for i, fut in futures.items():
                 try:

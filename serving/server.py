@@ -182,6 +182,9 @@ class Signature:
         self.input_keys = tuple(sorted(sig_def.inputs))
         self.output_keys = tuple(sorted(sig_def.outputs))
         self.inputs = {k: sig_def.inputs[k] for k in self.input_keys}
+        # Per input: (dtype, shape the signature needs or None for unknown rank), read once, not per request.
+        self._input_specs = {k: (info.dtype, None if info.tensor_shape.unknown_rank
+                                 else [d.size for d in info.tensor_shape.dim]) for k, info in self.inputs.items()}
         self._input_names = [sig_def.inputs[k].name for k in self.input_keys]
         self._output_names = {k: sig_def.outputs[k].name for k in self.output_keys}
         self._session = session
@@ -204,19 +207,17 @@ class Signature:
 
     def check_input(self, key: str, proto) -> np.ndarray:
         """The request tensor ``key`` as an array, checked against the signature's dtype and shape."""
-        info = self.inputs[key]
-        if proto.dtype != info.dtype:
-            raise _invalid(f"input {key!r} of signature {self.name!r} must be {protocol.dtype_name(info.dtype)}, "
+        dtype, want = self._input_specs[key]
+        if proto.dtype != dtype:
+            raise _invalid(f"input {key!r} of signature {self.name!r} must be {protocol.dtype_name(dtype)}, "
                            f"got {protocol.dtype_name(proto.dtype)}")
         try:
             arr = protocol.to_ndarray(proto)
         except protocol.TensorError as e:
             raise _invalid(f"input {key!r}: {e}") from None
-        if not info.tensor_shape.unknown_rank:
-            want = [d.size for d in info.tensor_shape.dim]
-            if len(want) != arr.ndim or any(w >= 0 and w != a for w, a in zip(want, arr.shape)):
-                raise _invalid(f"input {key!r} of signature {self.name!r} has shape {list(arr.shape)}, "
-                               f"the signature needs {want} (-1: any)")
+        if want is not None and (len(want) != arr.ndim or any(w >= 0 and w != a for w, a in zip(want, arr.shape))):
+            raise _invalid(f"input {key!r} of signature {self.name!r} has shape {list(arr.shape)}, "
+                           f"the signature needs {want} (-1: any)")
         return arr
 
     def run(self, feeds: list, output_keys: tuple) -> list[np.ndarray]:

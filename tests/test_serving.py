@@ -74,7 +74,7 @@ def test_predict_serving_default_latest_pinned_and_by_label(env):
         assert _close(cl.score_examples(ex[:7]).outputs["click"], exp[1][:7])
 
 
-@pytest.mark.parametrize("splits", [1, 4, 1000])
+@pytest.mark.parametrize("splits", [1, 2, 4, 1000])
 def test_predict_ids_split_into_concurrent_subrequests(env, splits):
     rows = protocol.example_rows(env["examples"], env["schema"].example_keys)
     pred = env["client"].score_ids(*protocol.pad_ids(rows), splits=splits)
@@ -423,3 +423,30 @@ def test_proto_tensor_conversions_round_trip():
     assert np.array_equal(protocol.to_ndarray(t), tf.make_ndarray(t))
     t = tf.make_tensor_proto(7, dtype=tf.int64, shape=[2, 2])
     assert np.array_equal(protocol.to_ndarray(t), np.full((2, 2), 7, np.int64))
+
+
+def test_tensor_decode_fast_paths_match_tf(env):
+    """The request/response decode paths (tensor_content as a zero-copy view, string_val as one object
+    array) give exactly TF's own ``make_ndarray`` of protos TF's ``make_tensor_proto`` built."""
+    ex = env["examples"][:37]
+    for arr in (np.array(ex, dtype=object), np.array(ex[:36], dtype=object).reshape(12, 3)):
+        t = tf.make_tensor_proto(arr)
+        got = protocol.to_ndarray(t)
+        assert got.dtype == object and got.shape == arr.shape and np.array_equal(got, tf.make_ndarray(t))
+        assert got.ravel().tolist() == arr.ravel().tolist()  # bytes for bytes, in order
+    probs = env["expected"][2][:37].astype(np.float32)  # real model outputs, as a response carries them
+    for arr in (probs, probs[:36].reshape(6, 6), np.arange(-5, 7, dtype=np.int64).reshape(3, 4) * (1 << 40)):
+        t = tf.make_tensor_proto(arr)
+        assert t.tensor_content  # TF packs numbers as raw little-endian bytes
+        got = protocol.to_ndarray(t)
+        assert got.dtype == arr.dtype and got.shape == arr.shape and np.array_equal(got, tf.make_ndarray(t))
+        assert not got.flags.writeable and not got.flags.owndata  # a view of the proto's bytes, not a copy
+        # The server's encode of the same array is the same bytes TF writes.
+        assert protocol.from_ndarray(arr).tensor_content == t.tensor_content
+    t = tf.make_tensor_proto(probs)
+    t.tensor_shape.dim[0].size = 36  # content of 37 floats for a shape of 36
+    with pytest.raises(protocol.TensorError, match="148 bytes"):
+        protocol.to_ndarray(t)
+    t.tensor_shape.dim[0].size = -1
+    with pytest.raises(protocol.TensorError, match="negative"):
+        protocol.to_ndarray(t)
