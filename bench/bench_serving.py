@@ -295,6 +295,63 @@ def predict_request_bytes(model: str, examples) -> bytes:
     return req.SerializeToString()
 
 
+def profile_request_path(name: str, lv, examples, reps: int = 200) -> dict:
+    """p50 microseconds of each in-process stage of one Predict of ``examples`` (the gRPC hops excluded).
+
+    Client: build the request, serialize it; server: parse it, decode the input (``check_input``),
+    the Session run alone, the whole handler (``Handlers.predict_on``: version, checks, decode,
+    encode) with the Session run answered from a cache, serialize the response; client: parse it,
+    decode the outputs. What an end-to-end call costs above
+    the handler and these client stages is gRPC's (compare the gRPC floor row).
+    """
+    from tensorflow_serving.apis import predict_pb2
+
+    from serving import server
+
+    sig = lv.signature(protocol.DEFAULT_SIGNATURE)
+    handlers = server.Handlers(None)
+
+    def build():
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name, req.model_spec.signature_name = name, protocol.DEFAULT_SIGNATURE
+        protocol.strings_proto(examples, req.inputs[protocol.EXAMPLES_INPUT])
+        return req
+
+    req = build()
+    req_bytes = req.SerializeToString()
+    arr = sig.check_input(protocol.EXAMPLES_INPUT, req.inputs[protocol.EXAMPLES_INPUT])
+    resp = handlers.predict_on(lv, req)
+    resp_bytes = resp.SerializeToString()
+    stages = {
+        "client_build_request": build,
+        "client_serialize_request": req.SerializeToString,
+        "server_parse_request": lambda: predict_pb2.PredictRequest.FromString(req_bytes),
+        "server_decode_input": lambda: sig.check_input(protocol.EXAMPLES_INPUT, req.inputs[protocol.EXAMPLES_INPUT]),
+        "server_session_run": lambda: sig.run([arr], sig.output_keys),
+        "server_handler_without_run": lambda: handlers.predict_on(lv, req),
+        "server_serialize_response": resp.SerializeToString,
+        "client_parse_response": lambda: predict_pb2.PredictResponse.FromString(resp_bytes),
+        "client_decode_outputs": lambda: [protocol.to_ndarray(resp.outputs[k]) for k in resp.outputs],
+    }
+    outputs = sig.run([arr], sig.output_keys)
+    out = {}
+    for key, fn in stages.items():
+        if key == "server_handler_without_run":  # the whole handler with the Session call answered from a cache
+            sig.run = lambda feeds, keys: outputs
+        try:
+            fn()
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter_ns()
+                fn()
+                ts.append(time.perf_counter_ns() - t)
+        finally:
+            sig.__dict__.pop("run", None)
+        out[key] = float(np.median(ts)) / 1e3
+    out["request_bytes"], out["response_bytes"] = len(req_bytes), len(resp_bytes)
+    return out
+
+
 def qps(target: str, model: str, examples, concurrency: int, seconds: float) -> tuple[float, int]:
     from serving.client import ServingClient
 
@@ -523,6 +580,9 @@ def main(argv=None) -> None:
                       f"{row['floor_2t_p50_ms']:.3f} ms (intra-op 0); e2e p50 {row['e2e_s1_p50_ms']:.3f} ms "
                       f"p99 {row['e2e_s1_p99_ms']:.3f} ms{s2}; gRPC floor p50 {row['grpc_p50_ms']:.3f} ms; "
                       f"{q:.0f} req/s", flush=True)
+            prof = profile_request_path(name, floors["1t"][0], examples[:100])
+            print(f"bench_serving: {name} 100-ad request path, in-process p50 us: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in prof.items()), flush=True)
             for lv, _ in floors.values():
                 lv.retire()
             client.close()
@@ -532,7 +592,7 @@ def main(argv=None) -> None:
                   f"({swap['requests_during_swap']} requests) vs "
                   f"{swap['p99_ms_without_swap']:.2f} ms without ({swap['requests_without_swap']}); "
                   f"failed {swap['failed_requests']}", flush=True)
-            results["models"][name] = {"note": note, "sizes": rows, "swap": swap}
+            results["models"][name] = {"note": note, "sizes": rows, "profile_100_ads_us": prof, "swap": swap}
         noop.close()
         echo_channel.close()
     finally:
@@ -638,6 +698,13 @@ def print_table(results: dict, sizes) -> None:
                   f"{', '.join(f'{w:.2f}' for w in s['swap_seconds'])} | {s['failed_requests']} |")
             print("|   | phases | " + "; ".join(f"{ph['phase']}: {ph['requests']} req, p99 {ph['p99_ms']:.1f}"
                                               for ph in s["phases"]) + " | | | | | | |")
+    print("\n100-ad request path, in-process stages, p50 us (gRPC's own hops are not in them):\n")
+    keys = [k for k in next(iter(results["models"].values())).get("profile_100_ads_us", {}) if "bytes" not in k]
+    print("| model | " + " | ".join(keys) + " |")
+    print("|---|" + "---:|" * len(keys))
+    for name, r in results["models"].items():
+        prof = r.get("profile_100_ads_us", {})
+        print(f"| {name} | " + " | ".join(f"{prof[k]:.0f}" for k in keys) + " |")
     print("\nbars:")
     for name, b in results["bars"].items():
         for k, v in b.items():
