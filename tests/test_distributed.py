@@ -116,7 +116,9 @@ def medium_etl(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model,extra,epochs", [
-    ("ffm", ("--set", "optimizer.name=adagrad", "--set", "optimizer.learning_rate=0.05"), 4),
+    # AdaGrad on the batch sum (accumulator start 1/256^2), the recipe of frappe_ffm.
+    ("ffm", ("--set", "optimizer.name=adagrad", "--set", "optimizer.learning_rate=0.1",
+             "--set", "optimizer.initial_accumulator_value=1.5e-5", "--set", "data.batch_size=256"), 3),
     ("deepfm", ("--set", "optimizer.learning_rate=0.002", "--set", "data.batch_size=256"), 3),
 ])
 def test_distributed_quality_matches_single_process(medium_etl, tmp_path, model, extra, epochs):
