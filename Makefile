@@ -15,6 +15,8 @@ LABELS ?=
 CONFIG ?=
 OUT ?= data/etl
 RAW ?= data/raw
+# generator flags when no INPUT, e.g. GEN_ARGS='--preset quality'
+GEN_ARGS ?=
 # make train
 DATA ?= data/etl
 MODEL ?=
@@ -36,6 +38,7 @@ help:
 	@echo "make install                 virtualenv in $(VENV) with pinned dependencies"
 	@echo "make etl [INPUT=<glob>] [EVAL_INPUT=<glob>] [FORMAT=libfm|libffm] [FIELD_MAP=<tsv>] [LABELS=a,b] [OUT=<dir>] [CONFIG=<yaml>]"
 	@echo "                             no INPUT: generate the default click log into $(RAW) first"
+	@echo "                             [GEN_ARGS='--preset quality|esmm --n-train N ...'] generator flags (no INPUT)"
 	@echo "make train [DATA=<etl out>] [MODEL=<name>] [EXPERIMENT=<name>] [RUN_DIR=<dir>] [EXPORT_BASE=<dir>]"
 	@echo "           [DISTRIBUTE=ps WORKERS=2 PS=2] [WARM_START=<run dir or export>]"
 	@echo "make test                    default test suite (slow suites: make test-all)"
@@ -51,7 +54,7 @@ $(VENV)/.installed: setup.py
 
 etl: install
 ifeq ($(INPUT),)
-	$(PY) -m generator.clicklog --out $(RAW) --formats libffm,libfm
+	$(PY) -m generator.clicklog --out $(RAW) --formats libffm,libfm $(GEN_ARGS)
 	$(PY) -m etl.pipeline --config $(or $(CONFIG),configs/etl_generated.yaml) --input $(RAW)/train.libffm \
 	  --eval_input $(RAW)/eval.libffm --out $(OUT) $(ARGS)
 else

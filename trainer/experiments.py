@@ -3,7 +3,8 @@
 * ``generated_*``: the generator's default data (``make etl``), the walking-skeleton runs.
 * ``quality_*``: the generator's ``quality`` preset (``make etl GEN_ARGS='--preset quality'``: 1M
   impressions over small, learnable cardinalities), where the trainer issue's bars against the
-  planted Bayes-optimal model are measured (``tests/test_training_quality.py``).
+  planted Bayes-optimal model are measured (``tests/test_training_quality.py``); ``quality_esmm``
+  and ``quality_cvr_clicked`` are compared on the ``esmm`` preset.
 * ``frappe_*``: Frappe (``trainer/experiments_frappe.py``).
 """
 from __future__ import annotations
@@ -103,13 +104,13 @@ def quality_ctr_single() -> dict:
 
 @register_experiment("quality_esmm")
 def quality_esmm() -> dict:
-    """ESMM (pCTCVR = pCTR x pCVR on all impressions)."""
+    """ESMM (pCTCVR = pCTR x pCVR on all impressions); measured on the generator's ``esmm`` preset."""
     return _quality({"name": "esmm", "tasks": ["click", "conversion"], **_QUALITY_DEEP}, 0.002)
 
 
 @register_experiment("quality_cvr_clicked")
 def quality_cvr_clicked() -> dict:
-    """A position-free CVR model trained on clicked impressions only (the baseline ESMM must beat)."""
+    """A position-free CVR model trained on clicked impressions only (the baseline ESMM must beat, ``esmm`` preset)."""
     return configs.deep_merge(
         _quality({"name": "mtl", "tasks": ["conversion"], "bias_tasks": [], **_QUALITY_DEEP}, 0.002),
         {"train": {"task_condition": {"conversion": "click"}}})
