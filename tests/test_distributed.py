@@ -130,7 +130,6 @@ def test_distributed_quality_matches_single_process(medium_etl, tmp_path, model,
     assert abs(_auc(str(tmp_path / "ps")) - single) <= 0.005, (_auc(str(tmp_path / "ps")), single)
 
 
-@pytest.mark.slow
 def test_warm_start_on_the_cluster_carries_yesterdays_weights(tiny_etl, tmp_path):
     """WARM_START with DISTRIBUTE=ps: with a zero learning rate the cluster's model must be exactly
     yesterday's, so its eval metrics equal the single-process run it started from."""
