@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tensorflow as tf
 import tf_keras as keras
 
@@ -248,4 +249,68 @@ def test_new_layers_config_and_savedmodel_round_trip(tmp_path):
     module.f = tf.function(lambda t: tower(t), input_signature=[tf.TensorSpec([None, 2], tf.float32)])
     tf.saved_model.save(module, str(tmp_path / "tower"))
     loaded = tf.saved_model.load(str(tmp_path / "tower"))  # keep a reference: it owns the variables
+    np.testing.assert_allclose(loaded.f(x).numpy(), before, rtol=1e-6)
+
+
+def _moe():
+    """Two experts of one relu layer (2 units) over d=2, two tasks; weights set by hand."""
+    layer = layers.MixtureOfExperts(2, 2, (2,), activation="relu")
+    layer(tf.zeros([1, 2]))
+    layer.experts[0].dense[0].kernel.assign([[1.0, 0.0], [0.0, 1.0]])
+    layer.experts[0].dense[0].bias.assign([0.0, 0.0])
+    layer.experts[1].dense[0].kernel.assign([[0.0, 1.0], [1.0, 0.0]])
+    layer.experts[1].dense[0].bias.assign([1.0, -5.0])
+    layer.gates[0].kernel.assign([[0.0, 0.0], [0.0, 0.0]])          # logits [0, 0]
+    layer.gates[1].kernel.assign([[0.0, np.log(3.0)], [0.0, 0.0]])  # logits [0, x_0 ln 3]
+    return layer
+
+
+def test_mixture_of_experts_hand_computed():
+    layer = _moe()
+    x = tf.constant([[1.0, 2.0], [-1.0, 1.0]])
+    # Row 0: expert 0 = relu([1, 2]) = [1, 2]; expert 1 = relu([2+1, 1-5]) = [3, 0].
+    #   Gate 0: softmax([0, 0]) = [1/2, 1/2] -> [2, 1]. Gate 1: softmax([0, ln 3]) = [1/4, 3/4]
+    #   -> 1/4 [1, 2] + 3/4 [3, 0] = [2.5, 0.5].
+    # Row 1: expert 0 = relu([-1, 1]) = [0, 1]; expert 1 = relu([1+1, -1-5]) = [2, 0].
+    #   Gate 0 -> [1, 0.5]. Gate 1: softmax([0, -ln 3]) = [3/4, 1/4] -> 3/4 [0, 1] + 1/4 [2, 0] = [0.5, 0.75].
+    np.testing.assert_allclose(layer.gate_weights(x).numpy(),
+                               [[[0.5, 0.5], [0.25, 0.75]], [[0.5, 0.5], [0.75, 0.25]]], rtol=1e-6)
+    out = layer(x).numpy()
+    assert out.shape == (2, 2, 2)
+    np.testing.assert_allclose(out, [[[2.0, 1.0], [2.5, 0.5]], [[1.0, 0.5], [0.5, 0.75]]], rtol=1e-6)
+    # One expert: every gate's softmax is 1, so every task reads that expert.
+    single = layers.MixtureOfExperts(3, 1, (2,))
+    single(x)
+    single.experts[0].dense[0].kernel.assign([[1.0, 0.0], [0.0, 1.0]])
+    single.experts[0].dense[0].bias.assign([0.0, 0.0])
+    np.testing.assert_allclose(single(x).numpy(), [[[1, 2]] * 3, [[0, 1]] * 3], atol=1e-6)
+    with pytest.raises(ValueError, match="expert_units"):
+        layers.MixtureOfExperts(2, 2, ())
+
+
+def test_mixture_of_experts_l2_and_gradient_reaches_every_expert_and_gate():
+    layer = layers.MixtureOfExperts(2, 3, (4,), l2=0.1)
+    x = tf.constant([[1.0, 2.0], [-1.0, 1.0]])
+    with tf.GradientTape() as tape:
+        out = tf.reduce_sum(layer(x))
+    grads = tape.gradient(out, [e.dense[0].kernel for e in layer.experts] + [g.kernel for g in layer.gates])
+    assert all(float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
+    # L2 0.1 ||W||^2 on the 3 expert and 2 gate kernels.
+    kernels = [e.dense[0].kernel for e in layer.experts] + [g.kernel for g in layer.gates]
+    expected = sum(0.1 * float(tf.reduce_sum(tf.square(k))) for k in kernels)
+    np.testing.assert_allclose(float(tf.add_n(layer.losses)), expected, rtol=1e-5)
+
+
+def test_mixture_of_experts_config_and_savedmodel_round_trip(tmp_path):
+    layer = layers.MixtureOfExperts(3, 4, (8, 2), "tanh", 0.1, 1e-3, seed=5)
+    clone = layers.MixtureOfExperts.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    moe = _moe()
+    x = tf.constant([[1.0, 2.0], [-1.0, 1.0]])
+    before = moe(x).numpy()
+    module = tf.Module()
+    module.moe = moe
+    module.f = tf.function(lambda t: moe(t), input_signature=[tf.TensorSpec([None, 2], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "moe"))
+    loaded = tf.saved_model.load(str(tmp_path / "moe"))
     np.testing.assert_allclose(loaded.f(x).numpy(), before, rtol=1e-6)

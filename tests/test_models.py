@@ -72,7 +72,7 @@ def _with_field_row(features, schema, field, row_in_field):
     return {**features, "ids": tf.SparseTensor(ids.indices, new, ids.dense_shape)}
 
 
-@pytest.mark.parametrize("name", ["mtl", "esmm"])
+@pytest.mark.parametrize("name", ["mtl", "esmm", "mmoe"])
 def test_cvr_tower_never_sees_position_but_ctr_does(name, tiny_etl, batches):
     schema, raw = batches
     model = build_model(_cfg(tiny_etl, name, bias_fields=["position"]).model, schema)
@@ -99,9 +99,10 @@ def test_esmm_ctcvr_is_ctr_times_cvr(tiny_etl, batches):
     assert model.derived_eval == {"cvr": ("conversion", "click")}
 
 
-def test_task_private_fields_reach_only_their_tower(tiny_etl, batches):
+@pytest.mark.parametrize("name", ["mtl", "mmoe"])
+def test_task_private_fields_reach_only_their_tower(name, tiny_etl, batches):
     schema, raw = batches
-    model = build_model(_cfg(tiny_etl, "mtl", task_fields={"conversion": ["price"]}).model, schema)
+    model = build_model(_cfg(tiny_etl, name, task_fields={"conversion": ["price"]}).model, schema)
     features = raw[0][0]
     model(features)
     _randomize(model)
@@ -109,9 +110,31 @@ def test_task_private_fields_reach_only_their_tower(tiny_etl, batches):
     np.testing.assert_array_equal(a["click"].numpy(), b["click"].numpy())
     assert np.max(np.abs(a["conversion"].numpy() - b["conversion"].numpy())) > 1e-3
     with pytest.raises(ValueError, match="not a task"):
-        build_model(_cfg(tiny_etl, "mtl", task_fields={"ctr": ["price"]}).model, schema)
+        build_model(_cfg(tiny_etl, name, task_fields={"ctr": ["price"]}).model, schema)
     with pytest.raises(KeyError, match="no field"):
-        build_model(_cfg(tiny_etl, "mtl", bias_fields=["slot"]).model, schema)
+        build_model(_cfg(tiny_etl, name, bias_fields=["slot"]).model, schema)
+
+
+def test_mmoe_towers_read_their_own_gate_mixture(tiny_etl, batches):
+    schema, raw = batches
+    model = build_model(_cfg(tiny_etl, "mmoe", num_experts=3, expert_units=[6], bias_tasks=[]).model, schema)
+    features = raw[0][0]
+    model(features)
+    _randomize(model)
+    out = model(features)
+    # No shared bottom: the experts read the flattened embeddings, and tower t reads gate t's mixture.
+    assert not hasattr(model, "bottom") and len(model.moe.experts) == 3
+    deep = model._deep_input(features, model.embedding(features), model.deep_fields, model.values)
+    mixed = model.moe(deep)
+    for i, t in enumerate(model.tasks):
+        expected = tf.sigmoid(model.towers[t](mixed[:, i])[:, 0])
+        np.testing.assert_allclose(out[t].numpy(), expected.numpy(), rtol=1e-5)
+    # Zeroing the conversion gate's kernel makes its softmax uniform: its mixture is the experts' mean.
+    model.moe.gates[1].kernel.assign(tf.zeros_like(model.moe.gates[1].kernel))
+    experts = [e(deep) for e in model.moe.experts]
+    np.testing.assert_allclose(model.moe(deep)[:, 1].numpy(), (tf.add_n(experts) / 3).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="num_experts"):
+        _cfg(tiny_etl, "mmoe", num_experts=0)
 
 
 def test_wide_deep_position_enters_only_through_the_wide_weights(tiny_etl, batches):

@@ -52,6 +52,9 @@ class ModelConfig:
       embedding_dim: latent dimension of FM/FFM/embedding tables.
       hidden_units: MLP layer sizes of deep models (the shared bottom of ``mtl``/``esmm``).
       tower_units: hidden layer sizes of each task tower (multi-task models).
+      num_experts: experts of ``mmoe`` (each task's gate mixes them; ignored by other models).
+      expert_units: hidden layer sizes of each ``mmoe`` expert MLP (``mmoe`` has no shared bottom, so
+        it ignores ``hidden_units``).
       activation: activation of MLP layers.
       dropout: dropout rate of MLP layers.
       l2_embedding: L2 on embedding rows touched by a batch (``l2/2 * ||v||^2`` per use, as libffm).
@@ -75,6 +78,8 @@ class ModelConfig:
     embedding_dim: int = 8
     hidden_units: tuple[int, ...] = (256, 128)
     tower_units: tuple[int, ...] = (64,)
+    num_experts: int = 4
+    expert_units: tuple[int, ...] = (64,)
     activation: str = "relu"
     dropout: float = 0.0
     l2_embedding: float = 0.0
@@ -94,6 +99,9 @@ class ModelConfig:
             raise ValueError(f"model.embedding_init {self.embedding_init!r} not in normal/uniform")
         if self.embedding_combiner not in ("sum", "mean"):
             raise ValueError(f"model.embedding_combiner {self.embedding_combiner!r} not in sum/mean")
+        if self.num_experts < 1 or not self.expert_units:
+            raise ValueError(f"model.num_experts ({self.num_experts}) must be >= 1 and model.expert_units "
+                             f"({list(self.expert_units)}) not empty")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -408,3 +408,58 @@ class TaskTower(keras.layers.Layer):
     def get_config(self):
         c = self.mlp.get_config()
         return {**super().get_config(), **{k: c[k] for k in ("hidden_units", "activation", "dropout", "l2", "seed")}}
+
+
+class MixtureOfExperts(keras.layers.Layer):
+    """Multi-gate mixture of experts (Ma et al., "Modeling Task Relationships in Multi-task Learning
+    with Multi-gate Mixture-of-Experts", KDD 2018).
+
+        f_t(x) = sum_{e=1..E} g_t(x)_e * expert_e(x),    g_t(x) = softmax(W_t x)
+
+    E expert MLPs share the input; each of the T tasks has its own gate (a bias-free linear map to E
+    logits, as in the paper), so tasks can weight the experts differently instead of sharing one
+    bottom. Task t's tower then reads ``f_t(x)``.
+
+    Input: ``[batch, d]``. Output: ``[batch, num_tasks, expert_units[-1]]`` (task t's mixture at
+    ``[:, t]``).
+
+    Args:
+      num_tasks: T, the number of gates.
+      num_experts: E.
+      expert_units: hidden layer sizes of each expert MLP (not empty).
+      activation, dropout, l2, seed: of the expert MLPs (``l2`` also on the gate kernels; expert e
+        draws dropout from ``seed + 100 * e``).
+    """
+
+    def __init__(self, num_tasks: int, num_experts: int, expert_units=(64,), activation: str = "relu",
+                 dropout: float = 0.0, l2: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if num_tasks < 1 or num_experts < 1:
+            raise ValueError(f"MixtureOfExperts needs tasks and experts >= 1, got {num_tasks}, {num_experts}")
+        if not expert_units:
+            raise ValueError("MixtureOfExperts needs expert_units (an expert without layers is the identity)")
+        self.num_tasks = num_tasks
+        self.num_experts = num_experts
+        self.expert_units = tuple(int(u) for u in expert_units)
+        self.activation = activation
+        self.dropout = dropout
+        self.l2 = l2
+        self.seed = seed
+        reg = keras.regularizers.L2(l2) if l2 else None
+        self.experts = [MLP(self.expert_units, activation, dropout, l2, None if seed is None else seed + 100 * e,
+                            name=f"expert_{e}") for e in range(num_experts)]
+        self.gates = [keras.layers.Dense(num_experts, use_bias=False, kernel_regularizer=reg, name=f"gate_{t}")
+                      for t in range(num_tasks)]
+
+    def gate_weights(self, x):
+        """Softmax gate weights ``[batch, num_tasks, num_experts]``."""
+        return tf.stack([tf.nn.softmax(g(x), axis=-1) for g in self.gates], axis=1)
+
+    def call(self, x, training=False):
+        experts = tf.stack([e(x, training=training) for e in self.experts], axis=1)  # [B, E, u]
+        return tf.einsum("bte,beu->btu", self.gate_weights(x), experts)
+
+    def get_config(self):
+        return {**super().get_config(), "num_tasks": self.num_tasks, "num_experts": self.num_experts,
+                "expert_units": list(self.expert_units), "activation": self.activation, "dropout": self.dropout,
+                "l2": self.l2, "seed": self.seed}

@@ -276,6 +276,24 @@ class SharedBottom(_SharedBottomBase):
                 for t in self.tasks}
 
 
+@register_model("mmoe", multi_task=True)
+class MMoE(_SharedBottomBase):
+    """MMoE (Ma et al., KDD 2018): shared embeddings feed ``num_experts`` expert MLPs; each task's softmax
+    gate mixes them and its tower reads that mixture (position-bias and private fields as in ``mtl``)."""
+
+    def __init__(self, cfg, schema, tasks, **kwargs):
+        super().__init__(cfg, schema, tasks, **kwargs)
+        self._build_heads()
+        self.moe = layers.MixtureOfExperts(len(self.tasks), cfg.num_experts, cfg.expert_units, cfg.activation,
+                                           cfg.dropout, cfg.l2_dense, name="moe")
+
+    def call(self, features, training=False):
+        emb = self.embedding(features)
+        mixed = self.moe(self._deep_input(features, emb, self.deep_fields, self.values), training=training)
+        return {t: tf.sigmoid(tf.squeeze(self._tower_logit(t, mixed[:, i], features, emb, training), axis=1))
+                for i, t in enumerate(self.tasks)}
+
+
 @register_model("esmm", multi_task=True)
 class ESMM(_SharedBottomBase):
     """ESMM: pCTR and position-free pCVR towers on shared embeddings; pCTCVR = pCTR x pCVR, both trained
