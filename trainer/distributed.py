@@ -178,27 +178,24 @@ def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) ->
 
 
 class PsEarlyStopping:
-    """Early stopping on the eval log loss for ``train_ps``, restoring the best epoch at the end.
+    """Early stopping on the eval log loss for ``train_ps`` (the rule of ``trainer.train.LoglossPatience``).
 
-    The single-process ``EarlyStoppingOnLogloss`` reads Keras' validation logs, which
-    ``Model.fit`` under ``ParameterServerStrategy`` does not produce. Here the chief reads each
-    epoch's checkpoint (the values live on the parameter servers) into its ordinary copy of the
-    model, evaluates the eval split with the same metrics as the final report, and keeps the best
-    epoch's weights in ``best_dir``. The counters live in ``best_dir/state.json``, so a cluster
-    restarted after a parameter-server failure continues the same stopping rule.
+    ``Model.fit`` under ``ParameterServerStrategy`` produces no validation logs, so the chief reads
+    each epoch's checkpoint (the values live on the parameter servers) into its ordinary copy of
+    the model and evaluates the eval split with the same metrics as the final report. The rule's
+    state lives in ``best_dir``, so a cluster restarted after a parameter-server failure continues it.
     """
 
     def __init__(self, plain, schema, cfg, best_dir: str):
-        self.plain, self.schema, self.cfg, self.best_dir = plain, schema, cfg, best_dir
-        self.state_file = os.path.join(best_dir, "state.json")
-        self.state = {"best": math.inf, "best_epoch": 0, "wait": 0, "last_epoch": 0}
-        if os.path.exists(self.state_file):  # a restarted cluster
-            with open(self.state_file, encoding="utf-8") as f:
-                self.state = json.load(f)
+        from trainer import train as trainer_lib
+
+        self.plain, self.schema, self.cfg = plain, schema, cfg
+        self.rule = trainer_lib.LoglossPatience(best_dir, cfg.train.early_stopping_patience,
+                                                cfg.train.early_stopping_min_delta)
 
     @property
     def stopped(self) -> bool:
-        return self.state["wait"] >= self.cfg.train.early_stopping_patience
+        return self.rule.stopped
 
     def epoch_end(self, epoch: int, checkpoint: str) -> bool:
         """Evaluates the epoch's checkpoint; returns whether training should stop."""
@@ -210,32 +207,16 @@ class PsEarlyStopping:
         results = trainer_lib.evaluate(self.plain, self.schema, self.cfg.data.eval_batch_size)
         weights = self.cfg.train.loss_weights
         value = float(sum(weights.get(t, 1.0) * results[t]["logloss"] for t in self.plain.tasks))
-        s = self.state
-        s["last_epoch"] = epoch
-        if value < s["best"] - self.cfg.train.early_stopping_min_delta:
-            s.update(best=value, best_epoch=epoch, wait=0)
-            tf.train.Checkpoint(model=self.plain).write(os.path.join(self.best_dir, "weights"))
-        else:
-            s["wait"] += 1
-        os.makedirs(self.best_dir, exist_ok=True)
-        tmp = self.state_file + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(s, f)
-        os.replace(tmp, self.state_file)
+        if self.rule.update(epoch, value):
+            tf.train.Checkpoint(model=self.plain).write(self.rule.weights_path)
         aucs = " ".join(f"{t} AUC {results[t]['auc']:.4f}" for t in self.plain.tasks)
-        print(f"distributed: epoch {epoch} eval logloss {value:.5f} {aucs} (best epoch {s['best_epoch']})",
-              flush=True)
+        print(f"distributed: epoch {epoch} eval logloss {value:.5f} {aucs} "
+              f"(best epoch {self.rule.state['best_epoch']})", flush=True)
         return self.stopped
 
     def restore_best(self, last_epoch: int) -> None:
         """Loads the best epoch's weights into the plain model if a later epoch was worse."""
-        import tensorflow as tf
-
-        s = self.state
-        if s["best_epoch"] and s["best_epoch"] != last_epoch:
-            tf.train.Checkpoint(model=self.plain).read(os.path.join(self.best_dir, "weights")).expect_partial()
-            print(f"train: restored the best epoch {s['best_epoch']} (eval logloss {s['best']:.5f}; "
-                  f"stopped after epoch {last_epoch})", flush=True)
+        self.rule.restore_best(self.plain, last_epoch)
 
 
 def _kill(procs) -> None:

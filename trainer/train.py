@@ -220,54 +220,80 @@ def val_logloss(logs: dict, tasks, loss_weights: dict) -> float:
     return float(sum(loss_weights.get(t, 1.0) * logs[f"val_{t}_logloss"] for t in tasks))
 
 
+class LoglossPatience:
+    """The early-stopping rule on the eval log loss, with its counters kept in ``best_dir/state.json``.
+
+    Shared by ``EarlyStoppingOnLogloss`` (one process) and ``trainer.distributed`` (the chief of a
+    PS cluster), so both stop and restore the same epoch; the state file survives a kill, so a
+    resumed run continues the same rule. The caller saves the weights when ``update`` says improved.
+    """
+
+    def __init__(self, best_dir: str, patience: int, min_delta: float = 0.0):
+        self.best_dir = best_dir
+        self.patience = patience
+        self.min_delta = min_delta
+        self.state_file = os.path.join(best_dir, "state.json")
+        self.state = {"best": math.inf, "best_epoch": 0, "wait": 0, "last_epoch": 0}
+        if os.path.exists(self.state_file):  # a resumed run
+            with open(self.state_file, encoding="utf-8") as f:
+                self.state = json.load(f)
+
+    @property
+    def weights_path(self) -> str:
+        return os.path.join(self.best_dir, "weights")
+
+    @property
+    def stopped(self) -> bool:
+        return self.state["wait"] >= self.patience
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Records epoch ``epoch`` (1-based) with eval logloss ``value``; returns whether it is the best."""
+        s = self.state
+        s["last_epoch"] = epoch
+        improved = value < s["best"] - self.min_delta
+        if improved:
+            s.update(best=value, best_epoch=epoch, wait=0)
+        else:
+            s["wait"] += 1
+        os.makedirs(self.best_dir, exist_ok=True)
+        tmp = self.state_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(s, f)
+        os.replace(tmp, self.state_file)
+        return improved
+
+    def restore_best(self, model, last_epoch: int) -> None:
+        """Loads the best epoch's weights into ``model`` if a later epoch was worse."""
+        s = self.state
+        if s["best_epoch"] and s["best_epoch"] != last_epoch:
+            tf.train.Checkpoint(model=model).read(self.weights_path).expect_partial()
+            print(f"train: restored the best epoch {s['best_epoch']} (eval logloss {s['best']:.5f}; "
+                  f"stopped after epoch {last_epoch})", flush=True)
+
+
 class EarlyStoppingOnLogloss(keras.callbacks.Callback):
     """Stops when the eval log loss has not improved for ``patience`` epochs and restores the best
     epoch's weights at the end. Kill-safe: the best weights and counters live in ``best_dir``."""
 
     def __init__(self, best_dir: str, tasks, loss_weights: dict, patience: int, min_delta: float = 0.0):
         super().__init__()
-        self.best_dir = best_dir
         self.tasks = tuple(tasks)
         self.loss_weights = dict(loss_weights)
-        self.patience = patience
-        self.min_delta = min_delta
-        self.state = {"best": math.inf, "best_epoch": 0, "wait": 0, "last_epoch": 0}
+        self.rule = LoglossPatience(best_dir, patience, min_delta)
 
     @property
-    def _state_file(self):
-        return os.path.join(self.best_dir, "state.json")
-
-    def _ckpt(self):
-        return tf.train.Checkpoint(model=self.model)
-
-    def on_train_begin(self, logs=None):
-        if os.path.exists(self._state_file):  # a resumed run
-            with open(self._state_file, encoding="utf-8") as f:
-                self.state = json.load(f)
+    def state(self) -> dict:
+        """The rule's counters: best, best_epoch, wait, last_epoch."""
+        return self.rule.state
 
     def on_epoch_end(self, epoch, logs=None):
-        value = val_logloss(logs or {}, self.tasks, self.loss_weights)
-        s = self.state
-        s["last_epoch"] = epoch + 1
-        if value < s["best"] - self.min_delta:
-            s.update(best=value, best_epoch=epoch + 1, wait=0)
-            self._ckpt().write(os.path.join(self.best_dir, "weights"))
-        else:
-            s["wait"] += 1
-            if s["wait"] >= self.patience:
-                self.model.stop_training = True
-        os.makedirs(self.best_dir, exist_ok=True)
-        tmp = self._state_file + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(s, f)
-        os.replace(tmp, self._state_file)
+        if self.rule.update(epoch + 1, val_logloss(logs or {}, self.tasks, self.loss_weights)):
+            tf.train.Checkpoint(model=self.model).write(self.rule.weights_path)
+        if self.rule.stopped:
+            self.model.stop_training = True
 
     def on_train_end(self, logs=None):
-        s = self.state
-        if s["best_epoch"] and s["best_epoch"] != s["last_epoch"]:
-            self._ckpt().read(os.path.join(self.best_dir, "weights")).expect_partial()
-            print(f"train: restored the best epoch {s['best_epoch']} (eval logloss {s['best']:.5f}; "
-                  f"stopped after epoch {s['last_epoch']})", flush=True)
+        self.rule.restore_best(self.model, self.rule.state["last_epoch"])
 
 
 def _has_backup(backup_dir: str) -> bool:
