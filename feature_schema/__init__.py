@@ -3,7 +3,7 @@
 This package is at the bottom of the import graph: it imports neither Beam nor
 TensorFlow, so every stage can read the schema the ETL wrote.
 """
-from feature_schema.hashing import HASH_FUNCTION, feature_hash, feature_key, string_hash
+from feature_schema.hashing import HASH_FUNCTION, feature_hash, feature_key, field_hash, string_hash
 from feature_schema.schema import (
     SCHEMA_FILENAME,
     VOCAB_FILENAME,
@@ -29,6 +29,7 @@ __all__ = [
     "feature_hash",
     "string_hash",
     "feature_key",
+    "field_hash",
     "VocabEntry",
     "load_schema",
     "parse_vocabulary_line",

@@ -43,3 +43,13 @@ def string_hash(text: str) -> int:
 def feature_hash(field: str, key: str) -> int:
     """Stable signed 64-bit id of feature ``key`` in ``field``."""
     return string_hash(feature_key(field, key))
+
+
+def field_hash(field: str) -> int:
+    """Stable signed 64-bit id of a field name: what a record carries for each feature's field.
+
+    Records name fields by this hash rather than by a dense field id, so the ETL can write them
+    before it knows every field (fields first seen in the data get their ids when the schema is
+    assembled); the featurization layer maps the hash to the schema's field id.
+    """
+    return string_hash(field)

@@ -16,6 +16,8 @@ import json
 import os
 from typing import Any, Iterator
 
+from feature_schema.rules import VALUE_TRANSFORMS
+
 SCHEMA_FILENAME = "schema.json"
 VOCAB_FILENAME = "vocabulary.tsv"
 SCHEMA_VERSION = 1
@@ -25,22 +27,30 @@ FIELD_KINDS = ("categorical", "binned", "numeric")
 
 @dataclasses.dataclass(frozen=True)
 class ExampleKeys:
-    """Names of the `tf.train.Example` features the ETL writes.
+    """Names of the `tf.train.Example` features of the ETL's records (the *hashed-record* format).
+
+    One record per log line. The lists are aligned, one entry per feature of the line after the
+    joins, in line order. Fields absent from the line are not written: the featurization layer
+    adds their missing rows. No vocabulary row is written: the layer maps hashes to rows, so the
+    ETL writes each record as soon as it is parsed.
 
     Attributes:
-      ids: int64 list, global vocabulary rows (after the rare-id mapping).
-      values: float list, the feature values, aligned with ``ids``.
-      fields: int64 list, the field id of each feature, aligned with ``ids``.
-      hashes: int64 list, the stable 64-bit hash of each feature (before the
-        vocabulary), what a serving client sends.
+      hashes: int64 list, ``feature_hash(field, key)`` of each feature; the key of a ``binned`` or
+        ``numeric`` field's feature is the field name (``rules.value_key``).
+      values: float list, the feature's value in the log (categorical) or the raw number (binned,
+        numeric), aligned with ``hashes``.
+      field_hashes: int64 list, ``field_hash(field)`` of each feature's field, aligned with ``hashes``.
       weight: optional float, the sample weight (1.0 when absent).
+      ids, fields: legacy (schema version 1 records: vocabulary rows and dense field ids); gone
+        once the streaming ETL writes version 2 records.
     """
 
-    ids: str = "feat_ids"
-    values: str = "feat_vals"
-    fields: str = "feat_fields"
     hashes: str = "feat_hashes"
+    values: str = "feat_vals"
+    field_hashes: str = "feat_field_hashes"
     weight: str = "weight"
+    ids: str = "feat_ids"
+    fields: str = "feat_fields"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +69,8 @@ class FieldSpec:
       linear_only: True for fields that get a first-order weight but take part
         in no interaction (position-bias fields such as ad position).
       min_count: training-split count below which a feature maps to rare.
-      bin_boundaries: sorted upper-exclusive bin edges for ``binned`` fields.
+      bin_boundaries: strictly increasing bin edges of a ``binned`` field; bin ``i``
+        holds ``edges[i-1] <= v < edges[i]`` (``rules.bin_index``).
       source: where the field comes from: ``log`` or ``dict:<table>``.
       multi_hot: True when an example may hold several features of the field.
       extra_ranges: ``(first row, rows)`` blocks the field gained when a later
@@ -67,7 +78,9 @@ class FieldSpec:
         features are appended after all existing rows so that no old row moves.
         The field owns ``[offset, offset + vocab_size)`` plus these blocks.
       value_stats: for ``binned`` and ``numeric`` fields, ``{"count", "mean",
-        "std", "min", "max"}`` of the raw values in the training split.
+        "std", "min", "max"}`` of the training split's values after ``transform``.
+      transform: ``none`` or ``log1p``, applied to a ``numeric`` field's value
+        before standardisation (``rules.scale_value``).
     """
 
     name: str
@@ -83,6 +96,7 @@ class FieldSpec:
     multi_hot: bool = False
     extra_ranges: tuple[tuple[int, int], ...] = ()
     value_stats: dict[str, float] | None = None
+    transform: str = "none"
 
     @property
     def num_rows(self) -> int:
@@ -96,6 +110,11 @@ class FieldSpec:
             raise ValueError(f"field {self.name!r}: rare_id {self.rare_id} != offset {self.offset}")
         if self.vocab_size < 1:
             raise ValueError(f"field {self.name!r}: vocab_size must be >= 1 (the rare row)")
+        if self.transform not in VALUE_TRANSFORMS:
+            raise ValueError(f"field {self.name!r}: transform {self.transform!r} not in {VALUE_TRANSFORMS}")
+        edges = self.bin_boundaries or ()
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"field {self.name!r}: bin_boundaries {list(edges)} are not strictly increasing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +155,9 @@ class Schema:
       base_schema: the earlier run's schema for ``fixed``/``extend``.
       base_num_features: ``num_features`` of that schema: rows below it mean
         the same features as there (what a warm start can copy).
+      fill_missing: a field absent from an example gets its rare row (the
+        featurization layer adds it; ``feature_schema.rules``).
+      warnings: what the ETL found suspicious (e.g. a field left with one used row).
     """
 
     fields: tuple[FieldSpec, ...]
@@ -153,6 +175,8 @@ class Schema:
     vocabulary_mode: str = "build"
     base_schema: str = ""
     base_num_features: int = 0
+    fill_missing: bool = True
+    warnings: tuple[str, ...] = ()
     version: int = SCHEMA_VERSION
     # Directory the schema was loaded from; not serialized.
     base_dir: str = dataclasses.field(default="", compare=False)
@@ -234,6 +258,8 @@ class Schema:
             fields.append(FieldSpec(**f))
         labels = tuple(LabelSpec(**label) for label in d.pop("labels"))
         keys = ExampleKeys(**d.pop("example_keys", {}))
+        if "warnings" in d:
+            d["warnings"] = tuple(d["warnings"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
