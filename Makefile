@@ -41,6 +41,8 @@ help:
 	@echo "                             [GEN_ARGS='--preset quality|esmm --n-train N ...'] generator flags (no INPUT)"
 	@echo "make train [DATA=<etl out>] [MODEL=<name>] [EXPERIMENT=<name>] [RUN_DIR=<dir>] [EXPORT_BASE=<dir>]"
 	@echo "           [DISTRIBUTE=ps WORKERS=2 PS=2] [WARM_START=<run dir or export>]"
+	@echo "make tune [DATA=<etl out>] [MODEL=<name>] [EXPERIMENT=<name>] [OUT=<dir>] ARGS='--grid KEY=V1,V2 [--seeds 42,1,2] ...'"
+	@echo "                             without OUT the trials go to a new temporary directory"
 	@echo "make test                    default test suite (slow suites: make test-all)"
 	@echo "make bench                   benchmarks (tables on stdout, JSON under runs/bench)"
 
@@ -75,11 +77,14 @@ else ifeq ($(DISTRIBUTE),)
 else
 	@echo "DISTRIBUTE=$(DISTRIBUTE): expected ps or nothing" && exit 2
 endif
-	$(PY) -m export.exporter --run_dir $(RUN_DIR)
+	$(PY) -m trainer.quiet export.exporter --run_dir $(RUN_DIR)
 
-# Hyper-parameter search (trainer/tune.py), e.g. make tune DATA=data/frappe MODEL=ffm ARGS='--grid ...'
+# Hyper-parameter search (trainer/tune.py), e.g. make tune DATA=data/frappe MODEL=ffm ARGS='--grid ...';
+# trials go to OUT only when OUT is given (make tune OUT=runs/tune/x), else to a new temporary directory.
+TUNE_OUT = $(if $(filter command line environment environment override,$(origin OUT)),--out $(OUT))
 tune: install
-	$(PY) -m trainer.tune --data $(DATA) $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
+	$(PY) -m trainer.tune --data $(DATA) $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) \
+	  $(TUNE_OUT) $(ARGS)
 
 # Local TF-Serving-protocol gRPC server (serving/server.py) over EXPORT_BASE.
 serve: install

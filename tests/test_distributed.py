@@ -48,7 +48,7 @@ def test_local_cluster_shards_tables_and_exports_an_ordinary_savedmodel(tiny_etl
     # the best epoch's (its eval logloss is the best one the stopper recorded).
     state = json.load(open(os.path.join(run_dir, "best", "state.json")))
     assert state["last_epoch"] == 2 and state["best_epoch"] in (1, 2)
-    assert len(re.findall(r"distributed: epoch \d eval logloss", out)) == 2
+    assert len(re.findall(r"distributed: epoch \d/2 - [\d,]+ examples/s .* - eval click AUC", out)) == 2
     assert abs(json.load(open(os.path.join(run_dir, "metrics.json")))["click"]["logloss"] - state["best"]) < 1e-6
     schema = load_schema(tiny_etl)
     # MinSizePartitioner split each table across the 2 parameter servers, rows adding up to the vocabulary.

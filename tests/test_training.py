@@ -16,7 +16,10 @@ import tf_keras as keras
 
 from feature_schema import configs
 from trainer import config as config_lib
+from trainer import epochs as epochs_lib
+from trainer import evaluation, experiments
 from trainer import train as trainer_lib
+from trainer.epochs import LoglossPatience
 from trainer.models import MODELS
 
 
@@ -74,26 +77,36 @@ class _Scalar(keras.Model):
         return x * self.w
 
 
-def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(tmp_path):
+def test_early_stopping_rule_stops_after_patience_and_restores_the_best_epoch(tmp_path):
     model = _Scalar()
-    cb = trainer_lib.EarlyStoppingOnLogloss(str(tmp_path / "best"), ("click",), {}, patience=2)
-    cb.set_model(model)
-    cb.on_train_begin()
-    # Eval logloss per epoch: best at epoch 2 (weight 2.0), then two epochs without improvement.
-    for epoch, (w, ll) in enumerate([(1.0, 0.50), (2.0, 0.40), (3.0, 0.45), (4.0, 0.41)]):
+    rule = LoglossPatience(str(tmp_path / "best"), patience=2)
+    # Selection logloss per epoch: best at epoch 2 (weight 2.0), then two epochs without improvement.
+    for epoch, (w, ll) in enumerate([(1.0, 0.50), (2.0, 0.40), (3.0, 0.45), (4.0, 0.41)], 1):
         model.w.assign(w)
-        cb.on_epoch_end(epoch, {"val_logloss": ll})
-        assert model.stop_training == (epoch == 3)
-    cb.on_train_end()
+        if rule.update(epoch, ll):
+            tf.train.Checkpoint(model=model).write(rule.weights_path)
+        assert rule.stopped == (epoch == 4)
+    rule.restore_best(model, last_epoch=4)
     assert float(model.w.numpy()) == 2.0
-    # A resumed run (a fresh callback on the same directory) keeps the counters.
-    again = trainer_lib.EarlyStoppingOnLogloss(str(tmp_path / "best"), ("click",), {}, patience=2)
-    again.set_model(model)
-    again.on_train_begin()
-    assert again.state["best_epoch"] == 2 and again.state["wait"] == 2
-    # Multi-task: eval logloss summed over tasks with the loss weights.
-    logs = {"val_click_logloss": 0.3, "val_conversion_logloss": 0.1}
-    assert trainer_lib.val_logloss(logs, ("click", "conversion"), {"conversion": 2.0}) == pytest.approx(0.5)
+    # A resumed run (a fresh rule on the same directory) keeps the counters.
+    again = LoglossPatience(str(tmp_path / "best"), patience=2)
+    assert again.state == {"best": 0.40, "best_epoch": 2, "wait": 2, "last_epoch": 4} and again.stopped
+
+
+def test_selection_logloss_weights_tasks_and_counts_conditioned_tasks_on_their_subset():
+    results = {"click": {"logloss": 0.3}, "conversion": {"logloss": 0.1, "given_click": {"logloss": 0.4}}}
+    tcfg = config_lib.TrainConfig(loss_weights={"conversion": 2.0})
+    assert evaluation.selection_logloss(results, ("click", "conversion"), tcfg) == pytest.approx(0.3 + 2 * 0.1)
+    tcfg = config_lib.TrainConfig(loss_weights={"conversion": 2.0}, task_condition={"conversion": "click"})
+    assert evaluation.selection_logloss(results, ("click", "conversion"), tcfg) == pytest.approx(0.3 + 2 * 0.4)
+
+
+def test_epoch_examples_counts_the_partial_batch_of_each_pass():
+    # 1000 examples in batches of 300: passes of 4 steps (300, 300, 300, 100).
+    assert epochs_lib.epoch_examples(4, 300, 1000) == 1000
+    assert epochs_lib.epoch_examples(8, 300, 1000) == 2000
+    assert epochs_lib.epoch_examples(2, 300, 1000) == 600  # half a pass
+    assert epochs_lib.epoch_examples(5, 300, None) == 1500  # split size unknown
 
 
 def test_task_weights_positive_weight_and_condition():
@@ -139,7 +152,7 @@ def test_config_rejects_unknown_keys_and_bad_tasks(tiny_etl, tmp_path):
 
 def test_help_lists_every_model_and_experiment():
     epilog = trainer_lib._help_epilog()
-    for name in list(MODELS) + list(config_lib.EXPERIMENTS):
+    for name in list(MODELS) + list(experiments.EXPERIMENTS):
         assert f"  {name} " in epilog
 
 
