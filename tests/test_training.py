@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,12 +157,106 @@ def test_help_lists_every_model_and_experiment():
         assert f"  {name} " in epilog
 
 
-def test_same_seed_same_run(tiny_etl, tmp_path):
+def _with_valid_split(etl_dir: str, out_dir: str, files_of: str) -> str:
+    """A copy of an ETL output whose schema has a ``valid`` split reading ``files_of``'s records."""
+    import shutil
+
+    shutil.copytree(etl_dir, out_dir)
+    path = os.path.join(out_dir, "schema.json")
+    schema = json.load(open(path))
+    schema["splits"]["valid"] = dict(schema["splits"][files_of])
+    json.dump(schema, open(path, "w"))
+    return out_dir
+
+
+def _fm_run(data_dir: str, run_dir: str, epochs: int, **train) -> dict:
+    return trainer_lib.train(config_lib.resolve("", overrides={
+        "data": {"path": data_dir, "batch_size": 128}, "model": {"name": "fm"},
+        "optimizer": {"learning_rate": 0.01}, "run_dir": run_dir,
+        "train": {"epochs": epochs, "verbose": 0, "report": False, **train}}))
+
+
+def test_history_has_one_entry_per_epoch_and_the_restored_best_epoch_is_what_metrics_report(tiny_etl, tmp_path):
+    run_dir = str(tmp_path / "run")
+    results = _fm_run(tiny_etl, run_dir, 4, early_stopping_patience=10)
+    history = json.load(open(os.path.join(run_dir, "history.json")))
+    assert [e["epoch"] for e in history] == [1, 2, 3, 4]
+    for e in history:
+        assert e["examples"] == 12_000  # one pass over the tiny train split per epoch
+        assert e["examples_per_sec"] == pytest.approx(e["examples"] / e["train_seconds"], rel=1e-3)
+        assert set(e["eval"]) == {"click"} and "valid" not in e  # no valid split: eval selects
+        assert e["selection_logloss"] == e["eval"]["click"]["logloss"]
+    seconds = [e["seconds"] for e in history]
+    assert seconds == sorted(seconds) and seconds[0] >= history[0]["train_seconds"]
+    lls = [e["eval"]["click"]["logloss"] for e in history]
+    best = 1 + lls.index(min(lls))
+    state = json.load(open(os.path.join(run_dir, "best", "state.json")))
+    assert state["best_epoch"] == best == history[-1]["best_epoch"]
+    # metrics.json is the restored best epoch's model: the eval metrics recorded at that epoch.
+    assert results["click"]["logloss"] == pytest.approx(history[best - 1]["eval"]["click"]["logloss"], abs=1e-9)
+    assert results["click"]["auc"] == pytest.approx(history[best - 1]["eval"]["click"]["auc"], abs=1e-9)
+    assert not os.path.exists(os.path.join(run_dir, "metrics_valid.json"))
+
+
+def test_a_valid_split_selects_and_eval_is_still_reported(tiny_etl, tmp_path):
+    # The planted valid split is the training data itself: its logloss keeps falling while the
+    # eval logloss turns up after epoch 2 at this rate, so the two splits pick different epochs.
+    data_dir = _with_valid_split(tiny_etl, str(tmp_path / "etl"), files_of="train")
+    run_dir = str(tmp_path / "run")
+    results = _fm_run(data_dir, run_dir, 4, early_stopping_patience=10)
+    history = json.load(open(os.path.join(run_dir, "history.json")))
+    valid_ll = [e["valid"]["click"]["logloss"] for e in history]
+    eval_ll = [e["eval"]["click"]["logloss"] for e in history]
+    assert [e["selection_logloss"] for e in history] == valid_ll
+    best = 1 + valid_ll.index(min(valid_ll))
+    assert best == 4 and 1 + eval_ll.index(min(eval_ll)) < 4
+    assert json.load(open(os.path.join(run_dir, "best", "state.json")))["best_epoch"] == best
+    # metrics.json reports eval, metrics_valid.json valid, both of the selected epoch.
+    assert results["click"]["logloss"] == pytest.approx(eval_ll[best - 1], abs=1e-9)
+    valid = json.load(open(os.path.join(run_dir, "metrics_valid.json")))
+    assert valid["click"]["logloss"] == pytest.approx(valid_ll[best - 1], abs=1e-9)
+    assert valid["click"]["examples"] == 12_000 and results["click"]["examples"] == 4_000
+
+
+def test_same_seed_same_metrics_on_a_loaded_machine(tiny_etl, tmp_path):
+    """Op determinism and fixed seeds: a run with two CPU hogs competing for the cores gives the
+    idle run's metrics to the last digit."""
     def run(d):
         return trainer_lib.train(config_lib.resolve("", overrides={
-            "data": {"path": tiny_etl, "batch_size": 128}, "model": {"name": "deepfm", "hidden_units": [16],
-                                                                     "dropout": 0.2},
-            "run_dir": str(tmp_path / d), "train": {"epochs": 1, "steps_per_epoch": 15, "verbose": 0,
-                                                    "report": False}}))
-    a, b = run("a"), run("b")
-    assert a["click"]["logloss"] == b["click"]["logloss"] and a["click"]["auc"] == b["click"]["auc"]
+            "data": {"path": tiny_etl, "batch_size": 128},
+            "model": {"name": "deepfm", "hidden_units": [32], "dropout": 0.2, "embedding_dim": 8},
+            "optimizer": {"name": "adagrad", "learning_rate": 0.05},
+            "run_dir": str(tmp_path / d), "train": {"epochs": 1, "steps_per_epoch": 40, "verbose": 0,
+                                                    "report": False}}))["click"]
+
+    idle = run("idle")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        loaded = run("loaded")
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    from tensorflow.python.framework import config as tf_config
+
+    assert tf_config.is_op_determinism_enabled()  # train.op_determinism defaults to true
+    assert (loaded["auc"], loaded["logloss"]) == (idle["auc"], idle["logloss"])
+
+
+def test_output_without_a_terminal_is_one_line_per_epoch_and_no_start_up_noise(tiny_etl, tmp_path):
+    run_dir = str(tmp_path / "run")
+    out = subprocess.run([sys.executable, "-m", "trainer.train", "--data", tiny_etl, "--model", "fm",
+                          "--run_dir", run_dir, "--set", "train.epochs=2", "--set", "train.report=false",
+                          "--set", "data.batch_size=512"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    # train.verbose=1 (the default) but stdout is a pipe: no progress bar, one line per epoch.
+    lines = out.stdout.splitlines()
+    assert [line.split(" - ")[0] for line in lines if line.startswith("train: epoch")] == \
+        ["train: epoch 1/2", "train: epoch 2/2"]
+    assert re.search(r"train: epoch 2/2 - [\d,]+ examples/s \(\d+\.\ds training", out.stdout)
+    assert "ETA" not in out.stdout and "[====" not in out.stdout
+    for noise in ("cuInit", "oneDNN", "absl::InitializeLog", "cuda drivers", "retracing", "apitools"):
+        assert noise not in out.stdout + out.stderr, noise
+    assert out.stderr.strip() == ""
