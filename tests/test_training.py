@@ -260,3 +260,30 @@ def test_output_without_a_terminal_is_one_line_per_epoch_and_no_start_up_noise(t
     for noise in ("cuInit", "oneDNN", "absl::InitializeLog", "cuda drivers", "retracing", "apitools"):
         assert noise not in out.stdout + out.stderr, noise
     assert out.stderr.strip() == ""
+
+
+def test_start_up_noise_is_dropped_and_everything_else_kept():
+    from trainer import quiet
+
+    captured = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+        "I0000 00:00:1796055016.527409    9309 port.cc:153] oneDNN custom operations are on. You may see "
+        "slightly different numerical results due to floating-point round-off errors.\n",
+        "I0000 00:00:1796055016.527771    9309 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
+        "GPU will not be used.\n",
+        "E0000 00:00:1796055018.709247    9309 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
+        "Failed call to cuInit: UNKNOWN ERROR (303)\n",
+        "E0000 00:00:1796055018.709247    9309 some_op.cc:10] a real error\n",
+    ]
+    assert quiet.keep_lines(captured) == [captured[-1]]
+    # Without the "no cuda drivers" line a cuInit failure is a real driver problem: it stays.
+    assert quiet.keep_lines(captured[3:]) == captured[3:]
+
+
+def test_op_determinism_follows_the_config():
+    from tensorflow.python.framework import config as tf_config
+
+    trainer_lib.set_determinism(config_lib.TrainConfig(op_determinism=False))
+    assert not tf_config.is_op_determinism_enabled()
+    trainer_lib.set_determinism(config_lib.TrainConfig())
+    assert tf_config.is_op_determinism_enabled()

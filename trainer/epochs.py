@@ -159,8 +159,11 @@ class EpochRecorder:
         """Training (re)starts now: ``seconds`` continue from the last recorded epoch."""
         self.start = time.time() - (self.entries[-1]["seconds"] if self.entries else 0.0)
 
-    def epoch_end(self, epoch: int, steps: int, train_seconds: float, logs: dict | None = None) -> dict:
+    def epoch_end(self, epoch: int, steps: int, train_seconds: float, logs: dict | None = None,
+                  echo: bool = True) -> dict:
         """Evaluates, records and prints epoch ``epoch`` (1-based) after ``steps`` training steps.
+
+        ``echo=False`` leaves the printing (``line``) to the caller.
 
         Returns:
           The history entry; ``entry["stop"]`` says whether early stopping ends training now.
@@ -183,7 +186,7 @@ class EpochRecorder:
         entry["best_epoch"] = self.rule.state["best_epoch"] if self.rule else None
         self.entries = [e for e in self.entries if e["epoch"] < epoch] + [entry]
         _write_json(self.path, self.entries)
-        if self.cfg.train.verbose:
+        if self.cfg.train.verbose and echo:
             print(self.line(entry), flush=True)
         return {**entry, "stop": self.stopped}
 

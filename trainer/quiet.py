@@ -7,9 +7,10 @@ machine without a GPU driver, ``E0000 ... failed call to cuInit`` when the devic
 listed. ``import_tensorflow()`` imports TensorFlow and lists the devices with descriptor 2 sent
 to a temporary file, then writes back every line that is not one of those (the cuInit error is
 dropped only next to the "no cuda drivers" line, so a real driver failure still shows). It also
-drops two hints from the ``tensorflow`` logger that are about choices made on purpose (``LOG_NOISE``):
-Keras' "Callback method ... is slow compared to the batch time" and the retracing warning of
-checkpoints that span the parameter servers. Other retracing warnings still show: the trainer
+drops hints from the ``tensorflow`` logger that are about choices made on purpose (``LOG_NOISE``):
+Keras' "Callback method ... is slow compared to the batch time", the retracing warning of
+checkpoints that span the parameter servers and the deprecation of the TF1 SavedModel loader
+the exporter uses to load a model the way TF Serving does. Other retracing warnings still show: the trainer
 keeps one prediction function and one checkpoint saver per model so that it has none.
 
 Entry points call ``import_tensorflow()`` before anything imports TensorFlow; a module run
@@ -41,9 +42,11 @@ CUINIT_FAILED = re.compile(r"^E\d{4} [\d:. ]+\d+ cuda_platform\.cc:\d+\] failed 
 # Messages of the ``tensorflow`` logger that are hints about choices made on purpose: the kill-safe
 # backup callback is slower than a small batch; a checkpoint of variables on several tasks (the
 # parameter servers) is traced anew on every save and restore, by TensorFlow's design
-# (tensorflow/python/checkpoint/functional_saver.py).
+# (tensorflow/python/checkpoint/functional_saver.py); the exporter checks a SavedModel with the
+# TF1 loader because that is how TF Serving loads it.
 LOG_NOISE = (
     re.compile(r"Callback method `on_\w+` is slow compared to the batch time"),
+    re.compile(r"load \(from tensorflow\.python\.saved_model\.loader_impl\) is deprecated"),
     re.compile(r"calls to <function MultiDeviceSaver\.(save|restore)\.<locals>\.tf_function_(save|restore) "
                r"at 0x[0-9a-f]+> triggered tf\.function retracing"),
 )

@@ -36,7 +36,7 @@ import tf_keras as keras  # noqa: E402
 from feature_schema import Schema, configs, load_schema  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer import data, experiments, run_files  # noqa: E402
-from trainer.epochs import EpochRecorder, LoglossPatience  # noqa: E402,F401  (LoglossPatience: for callers)
+from trainer.epochs import EpochRecorder  # noqa: E402
 # Evaluation lives in trainer.evaluation; these names stay importable from here for their callers.
 from trainer.evaluation import (derived_eval, eval_metrics, evaluate, init_model,  # noqa: E402,F401
                                 load_trained, predict_split)
@@ -113,8 +113,10 @@ def set_determinism(train_cfg: config_lib.TrainConfig) -> None:
     keras.utils.set_random_seed(train_cfg.seed)
     if train_cfg.op_determinism:
         tf.config.experimental.enable_op_determinism()
-    else:
-        tf.config.experimental.disable_op_determinism()
+    else:  # the setting is per process: an earlier run in it (a tuner trial) may have enabled it
+        from tensorflow.python.framework import config as tf_config  # no public switch-off
+
+        tf_config.disable_op_determinism()
 
 
 def steps_per_epoch(cfg: config_lib.ExperimentConfig, schema: Schema) -> int | None:
@@ -184,25 +186,37 @@ class EpochEnd(keras.callbacks.Callback):
     """Runs ``epochs.EpochRecorder`` at the end of every Keras epoch and stops when it says so.
 
     Adds the selection split's metrics to Keras' epoch logs (``val_<task>_auc``,
-    ``val_<task>_logloss``) for the callbacks after it (progress.jsonl, TensorBoard).
+    ``val_<task>_logloss``) for the callbacks after it (progress.jsonl, TensorBoard). Under a
+    progress bar (``progress_bar``), which Keras finishes after every other callback, the epoch's
+    line is printed when the next epoch begins, so that it follows the bar instead of splitting it.
     """
 
-    def __init__(self, recorder: EpochRecorder):
+    def __init__(self, recorder: EpochRecorder, progress_bar: bool = False):
         super().__init__()
         self.recorder = recorder
-        self._start, self._step = 0.0, 0
+        self.progress_bar = progress_bar
+        self._start, self._step, self._pending = 0.0, 0, ""
 
     def _steps(self) -> int:
         return int(self.model.optimizer.iterations.numpy())
+
+    def _flush(self) -> None:
+        if self._pending:
+            print(self._pending, flush=True)
+            self._pending = ""
 
     def on_train_begin(self, logs=None):
         self.recorder.begin()
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._flush()
         self._start, self._step = time.time(), self._steps()
 
     def on_epoch_end(self, epoch, logs=None):
-        entry = self.recorder.epoch_end(epoch + 1, self._steps() - self._step, time.time() - self._start, logs)
+        entry = self.recorder.epoch_end(epoch + 1, self._steps() - self._step, time.time() - self._start, logs,
+                                        echo=not self.progress_bar)
+        if self.progress_bar and self.recorder.cfg.train.verbose:
+            self._pending = self.recorder.line(entry)
         if logs is not None:
             for task, m in entry[self.recorder.select].items():
                 logs.update({f"val_{task}_auc": m["auc"], f"val_{task}_logloss": m["logloss"]})
@@ -210,6 +224,7 @@ class EpochEnd(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):
+        self._flush()
         last = self.recorder.entries[-1]["epoch"] if self.recorder.entries else 0
         self.recorder.end(last)
 
@@ -283,10 +298,11 @@ def train(cfg: config_lib.ExperimentConfig) -> dict:
     # Repeated with a fixed number of steps per epoch, so a resumed epoch runs only its remaining steps.
     train_ds = train_dataset(cfg, schema, model.tasks, repeat=steps is not None)
     recorder = EpochRecorder(cfg, schema, model, resumed)
+    verbosity = keras_verbosity(cfg.train)
     callbacks = [
         keras.callbacks.BackupAndRestore(backup_dir, save_freq=cfg.train.checkpoint_every_steps,
                                          delete_checkpoint=True),
-        EpochEnd(recorder),  # before the callbacks that read the evaluation it adds to the logs
+        EpochEnd(recorder, progress_bar=verbosity == 1),  # before the callbacks reading what it logs
         ProgressLog(os.path.join(cfg.run_dir, PROGRESS_FILE)),
         keras.callbacks.TensorBoard(os.path.join(cfg.run_dir, run_files.TENSORBOARD_DIR), update_freq="epoch",
                                     profile_batch=0),
@@ -294,7 +310,7 @@ def train(cfg: config_lib.ExperimentConfig) -> dict:
     start = time.time()
     if not recorder.stopped:  # a run killed after early stopping decided has nothing left to train
         model.fit(train_ds, epochs=cfg.train.epochs, steps_per_epoch=steps, callbacks=callbacks,
-                  verbose=keras_verbosity(cfg.train))
+                  verbose=verbosity)
     return finish_run(cfg, schema, model, time.time() - start)
 
 
