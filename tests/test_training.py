@@ -287,3 +287,33 @@ def test_op_determinism_follows_the_config():
     assert not tf_config.is_op_determinism_enabled()
     trainer_lib.set_determinism(config_lib.TrainConfig())
     assert tf_config.is_op_determinism_enabled()
+
+
+def test_trainer_modules_import_each_other_without_cycles():
+    """Module-level and deferred imports alike: trainer modules form a DAG (train <-> report <->
+    warm_start and config <-> experiments used to be cycles)."""
+    import ast
+    import glob
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    graph = {}
+    for path in glob.glob(os.path.join(root, "trainer", "**", "*.py"), recursive=True):
+        name = os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+        graph[name] = deps
+    graph = {n: {d for d in deps if d in graph and d != n} for n, deps in graph.items()}
+    assert {"trainer.train", "trainer.report", "trainer.config", "trainer.experiments"} <= set(graph)
+
+    def visit(node, path):
+        for dep in graph[node]:
+            assert dep not in path, " -> ".join([*path, dep])
+            visit(dep, [*path, dep])
+
+    for name in graph:
+        visit(name, [name])
