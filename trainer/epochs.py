@@ -174,8 +174,8 @@ class EpochRecorder:
         if self.rule is not None and self.rule.update(epoch, value):
             self._best_ckpt.write(self.rule.weights_path)
         examples = epoch_examples(steps, self.cfg.data.batch_size, self.split_examples)
-        entry = {"epoch": epoch, "seconds": round(time.time() - self.start, 3), "examples": examples,
-                 "train_seconds": round(train_seconds, 3),
+        entry = {"epoch": epoch, "seconds": time.time() - self.start, "examples": examples,
+                 "train_seconds": train_seconds,
                  "examples_per_sec": round(examples / train_seconds, 1) if train_seconds > 0 else None}
         if logs and "loss" in logs:
             entry["loss"] = float(logs["loss"])
