@@ -387,7 +387,7 @@ def write_schema(cfg: EtlConfig, keys: ExampleKeys = ExampleKeys(), out_dir: str
                  "entity_tables": [t.path for t in cfg.entity_tables], "input_lines": int(stats.get("input.read", 0)),
                  "config": configs.to_dict(cfg)},
         vocabulary_mode=cfg.vocabulary_mode if base else "build", base_schema=cfg.vocabulary if base else "",
-        base_num_features=base.num_features if base else 0)
+        base_num_features=base.num_features if base else 0, fill_missing=cfg.fill_missing)
     _write_text(os.path.join(out, SCHEMA_FILENAME), schema.to_json())
     return dataclasses.replace(schema, base_dir=out if "://" in out else os.path.abspath(out))
 

@@ -39,8 +39,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import classification_pb2, prediction_log_pb2, predict_pb2, regression_pb2
 
-from feature_schema import SCHEMA_FILENAME, VOCAB_FILENAME, Schema, read_vocabulary
+from feature_schema import SCHEMA_FILENAME, VOCAB_FILENAME, Schema
 from feature_schema import paths
+from featurization import Featurizer
 from serving import manifest, protocol
 from serving.protocol import (CLASSIFY_CLASSES, CLASSIFY_INPUTS, CLASSIFY_METHOD, CLASSIFY_SCORES,
                               CLASSIFY_SIGNATURE, DEFAULT_SIGNATURE, EXAMPLES_INPUT, FIELDS_INPUT, IDS_INPUT,
@@ -56,7 +57,7 @@ _SIGNATURES = (DEFAULT_SIGNATURE, IDS_SIGNATURE, CLASSIFY_SIGNATURE, REGRESS_SIG
 
 
 class ServingModule(tf.Module):
-    """The serving graph: parse tf.Examples or dense ids, look up vocabulary rows, run the model.
+    """The serving graph: parse tf.Examples or dense ids, featurize them (``featurization``), run the model.
 
     ``self.model`` must stay the first tracked attribute: ``trainer.warm_start``
     reads an export's variables as ``model/variables/<i>``.
@@ -66,37 +67,29 @@ class ServingModule(tf.Module):
         super().__init__()
         self.model = model
         self._keys = schema.example_keys
-        vocab = read_vocabulary(schema.vocabulary_file())
-        hashes = np.array([v.hash for v in vocab], dtype=np.int64)
-        rows = np.array([v.index for v in vocab], dtype=np.int64)
-        self.table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(tf.constant(hashes, tf.int64), tf.constant(rows, tf.int64)),
-            default_value=-1)
-        self.rare_ids = tf.constant(schema.rare_ids, tf.int64)
+        self.featurizer = Featurizer(schema)
         self.outputs = tuple(model.serving_outputs)
 
-    def lookup(self, hashes: tf.Tensor, fields: tf.Tensor) -> tf.Tensor:
-        """Vocabulary rows of stable hashes; unknown hashes map to their field's rare id."""
-        rows = self.table.lookup(hashes)
-        return tf.where(rows >= 0, rows, tf.gather(self.rare_ids, fields))
+    def _run(self, features: dict) -> dict:
+        out = self.model(features, training=False)
+        return {t: out[t] for t in self.outputs}
 
     def predict_sparse(self, hashes: tf.SparseTensor, values: tf.SparseTensor, fields: tf.SparseTensor):
-        ids = tf.SparseTensor(hashes.indices, self.lookup(hashes.values, fields.values), hashes.dense_shape)
-        out = self.model({"ids": ids, "values": values, "fields": fields}, training=False)
-        return {t: out[t] for t in self.outputs}
+        """Outputs of hashed features whose fields are schema field ids."""
+        return self._run(self.featurizer.from_field_ids(hashes, values, fields))
 
     def _parse(self, examples):
         k = self._keys
         parsed = tf.io.parse_example(examples, {
             k.hashes: tf.io.VarLenFeature(tf.int64),
             k.values: tf.io.VarLenFeature(tf.float32),
-            k.fields: tf.io.VarLenFeature(tf.int64),
+            k.field_hashes: tf.io.VarLenFeature(tf.int64),
         })
-        return parsed[k.hashes], parsed[k.values], parsed[k.fields]
+        return self.featurizer.from_records(parsed[k.hashes], parsed[k.values], parsed[k.field_hashes])
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_examples(self, examples):
-        return self.predict_sparse(*self._parse(examples))
+        return self._run(self._parse(examples))
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int64, name=IDS_INPUT),
                                   tf.TensorSpec([None, None], tf.float32, name=VALUES_INPUT),
@@ -114,7 +107,7 @@ class ServingModule(tf.Module):
         return self.predict_sparse(*sparse)
 
     def _primary(self, examples):
-        return self.predict_sparse(*self._parse(examples))[self.outputs[0]]
+        return self._run(self._parse(examples))[self.outputs[0]]
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS)])
     def classify(self, inputs):
@@ -275,7 +268,7 @@ def warmup_logs(model_name: str, examples: list[bytes], schema: Schema,
         req = log.predict_log.request
         req.model_spec.name, req.model_spec.signature_name = model_name, IDS_SIGNATURE
         for key, arr in zip((IDS_INPUT, VALUES_INPUT, FIELDS_INPUT),
-                            protocol.pad_ids(protocol.example_rows(batch, schema.example_keys))):
+                            protocol.pad_ids(protocol.example_rows(batch, schema))):
             protocol.from_ndarray(arr, req.inputs[key])
         logs.append(log)
 
@@ -331,15 +324,15 @@ class SessionModel:
             parts.append(self.session.run(fetches, feed_dict=feed))
         return {k: np.concatenate([p[k] for p in parts]) for k in fetches}
 
-    def run_examples(self, signature: str, examples: list[bytes], keys=None) -> dict:
+    def run_examples(self, signature: str, examples: list[bytes], schema=None) -> dict:
         """Runs any of the four signatures on serialized examples (``predict_ids`` gets their padded ids)."""
         sig = self.signatures[signature]
         if sig.method_name == PREDICT_METHOD and EXAMPLES_INPUT in sig.inputs:
             return self.run(signature, {EXAMPLES_INPUT: np.array(examples, dtype=object)})
         if sig.method_name == PREDICT_METHOD:
-            if keys is None:
-                raise ValueError(f"{signature} takes ids: pass the schema's example keys")
-            ids, vals, fields = protocol.pad_ids(protocol.example_rows(examples, keys))
+            if schema is None:
+                raise ValueError(f"{signature} takes ids: pass the schema")
+            ids, vals, fields = protocol.pad_ids(protocol.example_rows(examples, schema))
             return self.run(signature, {IDS_INPUT: ids, VALUES_INPUT: vals, FIELDS_INPUT: fields})
         if sig.method_name in (CLASSIFY_METHOD, REGRESS_METHOD):
             return self.run(signature, {CLASSIFY_INPUTS: np.array(examples, dtype=object)})
@@ -369,10 +362,10 @@ def session_predict(export_dir: str, examples: list[bytes], signature: str = DEF
 
     sm = SessionModel(export_dir)
     try:
-        keys = None
+        schema = None
         if signature == IDS_SIGNATURE:
-            keys = load_schema(os.path.join(export_dir, protocol.ASSETS_EXTRA, SCHEMA_FILENAME)).example_keys
-        return sm.run_examples(signature, examples, keys)
+            schema = load_schema(os.path.join(export_dir, protocol.ASSETS_EXTRA, SCHEMA_FILENAME))
+        return sm.run_examples(signature, examples, schema)
     finally:
         sm.close()
 
@@ -402,7 +395,7 @@ def verify(export_dir: str, run_dir: str, max_examples: int = 100_000, loaded=No
         diffs = {}
         served = sm.run_examples(DEFAULT_SIGNATURE, examples)
         diffs[DEFAULT_SIGNATURE] = _max_diff(served, preds)
-        diffs[IDS_SIGNATURE] = _max_diff(sm.run_examples(IDS_SIGNATURE, examples, schema.example_keys), preds)
+        diffs[IDS_SIGNATURE] = _max_diff(sm.run_examples(IDS_SIGNATURE, examples, schema), preds)
         cls = sm.run_examples(CLASSIFY_SIGNATURE, examples)
         if cls[CLASSIFY_CLASSES].shape != (len(examples), 2) or not np.all(
                 cls[CLASSIFY_CLASSES] == np.array(protocol.CLASS_LABELS, dtype=object)):

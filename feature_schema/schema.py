@@ -20,7 +20,7 @@ from feature_schema.rules import VALUE_TRANSFORMS
 
 SCHEMA_FILENAME = "schema.json"
 VOCAB_FILENAME = "vocabulary.tsv"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 FIELD_KINDS = ("categorical", "binned", "numeric")
 
@@ -41,16 +41,12 @@ class ExampleKeys:
         numeric), aligned with ``hashes``.
       field_hashes: int64 list, ``field_hash(field)`` of each feature's field, aligned with ``hashes``.
       weight: optional float, the sample weight (1.0 when absent).
-      ids, fields: legacy (schema version 1 records: vocabulary rows and dense field ids); gone
-        once the streaming ETL writes version 2 records.
     """
 
     hashes: str = "feat_hashes"
     values: str = "feat_vals"
     field_hashes: str = "feat_field_hashes"
     weight: str = "weight"
-    ids: str = "feat_ids"
-    fields: str = "feat_fields"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +243,8 @@ class Schema:
         d = dict(d)
         version = d.get("version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"schema version {version!r} is not {SCHEMA_VERSION}")
+            raise ValueError(f"schema version {version!r} is not {SCHEMA_VERSION}: the ETL output predates the "
+                             f"hashed-record format; rerun `make etl` on the logs")
         fields = []
         for f in d.pop("fields"):
             f = dict(f)

@@ -27,7 +27,6 @@ leading token without ``:`` is taken as the label(s) and ignored.
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import os
 import sys
@@ -40,7 +39,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
                                      regression_pb2)
 
-from feature_schema import SCHEMA_FILENAME, Schema, feature_hash, load_schema
+from feature_schema import SCHEMA_FILENAME, Schema, feature_hash, field_hash, load_schema, rules
 from serving import protocol
 from serving.protocol import (DEFAULT_SIGNATURE, EXAMPLES_INPUT, FIELDS_INPUT, IDS_INPUT, IDS_SIGNATURE,
                               VALUES_INPUT)
@@ -48,9 +47,6 @@ from serving.protocol import (DEFAULT_SIGNATURE, EXAMPLES_INPUT, FIELDS_INPUT, I
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 HTTP2_WINDOW_BYTES = 4 << 20
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
-# Key of the feature the ETL adds for a field absent from a line (etl.features.MISSING_KEY; a test
-# checks they agree). It is never in the vocabulary, so the served graph maps it to the field's rare row.
-MISSING_KEY = "__missing__"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,9 +312,7 @@ class LineFeaturizer:
         self.field_map = field_map
         self.joins = tuple(joins)
         self.field_ids = {f.name: f.id for f in schema.fields}
-        self.bins = {f.name: f.bin_boundaries for f in schema.fields if f.kind == "binned"}
         self.numeric = {f.name for f in schema.fields if f.kind in ("binned", "numeric")}
-        self.missing = {f.name: feature_hash(f.name, MISSING_KEY) for f in schema.fields}
 
     def features(self, line: str) -> list[tuple[int, float, int]]:
         """``(hash, value, field id)`` of one line: its features, joined columns, missing fields (schema order).
@@ -350,32 +344,28 @@ class LineFeaturizer:
                 for col, val in (row or {}).items():
                     if val not in (None, ""):
                         raw.append((col, col, float(val)) if col in self.numeric else (col, str(val), 1.0))
-        out, present = [], set()
+        out = []
         for field, key, value in raw:
             fid = self.field_ids.get(field)
             if fid is None:
                 raise ValueError(f"field {field!r} is not in the schema")
-            b = self.bins.get(field)
-            if b is not None:
-                key, value = f"bin{bisect.bisect_right(b, value)}", 1.0
+            if field in self.numeric:
+                key, value = field, rules.to_float32(value)
             out.append((feature_hash(field, key), value, fid))
-            present.add(fid)
-        for name, fid in self.field_ids.items():
-            if fid not in present:
-                out.append((self.missing[name], 1.0, fid))
         return out
 
     def example(self, line: str) -> bytes:
-        """The serialized tf.Example (hashes, values, field ids) of one line."""
-        return features_to_example(self.features(line), self.schema.example_keys)
+        """The serialized hashed record (hashes, values, field hashes) of one line."""
+        return features_to_example(self.features(line), self.schema)
 
 
-def features_to_example(rows, keys) -> bytes:
+def features_to_example(rows, schema) -> bytes:
+    keys = schema.example_keys
     ex = example_pb2.Example()
     feat = ex.features.feature
     feat[keys.hashes].int64_list.value.extend(r[0] for r in rows)
     feat[keys.values].float_list.value.extend(r[1] for r in rows)
-    feat[keys.fields].int64_list.value.extend(r[2] for r in rows)
+    feat[keys.field_hashes].int64_list.value.extend(field_hash(schema.fields[r[2]].name) for r in rows)
     return ex.SerializeToString()
 
 
@@ -433,7 +423,7 @@ def score_lines(client: ServingClient, lines, fmt: str, schema: Schema | None = 
             raise ValueError(f"line {lineno}: {e}") from None
     if (signature or DEFAULT_SIGNATURE) == IDS_SIGNATURE:
         return client.score_ids(*protocol.pad_ids(rows), splits=splits)
-    examples = [features_to_example(r, schema.example_keys) for r in rows]
+    examples = [features_to_example(r, schema) for r in rows]
     return client.score_examples(examples, splits=splits, signature=signature or DEFAULT_SIGNATURE)
 
 

@@ -204,18 +204,23 @@ def pad_ids(rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, vals, fields
 
 
-def example_rows(serialized, keys) -> list[list[tuple[int, float, int]]]:
-    """``(hash, value, field id)`` rows of serialized tf.Examples (the ``predict_ids`` view of them).
+def example_rows(serialized, schema) -> list[list[tuple[int, float, int]]]:
+    """``(hash, value, field id)`` rows of serialized hashed records (the ``predict_ids`` view of them).
 
     Args:
-      serialized: serialized ``tf.train.Example``s.
-      keys: the schema's ``ExampleKeys`` (feature names of hashes, values, fields).
+      serialized: serialized ``tf.train.Example``s in the ETL's hashed-record format.
+      schema: the served model's schema (its example keys; field hashes -> field ids).
     """
     from tensorflow.core.example import example_pb2
 
+    from feature_schema import field_hash
+
+    keys = schema.example_keys
+    field_id = {field_hash(f.name): f.id for f in schema.fields}
     out = []
     for s in serialized:
         feat = example_pb2.Example.FromString(s).features.feature
-        out.append(list(zip(feat[keys.hashes].int64_list.value, feat[keys.values].float_list.value,
-                            feat[keys.fields].int64_list.value)))
+        out.append([(h, v, field_id[f]) for h, v, f in zip(feat[keys.hashes].int64_list.value,
+                                                          feat[keys.values].float_list.value,
+                                                          feat[keys.field_hashes].int64_list.value)])
     return out

@@ -87,11 +87,10 @@ def test_signatures_as_tf_serving_sees_them(exported):
 @pytest.mark.parametrize("version", [1, 2])
 def test_every_signature_matches_the_in_process_model(exported, version):
     examples, expected = exported["examples"], exported["expected"][version]["click"]
-    keys = exported["schema"].example_keys
     sm = exporter.SessionModel(exported["versions"][version])
     try:
         for sig in ("serving_default", "predict_ids"):
-            got = sm.run_examples(sig, examples, keys)["click"]
+            got = sm.run_examples(sig, examples, exported["schema"])["click"]
             assert got.shape == (N_EVAL,)
             assert np.max(np.abs(got - expected)) <= 1e-5, sig
         cls = sm.run_examples("classification", examples)
@@ -111,7 +110,7 @@ def test_every_signature_matches_the_in_process_model(exported, version):
 def test_predict_ids_padding_anywhere_is_ignored(exported):
     """Rows padded in the middle, at the end, and to different widths (field -1) score as unpadded."""
     examples, expected = exported["examples"][:64], exported["expected"][2]["click"][:64]
-    rows = protocol.example_rows(examples, exported["schema"].example_keys)
+    rows = protocol.example_rows(examples, exported["schema"])
     rng = np.random.default_rng(0)
     width = max(len(r) for r in rows) + 5
     ids = rng.integers(-2**63, 2**63 - 1, size=(64, width), dtype=np.int64)  # junk in padding slots
@@ -130,33 +129,32 @@ def test_predict_ids_padding_anywhere_is_ignored(exported):
 
 
 def test_unknown_hashes_map_to_the_field_rare_id_in_graph(exported):
-    """An Example whose hashes are not in the vocabulary scores as the ETL's rare ids do in-process."""
+    """A record whose hashes are not in the vocabulary scores as its features' rare rows do in-process."""
     schema = exported["schema"]
     keys = schema.example_keys
     known = {e.hash for e in read_vocabulary(schema.vocabulary_file())}
     src = tf.train.Example.FromString(exported["examples"][0])
-    feat = src.features.feature
-    hashes = list(feat[keys.hashes].int64_list.value)
-    fields = list(feat[keys.fields].int64_list.value)
+    hashes = list(src.features.feature[keys.hashes].int64_list.value)
     changed = [i for i, h in enumerate(hashes) if h in known][:3]
     assert changed
     for n, i in enumerate(changed):
         hashes[i] = 1000 + n  # not a feature hash of the vocabulary
         assert hashes[i] not in known
-    rows = list(feat[keys.ids].int64_list.value)
-    for i in changed:
-        rows[i] = schema.rare_ids[fields[i]]
     served = tf.train.Example()
     served.CopyFrom(src)
     del served.features.feature[keys.hashes].int64_list.value[:]
     served.features.feature[keys.hashes].int64_list.value.extend(hashes)
-    reference = tf.train.Example()
-    reference.CopyFrom(src)
-    del reference.features.feature[keys.ids].int64_list.value[:]
-    reference.features.feature[keys.ids].int64_list.value.extend(rows)
+    # Reference: the original record's rows with the changed features' rows set by hand to their
+    # fields' rare rows (a record's own features are the first entries, in order).
+    features, _, _ = data.parse_batch(tf.constant([exported["examples"][0]]), schema)
+    rows = features["ids"].values.numpy()
+    fids = features["fields"].values.numpy()
+    assert all(rows[i] != schema.rare_ids[fids[i]] for i in changed)
+    for i in changed:
+        rows[i] = schema.rare_ids[fids[i]]
+    reference = dict(features, ids=tf.SparseTensor(features["ids"].indices, rows, features["ids"].dense_shape))
     _, _, model = trainer_lib.load_trained(exported["runs"]["fm"])
-    features, _, _ = data.parse_batch(tf.constant([reference.SerializeToString()]), schema)
-    want = model(features, training=False)["click"].numpy()
+    want = model(reference, training=False)["click"].numpy()
     got = exporter.session_predict(exported["versions"][2], [served.SerializeToString()])["click"]
     assert abs(got[0] - want[0]) <= 1e-6
     original = exporter.session_predict(exported["versions"][2], [exported["examples"][0]])["click"]

@@ -76,7 +76,7 @@ def test_predict_serving_default_latest_pinned_and_by_label(env):
 
 @pytest.mark.parametrize("splits", [1, 2, 4, 1000])
 def test_predict_ids_split_into_concurrent_subrequests(env, splits):
-    rows = protocol.example_rows(env["examples"], env["schema"].example_keys)
+    rows = protocol.example_rows(env["examples"], env["schema"])
     pred = env["client"].score_ids(*protocol.pad_ids(rows), splits=splits)
     assert pred.version == 2 and pred.outputs["click"].shape == (N,)
     assert _close(pred.outputs["click"], env["expected"][2])
