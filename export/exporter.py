@@ -37,8 +37,12 @@ import tensorflow as tf
 from feature_schema import SCHEMA_FILENAME, VOCAB_FILENAME, Schema, paths, read_vocabulary
 from serving import manifest, protocol
 from export import signatures, warmup
-from export.verify import MAX_ABS_DIFF, SessionModel, in_process_predict, session_predict, verify  # noqa: F401
-from export.warmup import WARMUP_BATCH_SIZES, read_warmup, write_warmup  # noqa: F401
+from export.verify import MAX_ABS_DIFF, SessionModel, in_process_predict, session_predict, verify
+from export.warmup import WARMUP_BATCH_SIZES, read_warmup, write_warmup
+
+# Re-exported: the exporter is the export package's entry point (tests, bench, serving tools).
+__all__ = ["export", "publish", "versions", "next_version", "eval_examples", "MAX_ABS_DIFF", "SessionModel",
+           "in_process_predict", "session_predict", "verify", "WARMUP_BATCH_SIZES", "read_warmup", "write_warmup"]
 from trainer import train as trainer_lib
 
 FIELD_MAP_FILE = "field_map.tsv"

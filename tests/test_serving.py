@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,7 +60,8 @@ def env(served_export, tiny_etl, tiny_raw, tmp_path_factory):
         shutil.copytree(path, os.path.join(base, "fm", str(v)))
     config = server.read_config(os.path.join(CONFIGS, "models.config"))
     manager = server.ModelManager(config, base_path=base, session_config=server.session_config())
-    srv = server.Server(manager, port=0, max_message_bytes=CAP)
+    # No admission limit: test_predict_ids_split_into_concurrent_subrequests sends 300 sub-requests at once.
+    srv = server.Server(manager, port=0, max_message_bytes=CAP, max_concurrent_requests=0)
     srv.start()
     client = client_lib.ServingClient(srv.target, "fm", timeout_s=30)
     yield {"schema": schema, "examples": examples, "expected": expected, "server": srv, "client": client,
@@ -338,18 +340,26 @@ def test_a_broken_version_never_replaces_the_serving_one(env, tmp_path):
         manager.stop()
 
 
-def test_make_serve_command_starts_the_server_on_loopback(env, tmp_path):
-    """The Makefile's command line, in a child process: loads, serves, stops cleanly on SIGTERM."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model_config_file", os.path.join(CONFIGS, "models.config"),
-         "--base_path", env["base"], "--port", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def _serve(args):
+    return subprocess.Popen([sys.executable, "-m", "serving.server", "--port", "0", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("how", ["export_base", "model_config_file"])
+def test_make_serve_command_starts_the_server_on_loopback(env, how):
+    """The Makefile's command lines, in a child process: every model under EXPORT_BASE (what `make train`
+    exported), or a TF Serving config file; loads, serves, stops cleanly on SIGTERM."""
+    args = (["--export_base", env["base"]] if how == "export_base" else
+            ["--model_config_file", os.path.join(CONFIGS, "models.config"), "--base_path", env["base"]])
+    proc = _serve(args)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving: listening on 127.0.0.1:"), line
         target = line.split()[3].rstrip(";")
         with client_lib.ServingClient(target, "fm", timeout_s=30) as c:
-            assert c.status() == [(1, "AVAILABLE", ""), (2, "AVAILABLE", "")]
+            # The config file asks for versions 1 and 2 (labels); a plain export base serves the latest.
+            want = [(1, "AVAILABLE", ""), (2, "AVAILABLE", "")] if how != "export_base" else [(2, "AVAILABLE", "")]
+            assert c.status() == want
             assert _close(c.score_examples(env["examples"][:20]).outputs["click"], env["expected"][2][:20])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -357,6 +367,16 @@ def test_make_serve_command_starts_the_server_on_loopback(env, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_make_serve_with_nothing_to_serve_says_so(env, tmp_path):
+    for args, want in ((["--export_base", str(tmp_path / "empty")], "no exported model under"),
+                       (["--export_base", env["base"], "--model_name", "deepfm"],
+                        "no exported model 'deepfm' under .* \\(models there: \\['fm'\\]\\)")):
+        proc = _serve(args)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and not out
+        assert re.search("serving: " + want, err), err
 
 
 def test_committed_serving_configs_parse_as_tf_serving_protos():
