@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 from etl import parsing
 from etl.tfrecord import ExampleEncoder
 from etl.parsing import ParseError
-from feature_schema import FieldSpec, VocabEntry, feature_hash, string_hash
+from feature_schema import FieldSpec, VocabEntry, feature_hash, field_hash, string_hash
 
 # Key of the placeholder feature added for a field missing from a line. It is
 # never in the vocabulary, so it maps to the field's rare id here and in serving.
@@ -380,6 +380,23 @@ def to_sparse_example(labels, features, layout: Mapping, fill_missing: bool = Tr
     return SparseExample(tuple(labels), tuple(ids), tuple(vals), tuple(fids), tuple(hashes))
 
 
-def serialize_example(ex: SparseExample, label_names, keys) -> bytes:
-    """Serializes a SparseExample as `tf.train.Example` bytes (without importing TensorFlow)."""
-    return ExampleEncoder(label_names, keys).encode(ex.ids, ex.values, ex.fields, ex.hashes, ex.labels)
+def record_lists(features, known_fields) -> tuple[list[int], list[float], list[int]]:
+    """(feature hashes, values, field hashes) of one line's record (``feature_schema.ExampleKeys``).
+
+    Raises:
+      ParseError: ``unknown_field`` for a field not in ``known_fields``.
+    """
+    hashes, vals, fhs = [], [], []
+    for field, key, value in features:
+        if field not in known_fields:
+            raise ParseError(parsing.UNKNOWN_FIELD, f"field {field!r} is not in the schema")
+        hashes.append(feature_hash(field, key))
+        vals.append(value)
+        fhs.append(field_hash(field))
+    return hashes, vals, fhs
+
+
+def serialize_example(labels, features, label_names, keys) -> bytes:
+    """Serializes one line's hashed record as `tf.train.Example` bytes (without importing TensorFlow)."""
+    h, v, f = record_lists(features, {feat[0] for feat in features})
+    return ExampleEncoder(label_names, keys).encode(h, v, f, labels)

@@ -92,12 +92,13 @@ class ExampleEncoder:
     def __init__(self, label_names, keys):
         self._msg = Example()
         feature = self._msg.features.feature
-        self._lists = (feature[keys.ids].int64_list.value, feature[keys.values].float_list.value,
-                       feature[keys.fields].int64_list.value, feature[keys.hashes].int64_list.value)
+        self._lists = (feature[keys.hashes].int64_list.value, feature[keys.values].float_list.value,
+                       feature[keys.field_hashes].int64_list.value)
         self._labels = tuple(feature[name].float_list.value for name in label_names)
 
-    def encode(self, ids, values, fields, hashes, labels) -> bytes:
-        for lst, data in zip(self._lists, (ids, values, fields, hashes)):
+    def encode(self, hashes, values, field_hashes, labels) -> bytes:
+        """One hashed record (``feature_schema.ExampleKeys``): aligned lists and the labels."""
+        for lst, data in zip(self._lists, (hashes, values, field_hashes)):
             del lst[:]
             lst.extend(data)
         for lst, v in zip(self._labels, labels):

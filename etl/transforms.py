@@ -386,20 +386,20 @@ class ExamplesDoFn(beam.DoFn):
 
     def process(self, batch, layout):
         out = []
-        positives, fill, encode, frame = self._positives, self._fill, self._encoder.encode, tfrecord.frame
+        positives, encode, frame = self._positives, self._encoder.encode, tfrecord.frame
         for raw, labels, features in batch:
             try:
-                ids, vals, fids, hashes = feat.sparse_lists(features, layout, fill)
+                hashes, vals, fhs = feat.record_lists(features, layout["fields"])
             except ParseError as e:
                 _add(self._stats, f"{self._name}.dead_lettered")
                 _add(self._stats, f"{self._name}.dead.{e.reason}")
                 yield beam.pvalue.TaggedOutput(DEAD, (self._split, dead_letter(self._name, raw, e.reason, e.detail)))
                 continue
-            if len(ids) > self._max:
-                self._max = len(ids)
+            if len(hashes) > self._max:
+                self._max = len(hashes)
             for i, v in enumerate(labels):
                 positives[i] += v
-            out.append(frame(encode(ids, vals, fids, hashes, labels)))
+            out.append(frame(encode(hashes, vals, fhs, labels)))
         if out:
             _add(self._stats, f"{self._name}.written", len(out))
             self._shard = (self._shard + 1) % self._shards

@@ -6,14 +6,14 @@ The ETL uses these to count and describe what it writes; the featurization layer
 
 * **Value fields** (``binned`` and ``numeric``) carry one feature per line whose key is the field
   name (``value_key``) and whose value is the raw number, rounded to float32 (``to_float32``), the
-  precision of a ``tf.train.FloatList``: bins and statistics are computed on exactly the numbers
-  the layer later sees.
+  precision of a ``tf.train.FloatList``, with subnormal numbers flushed to zero as TensorFlow's CPU
+  kernels do: bins and statistics are computed on exactly the numbers the layer later sees.
 * **Bins.** ``bin_index(v, edges)`` is the number of edges ``<= v``: bin ``i`` holds
   ``edges[i-1] <= v < edges[i]`` (lower edge inclusive, upper exclusive); bin 0 holds everything
   below the first edge and bin ``len(edges)`` everything from the last edge up. Edges are strictly
   increasing. A value that carries a large share of a field's rows (0 in a zero-inflated field)
-  gets a bin of its own, ``[v, nextafter(v))`` (``etl.features.bin_edges``). Bin ``i`` is the
-  vocabulary feature ``bin_key(i)``.
+  gets a bin of its own, ``[v, singleton_edge(v))``, which holds no other float32 number. Edges
+  are float32 numbers, never subnormal. Bin ``i`` is the vocabulary feature ``bin_key(i)``.
 * **Scaling.** A ``numeric`` field's value becomes ``(t(v) - mean) / std`` with ``t`` its
   ``transform`` (``none``: identity; ``log1p``: ``sign(v) * log(1 + |v|)``, for heavy tails), and
   mean and std of ``t(v)`` over the training split (``FieldSpec.value_stats``; std 0 counts as 1).
@@ -29,6 +29,7 @@ import struct
 
 VALUE_TRANSFORMS = ("none", "log1p")
 _F32 = struct.Struct("<f")
+FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32
 
 
 def value_key(field: str) -> str:
@@ -47,11 +48,31 @@ def bin_index(value: float, edges) -> int:
 
 
 def to_float32(value: float) -> float:
-    """``value`` rounded to float32, the precision of a ``tf.train.FloatList`` (overflow: +-inf)."""
+    """``value`` rounded to float32 (a ``tf.train.FloatList``'s precision; overflow gives +-inf),
+    subnormal results flushed to zero (TensorFlow's CPU kernels flush them)."""
     try:
-        return _F32.unpack(_F32.pack(value))[0]
+        v = _F32.unpack(_F32.pack(value))[0]
     except OverflowError:
         return math.copysign(math.inf, value)
+    return 0.0 if abs(v) < FLOAT32_TINY else v
+
+
+def singleton_edge(value: float) -> float:
+    """The smallest float32 edge above float32 ``value`` that no subnormal flush can cross.
+
+    ``[value, singleton_edge(value))`` is a bin holding ``value`` alone: the next float32 up, or
+    the smallest normal float32 when that next number would be subnormal (above 0) or 0.0 when it
+    would be a negative subnormal.
+    """
+    v = to_float32(value)
+    if v == 0.0:
+        return FLOAT32_TINY
+    bits = _F32.unpack(_F32.pack(v))[0]
+    raw = struct.unpack("<i", _F32.pack(bits))[0]
+    nxt = struct.unpack("<f", struct.pack("<i", raw + 1 if v > 0 else raw - 1))[0]
+    if abs(nxt) < FLOAT32_TINY:
+        return 0.0
+    return nxt
 
 
 def transform_value(value: float, transform: str) -> float:

@@ -8,7 +8,7 @@ import pytest
 from etl import features as feat
 from etl import parsing, tfrecord
 from etl.parsing import ParseError
-from feature_schema import ExampleKeys, FieldSpec, Schema, LabelSpec, VocabEntry, feature_hash
+from feature_schema import ExampleKeys, FieldSpec, Schema, LabelSpec, VocabEntry, feature_hash, field_hash
 
 CAT = dict(kind="categorical", min_count=2, linear_only=False, source="log", multi_hot=False)
 
@@ -116,18 +116,19 @@ def test_tfrecord_frame_and_example_encoding_match_tensorflow(tmp_path):
     import tensorflow as tf
 
     keys = ExampleKeys()
-    ex = feat.SparseExample(labels=(1.0, 0.0), ids=(3, 7), values=(1.0, 2.5), fields=(0, 1),
-                            hashes=(-5, 2 ** 62))
     enc = tfrecord.ExampleEncoder(("click", "conversion"), keys)
-    blobs = [tfrecord.frame(enc.encode(ex.ids, ex.values, ex.fields, ex.hashes, ex.labels)),
-             tfrecord.frame(feat.serialize_example(ex, ("click", "conversion"), keys)), tfrecord.frame(b"")]
+    features = [("user", "a", 1.0), ("price", "price", 2.5)]
+    hashes = [feature_hash("user", "a"), feature_hash("price", "price")]
+    blobs = [tfrecord.frame(enc.encode(hashes, (1.0, 2.5), (field_hash("user"), field_hash("price")), (1.0, 0.0))),
+             tfrecord.frame(feat.serialize_example((1.0, 0.0), features, ("click", "conversion"), keys)),
+             tfrecord.frame(b"")]
     path = tmp_path / "x.tfrecord.gz"
     with gzip.open(path, "wb") as f:
         f.write(b"".join(blobs))
     records = [r.numpy() for r in tf.data.TFRecordDataset([str(path)], compression_type="GZIP")]
     assert records[2] == b"" and records[0] == records[1]
     parsed = tf.train.Example.FromString(records[0]).features.feature
-    assert list(parsed["feat_ids"].int64_list.value) == [3, 7]
-    assert list(parsed["feat_hashes"].int64_list.value) == [-5, 2 ** 62]
+    assert list(parsed["feat_hashes"].int64_list.value) == hashes
+    assert list(parsed["feat_field_hashes"].int64_list.value) == [field_hash("user"), field_hash("price")]
     assert list(parsed["feat_vals"].float_list.value) == [1.0, 2.5]
     assert list(parsed["click"].float_list.value) == [1.0] and list(parsed["conversion"].float_list.value) == [0.0]

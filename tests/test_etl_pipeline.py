@@ -14,7 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from etl import parsing, pipeline, transforms
 from etl.config import EtlConfig, FieldConfig
-from feature_schema import feature_hash, load_schema, read_vocabulary
+from feature_schema import feature_hash, field_hash, load_schema, read_vocabulary
 
 
 def _reasons(records):
@@ -32,8 +32,19 @@ def _read_examples(out, split):
     return [tf.train.Example.FromString(r.numpy()) for r in ds]
 
 
-def _ids(out, split, key="feat_ids"):
-    return sorted(tuple(e.features.feature[key].int64_list.value) for e in _read_examples(out, split))
+def _ids(out, split):
+    """Sorted per-record tuples of vocabulary rows, as the featurization layer maps the records
+    (a record's own features in order, then its missing fields' rare rows)."""
+    from trainer import data
+
+    out_rows = []
+    for features, _, _ in data.make_dataset(load_schema(out), split, 1024):
+        ids = features["ids"]
+        per = [[] for _ in range(int(ids.dense_shape[0]))]
+        for (b, _), r in zip(ids.indices.numpy(), ids.values.numpy()):
+            per[b].append(int(r))
+        out_rows.extend(tuple(p) for p in per)
+    return sorted(out_rows)
 
 
 def _dead(out, split):
@@ -146,9 +157,10 @@ def test_generated_log_with_entity_join_and_bins(tiny_etl, tiny_raw):
         assert c["read"] == n == c["written"] + c["dead_lettered"]
     assert schema.sources["input_lines"] == truth["config"]["n_train"] + truth["config"]["n_eval"]
     assert schema.label_names == ("click", "conversion")
-    # Every example carries all 9 fields once (entity join + missing-field fill).
+    # Every record carries its log fields and, when the item is in the table, the 3 joined columns.
     ex = _read_examples(tiny_etl, "eval")[0]
-    assert sorted(ex.features.feature["feat_fields"].int64_list.value) == list(range(9))
+    assert sorted(ex.features.feature["feat_field_hashes"].int64_list.value) == sorted(
+        field_hash(f.name) for f in schema.fields)
 
 
 def test_libfm_with_field_map_keeps_the_maps_field_order(tiny_raw, tmp_path):
@@ -225,7 +237,8 @@ def test_dictionaries_join_by_key_above_the_side_input_limit_tsv_and_parquet(tmp
         assert [(d["reason"], d["line"]) for d in _dead(out, "train")] == [(parsing.UNMAPPED_FEATURE, "0 u1:1 zz:1")]
         assert [(d["reason"], d["line"]) for d in _dead(out, "eval")] == [(parsing.UNMAPPED_FEATURE, "1 u3:1 i1:1")]
         vals = sorted(tuple(e.features.feature["feat_vals"].float_list.value) for e in _read_examples(out, "train"))
-        assert vals == [(1.0, 1.0, 1.0, 1.0), (1.0, 1.0, 1.0, 10.0), (1.0, 1.0, 1.0, 10.0), (1.0, 1.0, 1.0, 20.0)]
+        # Records hold the raw price (the layer scales it); the i3 line has no table row, so no columns.
+        assert vals == [(1.0, 1.0), (1.0, 1.0, 1.0, 10.0), (1.0, 1.0, 1.0, 10.0), (1.0, 1.0, 1.0, 20.0)]
     # Line i3 has no table row: category and price are missing -> their rare rows 7 and 10.
     expected = (sorted([(1, 4, 8, 11), (2, 5, 9, 11), (1, 6, 7, 10), (2, 4, 8, 11)]), [(1, 5, 9, 11)])
     assert results == {"keyed_tsv": expected, "keyed_parquet": expected}
@@ -312,7 +325,7 @@ def _check_mixed(schema, out, lines, good):
     for split in ("train", "eval"):
         for ex in _read_examples(out, split):
             f = ex.features.feature
-            h = dict(zip(f["feat_fields"].int64_list.value, f["feat_hashes"].int64_list.value))[0]
+            h = dict(zip(f["feat_field_hashes"].int64_list.value, f["feat_hashes"].int64_list.value))[field_hash("user")]
             assert ("eval" if feature_hash("user", user_of[h]) % 100 < 50 else "train") == split
     assert schema.counts["train"]["written"] == 3 * sum(feature_hash("user", f"u{u}") % 100 >= 50 for u in range(10))
 

@@ -61,8 +61,9 @@ def _records(out, split):
     out = []
     for r in tf.data.TFRecordDataset(files, compression_type="GZIP"):
         f = tf.train.Example.FromString(r.numpy()).features.feature
-        feats = sorted(zip(f["feat_fields"].int64_list.value, f["feat_ids"].int64_list.value,
-                           f["feat_vals"].float_list.value, f["feat_hashes"].int64_list.value))
+        feats = sorted(zip(f["feat_field_hashes"].int64_list.value, f["feat_hashes"].int64_list.value,
+                           f["feat_vals"].float_list.value))
+        assert feats, "a record without features"
         out.append(((f["click"].float_list.value[0], f["conversion"].float_list.value[0]), tuple(feats)))
     return sorted(out)
 
