@@ -273,11 +273,30 @@ def test_start_up_noise_is_dropped_and_everything_else_kept():
         "GPU will not be used.\n",
         "E0000 00:00:1796055018.709247    9309 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
         "Failed call to cuInit: UNKNOWN ERROR (303)\n",
+        "E0000 00:00:1796059963.912592   17668 node_def_util.cc:682] NodeDef mentions attribute "
+        "use_unbounded_threadpool which is not in the op definition: Op<name=MapDataset; ...>\n",
         "E0000 00:00:1796055018.709247    9309 some_op.cc:10] a real error\n",
     ]
     assert quiet.keep_lines(captured) == [captured[-1]]
     # Without the "no cuda drivers" line a cuInit failure is a real driver problem: it stays.
-    assert quiet.keep_lines(captured[3:]) == captured[3:]
+    assert quiet.keep_lines(captured[3:]) == [captured[3], captured[-1]]
+
+
+def test_filtered_stderr_keeps_a_killed_commands_last_words(tmp_path):
+    """The filter is a child process: what a command wrote before SIGKILL still arrives, without the
+    noise, and a command whose stderr is a file has it all there when it has exited."""
+    code = ("import os, signal, sys; from trainer import quiet; quiet.filter_stderr(); "
+            "sys.stderr.write('I0000 00:00:1.2 1 port.cc:153] oneDNN custom operations are on. x\\n'); "
+            "sys.stderr.write('last words\\n'); sys.stderr.flush(); "
+            "os.kill(os.getpid(), signal.SIGKILL) if sys.argv[1] == 'kill' else None")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    killed = subprocess.run([sys.executable, "-c", code, "kill"], capture_output=True, text=True, cwd=root,
+                            timeout=60)
+    assert killed.returncode == -signal.SIGKILL and killed.stderr == "last words\n"
+    with open(tmp_path / "log", "w") as log:
+        done = subprocess.run([sys.executable, "-c", code, "exit"], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=root, timeout=60)
+    assert done.returncode == 0 and open(tmp_path / "log").read() == "last words\n"
 
 
 def test_op_determinism_follows_the_config():

@@ -62,9 +62,8 @@ def tf_config(cluster: dict, task_type: str, index: int) -> str:
 
 def run_server() -> None:
     """Runs this process's worker or ps role from TF_CONFIG until killed."""
-    from trainer.quiet import import_tensorflow
+    import tensorflow as tf
 
-    tf = import_tensorflow()
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     if resolver.task_type not in ("worker", "ps"):
         raise SystemExit(f"server role must be worker or ps, TF_CONFIG says {resolver.task_type!r}")
@@ -84,9 +83,7 @@ def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) ->
     reports no validation, so at every epoch end the chief reads the epoch's checkpoint into an
     ordinary copy of the model and the recorder evaluates that copy.
     """
-    from trainer.quiet import import_tensorflow
-
-    tf = import_tensorflow()
+    import tensorflow as tf
     import tf_keras as keras
 
     from trainer import run_files
@@ -288,4 +285,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from trainer import quiet
+
+    quiet.filter_stderr()  # before TensorFlow's first import (a local cluster's processes share the launcher's)
     main()

@@ -256,10 +256,7 @@ def main(argv=None) -> None:
     p.add_argument("--strategy", default="quantile", choices=("quantile", "uniform"))
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from trainer.quiet import import_tensorflow
-
-    import_tensorflow()  # TensorFlow only when run as a command, its start-up noise filtered
-    from trainer import evaluation
+    from trainer import evaluation  # TensorFlow only when run as a command
 
     cfg, schema, model = evaluation.load_trained(args.run_dir)
     preds, labels, weights = evaluation.predict_split(model, schema, args.split, cfg.data.eval_batch_size)
@@ -270,4 +267,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from trainer import quiet
+
+    quiet.filter_stderr()  # before TensorFlow's first import: its noise is filtered
     main()

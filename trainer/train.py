@@ -27,10 +27,12 @@ import os
 import sys
 import time
 
-from trainer.quiet import import_tensorflow
+from trainer import quiet
 
-tf = import_tensorflow()  # before anything imports TensorFlow: its start-up noise is filtered
+if __name__ == "__main__":  # the command: TensorFlow's noise is filtered from its first import on
+    quiet.filter_stderr()
 
+import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 from feature_schema import Schema, configs, load_schema  # noqa: E402
@@ -43,6 +45,8 @@ from trainer.evaluation import (derived_eval, eval_metrics, evaluate, init_model
 from trainer.metrics import LogLoss, binary_crossentropy  # noqa: E402
 from trainer.models import MODELS, build_model  # noqa: E402,F401
 from trainer.run_files import BACKUP_DIR, BEST_DIR, PROGRESS_FILE, WEIGHTS_DIR  # noqa: E402,F401
+
+quiet.quiet_tf_logging()
 
 
 def make_optimizer(cfg: config_lib.OptimizerConfig, batch_size: int = 1):

@@ -591,4 +591,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from trainer import quiet
+
+    quiet.filter_stderr()  # the command: TensorFlow's noise is filtered (trials import it)
     main()
