@@ -10,7 +10,8 @@ polling the base path sees a complete, verified version or none.
   hashes, values, field ids), as the ranking export, each returning ``user_vector`` ``[batch, d]``.
   Only the user fields count; a client sends those and the in-graph featurization fills the rest.
 * ``assets.extra/item_embeddings.tsv`` (``serving.retrieval``): every item of the vocabulary with its
-  log training share and item-tower vector. An item's other item fields (category, brand, price)
+  log training share and item-tower vector divided by ``model.temperature`` (so ``<u, v>`` is the
+  trained logit ``<u, v> / T``). An item's other item fields (category, brand, price)
   are those of its first training impression: the towers read only rows of the vocabulary, and the
   train split is where each kept item has one.
 * ``assets.extra/``: schema, vocabulary, resolved config, Predict warm-up records, checksums.
@@ -104,12 +105,14 @@ def _sparse(entries) -> dict:
 
 
 def item_embeddings(towers: TwoTower, schema: Schema) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(item keys, log q ``[n]``, item vectors ``[n, d]``) of every item row of the vocabulary seen in training."""
+    """(item keys, log q ``[n]``, item vectors / temperature ``[n, d]``) of every item row of the vocabulary
+    seen in training."""
     rows, features = item_catalog(towers, schema)
     key_of = {e.index: e.key for e in read_vocabulary(schema.vocabulary_file())
               if e.field == towers.item_key_field.name}
     vectors = towers.item_vector(features).numpy() if len(rows) else np.zeros((0, towers.cfg.tower_dim), np.float32)
-    return [key_of[r] for r in rows], towers.log_q.numpy()[rows], vectors
+    # Divided by the temperature, so that <user vector, item vector> is the trained logit (before logQ).
+    return [key_of[r] for r in rows], towers.log_q.numpy()[rows], vectors / towers.cfg.temperature
 
 
 def in_process_user_vectors(towers: TwoTower, schema: Schema, examples: list[bytes], batch_size: int) -> np.ndarray:

@@ -128,6 +128,10 @@ class TwoTower(RankingModel):
 
     def __init__(self, cfg, schema, tasks, **kwargs):
         super().__init__(cfg, schema, tasks, **kwargs)
+        unknown = [n for n in (*cfg.user_fields, *cfg.item_fields) if n not in {f.name for f in schema.fields}]
+        if unknown:
+            raise ValueError(f"two_tower: model.user_fields/item_fields name {unknown}, not fields of the schema "
+                             f"{[f.name for f in schema.fields]}")
         self.user_fields = self.field_ids(cfg.user_fields)
         self.item_fields = self.field_ids(cfg.item_fields)
         if not self.user_fields or not self.item_fields or set(self.user_fields) & set(self.item_fields):
