@@ -311,9 +311,10 @@ def test_recall_beats_every_ranking_that_ignores_the_user(tmp_path):
 
     The bar comes from the planted model: no list shared by all users (popularity or any other) can
     recall more than the best fixed list, the 5 items found most often in the rows' planted top-5. The
-    towers must beat it by 0.05 (measured: 0.47 against 0.29, random 0.08). A second bar checks what
+    towers must beat it by 0.05 (measured: 0.43 against 0.29, random 0.08). A second bar checks what
     the logQ-corrected softmax estimates, P(item | user clicked): ranked by <u, v> itself, the towers
-    must beat the training split's most clicked items on the exposure-weighted planted top-5.
+    must beat the training split's most clicked items on the exposure-weighted planted top-5
+    (measured: 0.77 against 0.64).
     """
     import apache_beam as beam
 
@@ -350,7 +351,6 @@ def test_recall_beats_every_ranking_that_ignores_the_user(tmp_path):
     truth = top_k_items(planted, context, 5, items)
     towers = recall(items[index.top_k(users, 5, exclude_exposure=True)[0]], truth)
     bound = recall(np.tile(best_fixed_list(truth), (len(rows), 1)), truth)
-    print("recall", towers, bound)
     assert towers >= bound + 0.05, (towers, bound)
 
     clicks = np.zeros(SMALL.n_items)
@@ -361,5 +361,4 @@ def test_recall_beats_every_ranking_that_ignores_the_user(tmp_path):
     popular = np.tile(items[np.argsort(-clicks[items], kind="stable")][:5], (len(rows), 1))
     exposed = top_k_items(planted, context, 5, items, planted.freq["item"][items])
     by_dot = recall(items[index.top_k(users, 5)[0]], exposed)
-    print("exposed", by_dot, recall(popular, exposed))
     assert by_dot > recall(popular, exposed), (by_dot, recall(popular, exposed))

@@ -102,7 +102,7 @@ class ModelConfig:
     wide_fields: tuple[str, ...] = ()
     task_fields: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     # mlr (trainer/mlr.py) and two_tower (trainer/retrieval.py)
-    num_regions: int = 4
+    num_regions: int = 12
     user_fields: tuple[str, ...] = ("user", "query", "hour", "device")
     item_fields: tuple[str, ...] = ("item", "category", "brand", "price")
     tower_dim: int = 32

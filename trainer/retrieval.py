@@ -152,11 +152,9 @@ class TwoTower(RankingModel):
         rate = min(max(schema.labels[schema.label_names.index(self.tasks[0])].positive_rate, 1e-4), 1 - 1e-4)
         self.calibration = keras.layers.Dense(1, kernel_initializer="ones", name="calibration",
                                               bias_initializer=keras.initializers.Constant(np.log(rate / (1 - rate))))
-        # A config-only rebuild (from_config: no schema directory) gets its log q from the checkpoint.
-        log_q = item_log_q(schema, self.item_key_field.name) if schema.base_dir else np.zeros(
-            schema.num_features, np.float32)
-        self.log_q = self.add_weight(name="log_q", shape=(schema.num_features,), trainable=False,
-                                     initializer=keras.initializers.Constant(log_q))
+        # A constant of today's vocabulary, not a variable: a warm start or checkpoint must not bring back
+        # another vocabulary's counts. A config-only rebuild (from_config: no schema directory) has none.
+        self.log_q = tf.constant(item_log_q(schema, self.item_key_field.name)) if schema.base_dir else None
         self.softmax_loss = keras.metrics.Mean(name="in_batch_softmax")
         self.total_loss = keras.metrics.Mean(name="two_tower_loss")
 
@@ -205,6 +203,9 @@ class TwoTower(RankingModel):
         w = sample_weight[task] if isinstance(sample_weight, dict) else sample_weight
         w = tf.ones_like(y[task]) if w is None else w
         items = self.item_rows(x)
+        if self.cfg.logq_correction and self.log_q is None:
+            raise ValueError("two_tower: logQ needs the vocabulary's counts; build the model from a schema loaded "
+                             "from its ETL directory (feature_schema.load_schema)")
         softmax = in_batch_softmax_loss(
             tf.boolean_mask(y_pred[USER_VECTOR], clicked), y_pred[ITEM_VECTOR],
             tf.boolean_mask(tf.range(tf.shape(items, out_type=tf.int64)[0]), clicked), items,
