@@ -41,8 +41,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from etl import dictionaries, sources, transforms
 from etl import features as feat
 from etl.config import EtlConfig, load_config
-from feature_schema import (HASH_FUNCTION, SCHEMA_FILENAME, VOCAB_FILENAME, ExampleKeys, FieldSpec, LabelSpec,
-                            Schema, configs, parse_vocabulary_line, write_vocabulary_lines)
+from feature_schema import (HASH_FUNCTION, SCHEMA_FILENAME, VOCAB_FILENAME, EntityTableSpec, ExampleKeys,
+                            FieldSpec, LabelSpec, Schema, configs, parse_vocabulary_line, write_vocabulary_lines)
 
 SPLITS = transforms.SPLIT_NAMES
 SHARD_SUFFIX = ".tfrecord.gz"
@@ -387,9 +387,22 @@ def write_schema(cfg: EtlConfig, keys: ExampleKeys = ExampleKeys(), out_dir: str
                  "entity_tables": [t.path for t in cfg.entity_tables], "input_lines": int(stats.get("input.read", 0)),
                  "config": configs.to_dict(cfg)},
         vocabulary_mode=cfg.vocabulary_mode if base else "build", base_schema=cfg.vocabulary if base else "",
-        base_num_features=base.num_features if base else 0, fill_missing=cfg.fill_missing)
+        base_num_features=base.num_features if base else 0, fill_missing=cfg.fill_missing,
+        entity_tables=entity_table_specs(cfg, out),
+        field_index=tuple(f.name for f in cfg.fields) if cfg.field_ids == "index" else ())
     _write_text(os.path.join(out, SCHEMA_FILENAME), schema.to_json())
     return dataclasses.replace(schema, base_dir=out if "://" in out else os.path.abspath(out))
+
+
+def entity_table_specs(cfg: EtlConfig, out: str) -> tuple[EntityTableSpec, ...]:
+    """The joined tables as the schema records them (absolute paths where the paths are local)."""
+    specs = []
+    for t in cfg.entity_tables:
+        path = t.path if "://" in t.path else os.path.abspath(t.path)
+        specs.append(EntityTableSpec(name=t.name, path=path, key_field=t.key_field,
+                                     key_column=t.key_column or t.key_field,
+                                     columns=tuple(dictionaries.table_columns(t))))
+    return tuple(specs)
 
 
 def _files_under(directory: str) -> list[str]:

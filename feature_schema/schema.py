@@ -129,6 +129,26 @@ class LabelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class EntityTableSpec:
+    """An entity table the ETL joined (item -> category, brand, price), for joins in the serving graph.
+
+    Attributes:
+      name: table name (the source ``dict:<name>`` of the fields it adds).
+      path: the table file (TSV with a header row, or Parquet), relative to the schema's directory
+        or absolute.
+      key_field: the field whose keys look the table up (``item``).
+      key_column: the table column holding those keys.
+      columns: the columns that became fields, in order.
+    """
+
+    name: str
+    path: str
+    key_field: str
+    key_column: str
+    columns: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Schema:
     """The whole contract between ETL, trainer and exporter.
 
@@ -153,6 +173,10 @@ class Schema:
         the same features as there (what a warm start can copy).
       fill_missing: a field absent from an example gets its rare row (the
         featurization layer adds it; ``feature_schema.rules``).
+      entity_tables: the tables the ETL joined (``EntityTableSpec``), which the
+        serving graph joins again for clients that send only the log's fields.
+      field_index: libffm input with integer field tokens: field names by index
+        (empty: field tokens are names). How a client parses lines as the ETL did.
       warnings: what the ETL found suspicious (e.g. a field left with one used row).
     """
 
@@ -172,6 +196,8 @@ class Schema:
     base_schema: str = ""
     base_num_features: int = 0
     fill_missing: bool = True
+    entity_tables: tuple[EntityTableSpec, ...] = ()
+    field_index: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     version: int = SCHEMA_VERSION
     # Directory the schema was loaded from; not serialized.
@@ -227,6 +253,10 @@ class Schema:
     def vocabulary_file(self) -> str:
         return _resolve(self.base_dir, self.vocabulary_path)
 
+    def table_file(self, table: EntityTableSpec) -> str:
+        """Absolute path of an entity table's file."""
+        return _resolve(self.base_dir, table.path)
+
     def to_json_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("base_dir")
@@ -255,8 +285,11 @@ class Schema:
             fields.append(FieldSpec(**f))
         labels = tuple(LabelSpec(**label) for label in d.pop("labels"))
         keys = ExampleKeys(**d.pop("example_keys", {}))
-        if "warnings" in d:
-            d["warnings"] = tuple(d["warnings"])
+        for key in ("warnings", "field_index"):
+            if key in d:
+                d[key] = tuple(d[key])
+        d["entity_tables"] = tuple(EntityTableSpec(**{**t, "columns": tuple(t["columns"])})
+                                   for t in d.get("entity_tables", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from feature_schema import Schema, feature_hash, field_hash, read_vocabulary
 from feature_schema import rules
+from featurization import raw
 
 CATEGORICAL, BINNED, NUMERIC = 0, 1, 2
 _KINDS = {"categorical": CATEGORICAL, "binned": BINNED, "numeric": NUMERIC}
@@ -46,9 +47,13 @@ class Featurizer(tf.Module):
     Args:
       schema: the ETL's schema.
       vocabulary: the vocabulary entries (default: read ``schema.vocabulary_file()``).
+      raw_examples: also parse raw tf.Examples (``from_examples``, ``from_context``), joining the
+        schema's entity tables in the graph (reads the table files).
+      extra_features: feature keys raw Examples may carry besides the fields (read by the caller).
     """
 
-    def __init__(self, schema: Schema, vocabulary=None, name: str = "featurizer"):
+    def __init__(self, schema: Schema, vocabulary=None, raw_examples: bool = False, extra_features=(),
+                 name: str = "featurizer"):
         super().__init__(name=name)
         self.schema = schema
         vocab = read_vocabulary(schema.vocabulary_file()) if vocabulary is None else list(vocabulary)
@@ -69,8 +74,50 @@ class Featurizer(tf.Module):
             self._edges, self._bin_rows = _bin_tables(fields, row_of)
         if self.has_numeric:
             self._mean, self._inv_std, self._log1p = _scaling_tables(fields)
+        self.raw = raw.RawParser(schema, extra_features=extra_features) if raw_examples else None
 
     # ------------------------------------------------------------------ front ends
+
+    def from_examples(self, serialized: tf.Tensor) -> dict:
+        """Featurizes serialized raw tf.Examples ``[batch]`` (``featurization.raw``'s contract).
+
+        Raises:
+          tf.errors.InvalidArgumentError: a feature key that is not a field, or malformed Examples.
+        """
+        e, batch = self.raw.entries(serialized)
+        order, indices, shape = raw.sparse_layout(e.ex, batch)
+        e = e.gather(order)
+        return self.featurize(indices, shape, e.hashes, e.values, e.fids)
+
+    def from_context(self, context: tf.Tensor, examples: tf.Tensor) -> dict:
+        """Featurizes N candidates that share one context Example (TF Ranking's ExampleListWithContext).
+
+        Each candidate gets the context's fields it does not have itself (a candidate's field
+        overrides the context's); a column the context joined from an entity table goes only to
+        candidates that do not override the table's key field, so every result equals the flat
+        path on the merged Example. The context is parsed, hashed, joined and looked up once.
+
+        Args:
+          context: scalar string, one serialized raw Example.
+          examples: ``[N]`` serialized raw Examples.
+        """
+        ctx, _ = self.raw.entries(tf.reshape(context, [1]))
+        cand, n = self.raw.entries(examples)
+        ctx_rows, ctx_values = self.rows_and_values(ctx.hashes, ctx.values, ctx.fids)
+        rows, values = self.rows_and_values(cand.hashes, cand.values, cand.fids)
+        nf = tf.constant(self.num_fields, tf.int64)
+        has = tf.math.unsorted_segment_max(tf.ones_like(cand.ex, tf.int32), cand.ex * nf + cand.fids, n * nf)
+        has = tf.reshape(has > 0, tf.stack([n, nf]))
+        # (candidate, context entry) pairs: the candidate lacks the entry's field (and the key field
+        # it was joined through).
+        via_has = tf.gather(tf.concat([has, tf.zeros([n, 1], tf.bool)], axis=1),
+                            tf.where(ctx.via >= 0, ctx.via, nf), axis=1)
+        take = tf.where(~tf.gather(has, ctx.fids, axis=1) & ~via_has)
+        ex = tf.concat([cand.ex, take[:, 0]], axis=0)
+        order, indices, shape = raw.sparse_layout(ex, n)
+        merged = [tf.gather(tf.concat([a, tf.gather(b, take[:, 1])], axis=0), order)
+                  for a, b in ((rows, ctx_rows), (values, ctx_values), (cand.fids, ctx.fids))]
+        return self.assemble(indices, shape, *merged)
 
     def from_records(self, hashes: tf.SparseTensor, values: tf.SparseTensor,
                      field_hashes: tf.SparseTensor) -> dict:
@@ -109,6 +156,10 @@ class Featurizer(tf.Module):
           ``{"ids", "values", "fields"}`` sparse tensors (see the module docstring).
         """
         rows, values = self.rows_and_values(hashes, tf.cast(values, tf.float32), fids)
+        return self.assemble(indices, dense_shape, rows, values, fids)
+
+    def assemble(self, indices, dense_shape, rows, values, fids) -> dict:
+        """The sparse batch of mapped features, with the missing fields' rows when the schema says so."""
         if not self.fill_missing:
             return _sparse(indices, dense_shape, rows, values, fids)
         return self._with_missing(indices, dense_shape[0], rows, values, fids)
