@@ -62,15 +62,12 @@ def best_fixed_list(truth: np.ndarray) -> np.ndarray:
 
 
 def user_examples(lines, schema) -> list[bytes]:
-    """Hashed records of the user-side features of libffm lines (what a retrieval client sends)."""
-    from serving.client import LineFeaturizer, features_to_example
+    """Raw tf.Examples of the user-side features of libffm lines (what a retrieval client sends)."""
+    from serving.examples import ExampleBuilder
 
-    fz = LineFeaturizer(schema, "libffm")
-    out = []
-    for line in lines:
-        user_side = " ".join(t for t in line.split()[1:] if t.split(":")[0] in USER_FIELDS)
-        out.append(features_to_example(fz.features(user_side), schema))
-    return out
+    builder = ExampleBuilder(schema)
+    return [builder.line_example(" ".join(t for t in line.split()[1:] if t.split(":")[0] in USER_FIELDS))[1]
+            for line in lines]
 
 
 def train_and_export(etl: str, run_dir: str, export_base: str, seed: int, variant: dict) -> str:

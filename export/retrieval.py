@@ -6,19 +6,23 @@ Layout: ``<export_base>/<model_name>/<version>/`` (default name ``<served name>_
 hidden directory, checked and renamed into place with ``export.exporter``'s helpers, so a server
 polling the base path sees a complete, verified version or none.
 
-* Signatures: ``serving_default`` (serialized hashed records, ``examples``) and ``predict_ids`` (dense
-  hashes, values, field ids), as the ranking export, each returning ``user_vector`` ``[batch, d]``.
-  Only the user fields count; a client sends those and the in-graph featurization fills the rest.
+* Signatures (``export.signatures.ServingModule``'s Predict ones that take one example per user):
+  ``serving_default`` (raw tf.Examples keyed by field: the user's features, what a client sends),
+  ``predict_hashed`` (the ETL's records) and ``predict_ids`` (dense hashes, values, field ids),
+  each returning ``user_vector`` ``[batch, d]``. Only the user fields count; the in-graph
+  featurization fills the missing fields, which the user tower does not read.
 * ``assets.extra/item_embeddings.tsv`` (``serving.retrieval``): every item of the vocabulary with its
   log training share and item-tower vector divided by ``model.temperature`` (so ``<u, v>`` is the
-  trained logit ``<u, v> / T``). An item's other item fields (category, brand, price)
-  are those of its first training impression: the towers read only rows of the vocabulary, and the
-  train split is where each kept item has one.
-* ``assets.extra/``: schema, vocabulary, resolved config, Predict warm-up records, checksums.
+  trained logit ``<u, v> / T``). An item's other item fields (category, brand, price) are those of
+  its first training impression: the towers read only rows of the vocabulary, and the train split
+  is where each kept item has one.
+* ``assets.extra/``: schema, vocabulary, resolved config (and the libfm field map), Predict warm-up
+  records, checksums.
 
-Verification: both signatures are loaded through ``tf.compat.v1.saved_model.loader.load`` and run
-by tensor names on the eval split, against the in-process user tower (max abs diff <= 1e-5);
-every warm-up record is replayed.
+Verification: every signature is loaded through ``tf.compat.v1.saved_model.loader.load`` and run by
+tensor names, against the in-process user tower (max abs diff <= 1e-5): the hashed ones on the eval
+split's records, ``serving_default`` on raw Examples of the user fields synthesized from the
+vocabulary (``export.warmup``); every warm-up record is replayed.
 """
 from __future__ import annotations
 
@@ -31,17 +35,16 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from export import exporter
-from feature_schema import SCHEMA_FILENAME, VOCAB_FILENAME, Schema, paths, read_vocabulary
+from export import exporter, signatures, warmup
+from export.verify import MAX_ABS_DIFF, SessionModel
+from feature_schema import Schema, paths, read_vocabulary
 from featurization import Featurizer
 from serving import manifest, protocol
 from serving import retrieval as serving_retrieval
-from serving.protocol import DEFAULT_SIGNATURE, IDS_SIGNATURE
+from serving.protocol import DEFAULT_SIGNATURE, HASHED_SIGNATURE, IDS_SIGNATURE
 from trainer import data
 from trainer import train as trainer_lib
 from trainer.retrieval import USER_VECTOR, TwoTower
-
-MAX_ABS_DIFF = exporter.MAX_ABS_DIFF
 
 
 class UserTower(tf.Module):
@@ -57,14 +60,15 @@ class UserTower(tf.Module):
         return {USER_VECTOR: self.towers.user_vector(features, training=training)}
 
 
-class UserTowerModule(exporter.ServingModule):
-    """``ServingModule``'s Predict signatures over the user tower (a vector has no Classify or Regress)."""
+class UserTowerModule(signatures.ServingModule):
+    """``ServingModule``'s one-example-per-user Predict signatures over the user tower (a vector has no
+    Classify or Regress, and ``rank``'s shared context would give every candidate the same user)."""
 
-    classify = None
-    regress = None
+    SIGNATURES = (DEFAULT_SIGNATURE, HASHED_SIGNATURE, IDS_SIGNATURE)
+    rank = classify = regress = None  # not traced into the SavedModel either
 
     def signatures(self) -> dict:
-        return {name: fn for name, fn in super().signatures().items() if fn is not None}
+        return {name: fn for name, fn in super().signatures().items() if name in self.SIGNATURES}
 
 
 def item_catalog(towers: TwoTower, schema: Schema, batch_size: int = 8192) -> tuple[np.ndarray, dict]:
@@ -115,38 +119,54 @@ def item_embeddings(towers: TwoTower, schema: Schema) -> tuple[list[str], np.nda
     return [key_of[r] for r in rows], towers.log_q.numpy()[rows], vectors / towers.cfg.temperature
 
 
-def in_process_user_vectors(towers: TwoTower, schema: Schema, examples: list[bytes], batch_size: int) -> np.ndarray:
-    """The in-process user tower on serialized hashed records (labels not needed: a client sends none)."""
-    k = schema.example_keys
-    spec = {key: v for key, v in data.parse_spec(schema).items() if key in (k.hashes, k.values, k.field_hashes)}
-    featurizer = Featurizer(schema)
-    out = []
-    for i in range(0, len(examples), batch_size):
-        parsed = tf.io.parse_example(tf.constant(examples[i:i + batch_size]), spec)
-        features = featurizer.from_records(parsed[k.hashes], parsed[k.values], parsed[k.field_hashes])
-        out.append(towers.user_vector(features).numpy())
+def in_process_user_vectors(towers: TwoTower, featurize, examples: list[bytes], batch_size: int = 4096) -> np.ndarray:
+    """The in-process user tower on serialized examples, featurized by ``featurize`` (a batch -> features)."""
+    out = [towers.user_vector(featurize(tf.constant(examples[i:i + batch_size]))).numpy()
+           for i in range(0, len(examples), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, towers.cfg.tower_dim), np.float32)
 
 
-def verify(export_dir: str, towers: TwoTower, schema: Schema, examples: list[bytes], batch_size: int = 4096) -> dict:
-    """Both signatures, Session-loaded, against the in-process user tower; replays the warm-up records.
+def record_featurizer(schema: Schema):
+    """Batch of the ETL's hashed records (labels not needed) -> sparse features, as the trainer maps them."""
+    k = schema.example_keys
+    spec = {key: v for key, v in data.parse_spec(schema).items() if key in (k.hashes, k.values, k.field_hashes)}
+    featurizer = Featurizer(schema)
+
+    def featurize(batch):
+        parsed = tf.io.parse_example(batch, spec)
+        return featurizer.from_records(parsed[k.hashes], parsed[k.values], parsed[k.field_hashes])
+    return featurize
+
+
+def user_raw_examples(towers: TwoTower, schema: Schema, n: int) -> list[bytes]:
+    """``n`` raw Examples of the user fields alone (a retrieval request), synthesized from the vocabulary."""
+    user = {schema.fields[f].name for f in towers.user_fields}
+    value_fields = {f.name for f in schema.fields if f.kind != "categorical"}
+    feats = warmup.synthetic_features(schema, read_vocabulary(schema.vocabulary_file()), n)
+    return [protocol.raw_example([f for f in ex if f[0] in user], value_fields) for ex in feats]
+
+
+def verify(export_dir: str, towers: TwoTower, schema: Schema, records: list[bytes], raw: list[bytes], logs,
+           raw_featurizer: Featurizer, batch_size: int = 4096) -> dict:
+    """Every signature, Session-loaded, against the in-process user tower; replays the warm-up records.
 
     Returns:
-      {"max_abs_diff", "per_signature": {signature: max abs diff}, "examples", "warmup_records"}.
+      {"max_abs_diff", "per_signature": {signature: max abs diff}, "examples", "raw_examples", "warmup_records"}.
     """
-    expected = in_process_user_vectors(towers, schema, examples, batch_size)
-    sm = exporter.SessionModel(export_dir)
+    expected = in_process_user_vectors(towers, record_featurizer(schema), records, batch_size)
+    expected_raw = in_process_user_vectors(towers, raw_featurizer.from_examples, raw, batch_size)
+    sm = SessionModel(export_dir)
     try:
-        diffs = {sig: float(np.max(np.abs(sm.run_examples(sig, examples, schema)[USER_VECTOR] - expected),
-                                   initial=0.0)) for sig in (DEFAULT_SIGNATURE, IDS_SIGNATURE)}
-        logs = exporter.read_warmup(os.path.join(export_dir, protocol.ASSETS_EXTRA, protocol.WARMUP_FILE))
+        diffs = {sig: float(np.max(np.abs(sm.run_examples(sig, examples, schema)[USER_VECTOR] - want), initial=0.0))
+                 for sig, examples, want in ((HASHED_SIGNATURE, records, expected), (IDS_SIGNATURE, records, expected),
+                                             (DEFAULT_SIGNATURE, raw, expected_raw))}
         for log in logs:
             if not np.all(np.isfinite(sm.replay(log)[USER_VECTOR])):
                 raise RuntimeError("export: a warm-up request produced non-finite user vectors")
     finally:
         sm.close()
-    return {"max_abs_diff": max(diffs.values()), "per_signature": diffs, "examples": len(examples),
-            "warmup_records": len(logs)}
+    return {"max_abs_diff": max(diffs.values()), "per_signature": diffs, "examples": len(records),
+            "raw_examples": len(raw), "warmup_records": len(logs)}
 
 
 def export(run_dir: str, export_base: str | None = None, model_name: str | None = None,
@@ -166,20 +186,16 @@ def export(run_dir: str, export_base: str | None = None, model_name: str | None 
     try:
         module = UserTowerModule(UserTower(towers), schema)
         tf.saved_model.save(module, tmp, signatures=module.signatures())
-        extra = os.path.join(tmp, protocol.ASSETS_EXTRA)
-        os.makedirs(extra, exist_ok=True)
-        shutil.copy(os.path.join(schema.base_dir, SCHEMA_FILENAME), os.path.join(extra, SCHEMA_FILENAME))
-        shutil.copy(schema.vocabulary_file(), os.path.join(extra, VOCAB_FILENAME))
-        shutil.copy(os.path.join(run_dir, protocol.CONFIG_FILE), os.path.join(extra, protocol.CONFIG_FILE))
-        examples = exporter.eval_examples(schema, verify_examples)
-        held_out = examples[:max(exporter.WARMUP_BATCH_SIZES)]
-        exporter.write_warmup(os.path.join(extra, protocol.WARMUP_FILE),
-                              [log for log in exporter.warmup_logs(name, held_out, schema)
-                               if log.WhichOneof("log_type") == "predict_log"])
+        exporter._copy_assets(tmp, schema, run_dir)
+        records = exporter.eval_examples(schema, verify_examples)
+        raw = user_raw_examples(towers, schema, exporter.RAW_VERIFY_EXAMPLES)
+        logs = [log for log in warmup.warmup_logs(name, records[:max(warmup.WARMUP_BATCH_SIZES)], raw, None, schema)
+                if log.WhichOneof("log_type") == "predict_log"]
+        warmup.write_warmup(os.path.join(tmp, protocol.ASSETS_EXTRA, protocol.WARMUP_FILE), logs)
         keys, log_q, vectors = item_embeddings(towers, schema)
-        serving_retrieval.write_item_embeddings(os.path.join(extra, serving_retrieval.ITEMS_FILE), keys, log_q,
-                                                vectors)
-        check = verify(tmp, towers, schema, examples, cfg.data.eval_batch_size)
+        serving_retrieval.write_item_embeddings(
+            os.path.join(tmp, protocol.ASSETS_EXTRA, serving_retrieval.ITEMS_FILE), keys, log_q, vectors)
+        check = verify(tmp, towers, schema, records, raw, logs, module.featurizer, cfg.data.eval_batch_size)
         if check["max_abs_diff"] > MAX_ABS_DIFF:
             raise RuntimeError(f"export: Session user vectors differ from the in-process tower by "
                                f"{check['max_abs_diff']:.3g} > {MAX_ABS_DIFF} ({check['per_signature']}); "
@@ -199,7 +215,8 @@ def main(argv=None) -> None:
     p.add_argument("--version", type=int, default=None, help="explicit version (default: highest + 1)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     path, check = export(args.run_dir, args.export_base, args.model_name, version=args.version)
-    print(f"export: user tower checked through the TF Serving loader on {check['examples']} eval examples: "
+    print(f"export: user tower checked through the TF Serving loader on {check['examples']} eval records and "
+          f"{check['raw_examples']} raw Examples: "
           f"max |session - in-process| = {check['max_abs_diff']:.2e} (<= {MAX_ABS_DIFF}); per signature: "
           + ", ".join(f"{s} {d:.1e}" for s, d in check["per_signature"].items())
           + f"; {check['warmup_records']} warm-up records replayed")

@@ -1,13 +1,14 @@
 """Brute-force top-K retrieval in the client: the served user tower, then a dot product with every item.
 
     python -m serving.retrieval topk --server 127.0.0.1:8500 --model two_tower_user \\
-        --model_base runs/export/two_tower_user --k 10 [--format libffm] [FILE ...]
+        --model_base runs/export/two_tower_user --k 10 [--exclude_exposure] [FILE ...]
 
-Each input line holds one user's user-side features (``user:u12:1 query:q3:1 hour:h5:1 device:d1:1``
-in libffm, or libfm with ``--field_map``; other fields are ignored by the user tower). The lines go
-to the user tower's ``serving_default`` signature as hashed records (``serving.client.LineFeaturizer``,
-the ETL's mapping), in one Predict request; the answer's ``user_vector`` rows are scored against
-every row of the item-embedding file of the *version that answered*
+Each input line holds one user's features in the log's format, labels optional (``user:u12:1
+query:q3:1 hour:h5:1 device:d1:1`` in libffm; libfm takes the export's field map, or
+``--field_map``); fields the user tower does not read are ignored. The lines become raw
+tf.Examples (``serving.examples.ExampleBuilder``: the client featurizes nothing) sent to the user
+tower's ``serving_default`` in one Predict request; the answer's ``user_vector`` rows are scored
+against every row of the item-embedding file of the *version that answered*
 (``<model_base>/<version>/assets.extra/item_embeddings.tsv``, or ``--items``), so the user and item
 vectors always come from one training run. Output: one line per input line, ``key=score`` of the
 ``k`` best items, best first, tab-separated.
@@ -30,8 +31,8 @@ import sys
 import numpy as np
 
 from serving import protocol
-from serving.client import (LineFeaturizer, ServingClient, _load_schema, features_to_example, read_field_map,
-                            read_tsv_table)
+from serving.client import ServingClient, _field_map, _load_schema, parse_lines
+from serving.examples import ExampleBuilder
 
 ITEMS_FILE = "item_embeddings.tsv"
 USER_VECTOR = "user_vector"
@@ -105,7 +106,7 @@ def item_file(model_base: str, version: int) -> str:
 
 
 def user_vectors(client: ServingClient, examples) -> tuple[np.ndarray, int]:
-    """``(user vectors [n, d], version)`` of serialized user-side hashed records, from the served user tower."""
+    """``(user vectors [n, d], version)`` of serialized raw Examples of users, from the served user tower."""
     pred = client.score_examples(list(examples), output_filter=(USER_VECTOR,))
     return pred.outputs[USER_VECTOR], pred.version
 
@@ -116,7 +117,7 @@ def top_k(client: ServingClient, examples, k: int, model_base: str = "", items: 
 
     Args:
       client: client of the served user tower.
-      examples: serialized hashed records of the users' features.
+      examples: serialized raw Examples of the users' features.
       k: items per user.
       model_base: the served model's base path: the answering version's item file is read from it.
       items: an item index to use instead (then ``model_base`` is not read).
@@ -140,11 +141,8 @@ def main(argv=None) -> None:
     s.add_argument("--version", type=int, default=None)
     s.add_argument("--model_base", default="", help="the user tower's base path (holds the version directories)")
     s.add_argument("--items", default="", help="an item-embedding TSV instead of the answering version's")
-    s.add_argument("--schema", default="", help="schema.json or ETL dir (default: the export's assets.extra)")
-    s.add_argument("--format", choices=("libffm", "libfm"), default="libffm")
-    s.add_argument("--field_map", default="", help="feature<TAB>field TSV (libfm)")
-    s.add_argument("--join", action="append", default=[], metavar="KEY_FIELD=TSV",
-                   help="entity table whose columns become fields (as serving.client score)")
+    s.add_argument("--schema", default="", help="export version dir or schema.json (default: the served version's)")
+    s.add_argument("--field_map", default="", help="feature<TAB>field TSV (libfm; default: the export's copy)")
     s.add_argument("--k", type=int, default=10)
     s.add_argument("--exclude_exposure", action="store_true", help="rank by <u, v> - log_q (click propensity)")
     s.add_argument("--timeout", type=float, default=10.0)
@@ -154,24 +152,24 @@ def main(argv=None) -> None:
         p.error("pass --model_base (the exported versions) or --items")
     lines = []
     for path in args.inputs:
-        with (sys.stdin if path == "-" else open(path, encoding="utf-8")) as f:
-            lines.extend(line for line in f.read().splitlines() if line.strip())
+        if path == "-":
+            text = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                text = f.read()
+        lines.extend(line for line in text.splitlines() if line.strip())
     schema_path = args.schema
     if not schema_path:
         if not args.model_base:
             p.error("pass --schema with --items")
         versions = sorted(int(d) for d in os.listdir(args.model_base) if d.isdigit())
         schema_path = os.path.join(args.model_base, str(args.version or versions[-1]))
-    joins = [(spec.partition("=")[0], read_tsv_table(spec.partition("=")[2], spec.partition("=")[0]))
-             for spec in args.join]
-    fz = LineFeaturizer(_load_schema(schema_path), args.format,
-                        read_field_map(args.field_map) if args.field_map else None, joins)
-    examples = []
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            examples.append(features_to_example(fz.features(line), fz.schema))
-        except ValueError as e:
-            raise SystemExit(f"line {lineno}: {e}") from None
+    schema = _load_schema(schema_path)
+    builder = ExampleBuilder(schema, _field_map(schema_path, args.field_map) if schema.format == "libfm" else None)
+    try:
+        examples = [builder.example(f) for f in parse_lines(builder, lines)[1]]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     items = read_item_embeddings(args.items) if args.items else None
     with ServingClient(args.server, args.model, args.version, timeout_s=args.timeout) as client:
         results, _ = top_k(client, examples, args.k, args.model_base, items, args.exclude_exposure)

@@ -13,10 +13,12 @@ import tensorflow as tf
 from export import exporter
 from export import retrieval as export_retrieval
 from feature_schema import load_schema, read_vocabulary
+from featurization import Featurizer
 from generator.clicklog import GeneratorConfig, PlantedModel, top_k_items
 from serving import manifest, protocol, server
 from serving import retrieval as serving_retrieval
-from serving.client import LineFeaturizer, ServingClient, features_to_example
+from serving.client import ServingClient
+from serving.examples import ExampleBuilder
 from trainer import config as config_lib
 from trainer import data
 from trainer import train as trainer_lib
@@ -136,12 +138,14 @@ def trained(tiny_etl, tiny_raw, tmp_path_factory):
     _, schema, towers = trainer_lib.load_trained(run)
     with open(os.path.join(tiny_raw[0], "eval.libffm"), encoding="utf-8") as f:
         lines = [next(f).rstrip("\n") for _ in range(40)]
-    fz = LineFeaturizer(schema, "libffm")
+    builder = ExampleBuilder(schema)
     user_lines = [" ".join(t for t in line.split()[1:] if t.split(":")[0] in USER_FIELDS) for line in lines]
+    full = [builder.line_example(line)[1] for line in lines]
     return {"run": run, "base": base, "path": path, "check": check, "schema": schema, "towers": towers,
             "lines": lines, "user_lines": user_lines,
-            "user_examples": [features_to_example(fz.features(u), schema) for u in user_lines],
-            "full_examples": [features_to_example(fz.features(line), schema) for line in lines]}
+            "user_examples": [builder.line_example(u)[1] for u in user_lines], "full_examples": full,
+            "expected_users": export_retrieval.in_process_user_vectors(
+                towers, Featurizer(schema, raw_examples=True).from_examples, full)}
 
 
 def test_two_tower_loss_is_the_compiled_loss_plus_the_in_batch_softmax(trained):
@@ -189,10 +193,12 @@ def test_two_tower_also_exports_as_a_ranking_model(trained, tmp_path):
 
 
 def test_user_tower_export_through_the_tf_serving_loader(trained):
-    path, check, towers, schema = trained["path"], trained["check"], trained["towers"], trained["schema"]
+    path, check, schema = trained["path"], trained["check"], trained["schema"]
     assert path == os.path.join(trained["base"], "users", "1")
-    assert check["max_abs_diff"] <= 1e-5 and set(check["per_signature"]) == {"serving_default", "predict_ids"}
-    assert check["examples"] == 1000 and check["warmup_records"] == 4  # 2 Predict signatures x 2 batch sizes
+    assert check["max_abs_diff"] <= 1e-5
+    assert set(check["per_signature"]) == {"serving_default", "predict_hashed", "predict_ids"}
+    # 3 Predict signatures x 2 batch sizes; eval records and raw Examples of the user fields alone.
+    assert check["examples"] == 1000 and check["raw_examples"] == 500 and check["warmup_records"] == 6
     extra = os.path.join(path, protocol.ASSETS_EXTRA)
     assert sorted(os.listdir(extra)) == sorted(["schema.json", "vocabulary.tsv", "config.yaml", protocol.WARMUP_FILE,
                                                  serving_retrieval.ITEMS_FILE, "checksums.sha256"])
@@ -200,19 +206,16 @@ def test_user_tower_export_through_the_tf_serving_loader(trained):
     manifest.verify(path)
     sm = exporter.SessionModel(path)
     try:
-        assert set(sm.signatures) - {"__saved_model_init_op"} == {"serving_default", "predict_ids"}
+        assert set(sm.signatures) - {"__saved_model_init_op"} == {"serving_default", "predict_hashed", "predict_ids"}
         assert set(sm.signatures["serving_default"].outputs) == {"user_vector"}
         user_only = sm.run_examples("serving_default", trained["user_examples"])["user_vector"]
         full = sm.run_examples("serving_default", trained["full_examples"])["user_vector"]
-        ids = sm.run_examples("predict_ids", trained["user_examples"], schema)["user_vector"]
     finally:
         sm.close()
-    expected = export_retrieval.in_process_user_vectors(towers, schema, trained["full_examples"], 64)
     assert user_only.shape == (40, 8)
-    # A record of the user fields alone and the whole impression give the same vector, as in-process.
-    np.testing.assert_allclose(user_only, expected, atol=1e-5)
-    np.testing.assert_allclose(full, expected, atol=1e-5)
-    np.testing.assert_allclose(ids, expected, atol=1e-5)
+    # A request of the user fields alone and the whole impression give the same vector, as in-process.
+    np.testing.assert_allclose(user_only, trained["expected_users"], atol=1e-5)
+    np.testing.assert_allclose(full, trained["expected_users"], atol=1e-5)
 
 
 def test_item_embedding_file_is_the_item_tower_on_each_items_own_fields(trained, tiny_raw):
@@ -266,18 +269,16 @@ def test_item_embedding_file_errors_name_the_line(tmp_path):
 
 
 def test_top_k_client_over_grpc_loopback(trained, tmp_path, capsys):
-    towers, schema = trained["towers"], trained["schema"]
     model_base = os.path.join(trained["base"], "users")
     index = serving_retrieval.read_item_embeddings(serving_retrieval.item_file(model_base, 1))
-    users = export_retrieval.in_process_user_vectors(towers, schema, trained["full_examples"], 64)
-    scores = users @ index.vectors.T
+    scores = trained["expected_users"] @ index.vectors.T
     expected = [[index.keys[i] for i in np.argsort(-s, kind="stable")[:5]] for s in scores]
     manager = server.ModelManager(server.single_model_config("users", model_base),
                                   session_config=server.session_config())
     srv = server.Server(manager, port=0)
     srv.start()
     try:
-        assert manager.models["users"].versions[1].warmup_requests == 4
+        assert manager.models["users"].versions[1].warmup_requests == 6
         with ServingClient(srv.target, "users", timeout_s=30) as client:
             best, version = serving_retrieval.top_k(client, trained["user_examples"], 5, model_base)
         assert version == 1
