@@ -93,7 +93,9 @@ class Featurizer(tf.Module):
         """Featurizes N candidates that share one context Example (TF Ranking's ExampleListWithContext).
 
         Each candidate gets the context's fields it does not have itself (a candidate's field
-        overrides the context's). The context is parsed, hashed, joined and looked up once.
+        overrides the context's); a column the context joined from an entity table goes only to
+        candidates that do not override the table's key field, so every result equals the flat
+        path on the merged Example. The context is parsed, hashed, joined and looked up once.
 
         Args:
           context: scalar string, one serialized raw Example.
@@ -106,7 +108,11 @@ class Featurizer(tf.Module):
         nf = tf.constant(self.num_fields, tf.int64)
         has = tf.math.unsorted_segment_max(tf.ones_like(cand.ex, tf.int32), cand.ex * nf + cand.fids, n * nf)
         has = tf.reshape(has > 0, tf.stack([n, nf]))
-        take = tf.where(~tf.gather(has, ctx.fids, axis=1))  # (candidate, context entry) pairs
+        # (candidate, context entry) pairs: the candidate lacks the entry's field (and the key field
+        # it was joined through).
+        via_has = tf.gather(tf.concat([has, tf.zeros([n, 1], tf.bool)], axis=1),
+                            tf.where(ctx.via >= 0, ctx.via, nf), axis=1)
+        take = tf.where(~tf.gather(has, ctx.fids, axis=1) & ~via_has)
         ex = tf.concat([cand.ex, take[:, 0]], axis=0)
         order, indices, shape = raw.sparse_layout(ex, n)
         merged = [tf.gather(tf.concat([a, tf.gather(b, take[:, 1])], axis=0), order)

@@ -13,8 +13,8 @@ The Example contract (docs/SERVING.md gives it as proto fields):
 
 Keys are hashed in the graph (``feature_hash(f, key)`` as ``Fingerprint64("f=" + key)``), so the
 entries this module produces are exactly the ETL's record entries ``(hash, value, field id)``; the
-featurizer then maps them to rows. Within an example, entries come in schema field order, then the
-joined columns.
+featurizer then maps them to rows. Within an example, entries come in this order: the categorical
+fields (schema order), the binned and numeric fields, then the joined columns.
 """
 from __future__ import annotations
 
@@ -35,19 +35,22 @@ def value_feature(field: str) -> str:
 
 
 class Entries:
-    """Flat features of a batch: example index, hash, value, field id, and the key strings of the
-    categorical ones (empty for value fields), all ``[n]``, grouped by source."""
+    """Flat features of a batch, all ``[n]``: example index, hash, value, field id, the key strings
+    of the categorical ones (empty for value fields) and, for a column joined from an entity table,
+    the field id of the table's key field (``via``; -1 for the Example's own features)."""
 
-    def __init__(self, ex, hashes, values, fids, keys):
+    _PARTS = ("ex", "hashes", "values", "fids", "keys", "via")
+
+    def __init__(self, ex, hashes, values, fids, keys, via=None):
         self.ex, self.hashes, self.values, self.fids, self.keys = ex, hashes, values, fids, keys
+        self.via = tf.fill(tf.shape(ex), tf.constant(-1, tf.int64)) if via is None else via
 
     @staticmethod
     def concat(parts: list["Entries"]) -> "Entries":
-        return Entries(*(tf.concat([getattr(p, a) for p in parts], axis=0)
-                         for a in ("ex", "hashes", "values", "fids", "keys")))
+        return Entries(*(tf.concat([getattr(p, a) for p in parts], axis=0) for a in Entries._PARTS))
 
     def gather(self, idx) -> "Entries":
-        return Entries(*(tf.gather(getattr(self, a), idx) for a in ("ex", "hashes", "values", "fids", "keys")))
+        return Entries(*(tf.gather(getattr(self, a), idx) for a in Entries._PARTS))
 
 
 class _Join(tf.Module):
@@ -58,6 +61,7 @@ class _Join(tf.Module):
         rows = tables.read_table(schema.table_file(table), table.key_column, table.columns)
         keys = list(rows)
         self.key_field = table.key_field
+        self.key_fid = field_ids[table.key_field]
         self.size = len(keys)
         self.index = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(tf.constant(keys or [""], tf.string),
@@ -100,7 +104,11 @@ class RawParser(tf.Module):
         self.value_fields = {f.name for f in schema.fields if f.kind != "categorical"}
         self.allowed = tuple(f.name for f in self.fields) + tuple(
             value_feature(f.name) for f in self.fields if f.kind == "categorical") + tuple(extra_features)
+        self.allowed_table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(self.allowed), tf.ones([len(self.allowed)], tf.int64)), default_value=0)
         self.joins = [_Join(schema, t, self.field_ids, self.value_fields) for t in schema.entity_tables] if join else []
+        self.cat_fields = tuple(f for f in self.fields if f.kind == "categorical")
+        self.num_fields = tuple(f for f in self.fields if f.kind != "categorical")
 
     def spec(self) -> dict:
         """The ``tf.io.parse_example`` spec of the fields."""
@@ -122,52 +130,76 @@ class RawParser(tf.Module):
                                         [tf.string])
         keys = tf.reshape(keys, [-1])
         keys = tf.boolean_mask(keys, tf.strings.length(keys) > 0)  # decode_proto pads with empty strings
-        known = tf.reduce_any(tf.equal(keys[:, None], tf.constant(self.allowed)[None, :]), axis=1)
+        known = self.allowed_table.lookup(keys) > 0
         return tf.debugging.Assert(tf.reduce_all(known), [
             "tf.Example feature keys that are not fields of the model's schema:", tf.boolean_mask(keys, ~known),
             "the schema's fields:", tf.constant(self.allowed)], summarize=20)
 
     def entries(self, serialized: tf.Tensor) -> tuple[Entries, tf.Tensor]:
-        """(entries of the Examples with their joins, batch size) of serialized raw Examples ``[batch]``."""
+        """(entries of the Examples with their joins, batch size) of serialized raw Examples ``[batch]``.
+
+        All fields of a kind are handled at once (one sparse concat, one hash, one lookup), not
+        field by field: a small request's cost is mostly the number of graph ops.
+        """
         parsed = tf.io.parse_example(serialized, self.spec())
         # After the parse, which reports bytes that are not an Example as InvalidArgument.
         with tf.control_dependencies([t.values for t in parsed.values()]):
             check = self.check_keys(serialized)
-        with tf.control_dependencies([check]):
-            parsed = {k: tf.SparseTensor(t.indices, tf.identity(t.values), t.dense_shape) for k, t in parsed.items()}
         batch = tf.shape(serialized, out_type=tf.int64)[0]
-        parts = [self._field_entries(f, parsed) for f in self.fields]
-        present = tf.stack([tf.math.bincount(tf.cast(p.ex, tf.int32), minlength=tf.cast(batch, tf.int32),
-                                             maxlength=tf.cast(batch, tf.int32)) > 0 for p in parts], axis=1)
-        by_field = dict(zip((f.name for f in self.fields), parts))
-        for join in self.joins:
-            parts.extend(self._join_entries(join, by_field[join.key_field], present))
-        return Entries.concat(parts), batch
-
-    def _field_entries(self, f, parsed) -> Entries:
-        sp = parsed[f.name]
-        ex = sp.indices[:, 0]
-        n = tf.shape(ex)[0]
-        fid = tf.fill([n], tf.constant(f.id, tf.int64))
-        if f.kind != "categorical":
-            h = tf.fill([n], tf.constant(feature_hash(f.name, rules.value_key(f.name)), tf.int64))
-            return Entries(ex, h, sp.values, fid, tf.fill([n], ""))
-        keys = sp.values
-        hashes = _fingerprint(tf.strings.join([f.name + "=", keys]))
-        return Entries(ex, hashes, self._key_values(f, sp, parsed[value_feature(f.name)]), fid, keys)
-
-    @staticmethod
-    def _key_values(f, keys: tf.SparseTensor, vals: tf.SparseTensor):
-        """The value of each key: 1, or the ``f:value`` entry at the same position (one per key)."""
-        batch = tf.cast(keys.dense_shape[0], tf.int32)
-        nk = tf.math.bincount(tf.cast(keys.indices[:, 0], tf.int32), minlength=batch, maxlength=batch)
-        nv = tf.math.bincount(tf.cast(vals.indices[:, 0], tf.int32), minlength=batch, maxlength=batch)
-        check = tf.debugging.Assert(tf.reduce_all((nv == 0) | (nv == nk)), [
-            f"feature {value_feature(f.name)!r} must hold one value per key of {f.name!r} (or be absent)"])
-        width = tf.maximum(keys.dense_shape[1], vals.dense_shape[1])
-        dense = tf.scatter_nd(vals.indices, vals.values - 1.0, tf.stack([keys.dense_shape[0], width])) + 1.0
+        parts = []
+        if self.cat_fields:
+            parts.append(self._categorical_entries(parsed, batch))
+        if self.num_fields:
+            parts.append(self._number_entries(parsed))
         with tf.control_dependencies([check]):
-            return tf.gather_nd(dense, keys.indices)
+            own = Entries.concat(parts) if len(parts) > 1 else parts[0]
+            own = Entries(tf.identity(own.ex), own.hashes, own.values, own.fids, own.keys)
+        if not self.joins:
+            return own, batch
+        nf = len(self.fields)
+        present = tf.math.unsorted_segment_max(tf.ones_like(own.ex, tf.int32), own.ex * nf + own.fids, batch * nf)
+        present = tf.reshape(present > 0, tf.stack([batch, nf]))
+        key_of = {}
+        for join in self.joins:
+            if join.key_field not in key_of:
+                keep = tf.where(tf.equal(own.fids, self.field_ids[join.key_field]))[:, 0]
+                key_of[join.key_field] = own.gather(keep)
+        joined = [e for join in self.joins for e in self._join_entries(join, key_of[join.key_field], present)]
+        return Entries.concat([own] + joined), batch
+
+    def _categorical_entries(self, parsed, batch) -> Entries:
+        """Every categorical field's keys, hashed at once; values from the ``f:value`` companions."""
+        fields = self.cat_fields
+        keys, slot, col = _concat([parsed[f.name] for f in fields])
+        vals, vslot, vcol = _concat([parsed[value_feature(f.name)] for f in fields])
+        ex = keys.indices[:, 0]
+        fids = tf.gather(tf.constant([f.id for f in fields], tf.int64), slot)
+        prefixes = tf.constant([f.name + "=" for f in fields])
+        hashes = _fingerprint(tf.strings.join([tf.gather(prefixes, slot), keys.values]))
+        # Values: the f:value entry at the same (example, field, position), 1 without one.
+        n = len(fields)
+        vex = vals.indices[:, 0]
+        nk = tf.math.unsorted_segment_sum(tf.ones_like(ex), ex * n + slot, batch * n)
+        nv = tf.math.unsorted_segment_sum(tf.ones_like(vex), vex * n + vslot, batch * n)
+        bad = tf.reshape((nv != 0) & (nv != nk), tf.stack([batch, n]))
+        check = tf.debugging.Assert(~tf.reduce_any(bad), [
+            "a <field>:value feature must hold one value per key of <field>; offending fields:",
+            tf.boolean_mask(tf.constant([value_feature(f.name) for f in fields]), tf.reduce_any(bad, axis=0))],
+            summarize=20)
+        width = tf.maximum(tf.reduce_max(tf.concat([nk, [0]], 0)), 1)
+        dense = tf.scatter_nd(tf.stack([vex, vslot, vcol], 1), vals.values - 1.0, tf.stack([batch, n, width]))
+        with tf.control_dependencies([check]):
+            values = tf.gather_nd(dense, tf.stack([ex, slot, col], 1)) + 1.0
+        return Entries(ex, hashes, values, fids, keys.values)
+
+    def _number_entries(self, parsed) -> Entries:
+        """Every binned/numeric field's numbers: hash of the field's value key, the raw value."""
+        fields = self.num_fields
+        nums, slot, _ = _concat([parsed[f.name] for f in fields])
+        hashes = tf.gather(tf.constant([feature_hash(f.name, rules.value_key(f.name)) for f in fields], tf.int64),
+                           slot)
+        fids = tf.gather(tf.constant([f.id for f in fields], tf.int64), slot)
+        return Entries(nums.indices[:, 0], hashes, nums.values, fids, tf.fill(tf.shape(slot), ""))
 
     @staticmethod
     def _join_entries(join: _Join, key_entries: Entries, present) -> list[Entries]:
@@ -189,12 +221,30 @@ class RawParser(tf.Module):
                 n = tf.shape(cell)[0]
                 e = Entries(key_entries.ex, _fingerprint(tf.strings.join([name + "=", cell])),
                             tf.ones([n], tf.float32), tf.fill([n], tf.constant(fid, tf.int64)), cell)
+            e.via = tf.fill(tf.shape(e.ex), tf.constant(join.key_fid, tf.int64))
             out.append(e.gather(tf.where(keep)[:, 0]))
         return out
 
 
 def _fingerprint(strings):
     return tf.bitcast(tf.fingerprint(strings), tf.int64)
+
+
+def _concat(sparse: list):
+    """(the fields' SparseTensors side by side, field slot of each entry, its position in its field).
+
+    ``tf.sparse.concat`` along the columns keeps the entries sorted by example, then field; an
+    entry's field is found from the column offsets of the fields' widths.
+    """
+    if len(sparse) == 1:
+        sp = sparse[0]
+        return sp, tf.zeros_like(sp.indices[:, 0]), sp.indices[:, 1]
+    cat = tf.sparse.concat(axis=1, sp_inputs=sparse)
+    ends = tf.cumsum(tf.stack([sp.dense_shape[1] for sp in sparse]))
+    col = cat.indices[:, 1]
+    slot = tf.searchsorted(ends, col, side="right", out_type=tf.int64)
+    start = tf.gather(tf.concat([[0], ends[:-1]], 0), slot)
+    return cat, slot, col - start
 
 
 def sparse_layout(ex: tf.Tensor, batch: tf.Tensor):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from feature_schema import FieldSpec, LabelSpec, Schema, VocabEntry, feature_hash, field_hash
+from feature_schema import EntityTableSpec, FieldSpec, LabelSpec, Schema, VocabEntry, feature_hash, field_hash
 from feature_schema import rules
 from featurization import Featurizer, fingerprint_int64
+from serving import protocol
 
 # user: rare 0, u1 -> 1, u2 -> 2.  price (binned, edges 1.0, 2.5): rare 3, bin0 -> 4, bin2 -> 5 (bin1 was
 # rare in training).  age (numeric, mean 30, std 10): rare 6, age -> 7.  tag (multi-hot): rare 8, t1 -> 9.
@@ -155,3 +156,56 @@ def test_saved_model_round_trip_through_the_tf1_loader(tmp_path):
     np.testing.assert_allclose(want["values"], [[1, 1, 0, 1], [2, 1, 1, 1]])
     np.testing.assert_array_equal(got["ids"], want["ids"])
     np.testing.assert_allclose(got["values"], want["values"])
+
+
+def _raw_featurizer(tmp_path):
+    """The hand schema plus an entity table user -> age (numeric) joined in the graph."""
+    table = tmp_path / "users.tsv"
+    table.write_text("user\tage\nu1\t40\nu2\t\n", encoding="utf-8")
+    schema = _schema(entity_tables=(EntityTableSpec("users", str(table), "user", "user", ("age",)),))
+    return Featurizer(schema, VOCAB, raw_examples=True)
+
+
+def _raw(features):
+    return tf.constant([protocol.raw_example(f, {"price", "age"}) for f in features])
+
+
+def test_raw_examples_by_hand_with_joins_values_and_multi_hot(tmp_path):
+    fz = _raw_featurizer(tmp_path)
+    out = fz.from_examples(_raw([
+        # u1's age (40) joins from the table: (40 - 30) / 10 = 1; tags with values 2 and 0.5.
+        [("user", "u1", 1.0), ("price", "price", 2.5), ("tag", "t1", 2.0), ("tag", "t9", 0.5)],
+        # The Example's own age wins over the table's; u2's table cell is empty anyway.
+        [("user", "u1", 1.0), ("age", "age", 10.0)],
+        [("user", "u2", 3.0)],  # empty cell: age missing (value 0); user value 3 kept
+        [],
+    ]))
+    assert _triples(out) == [
+        # Order: categorical fields, then binned/numeric ones, then joined columns, then missing.
+        [(1, 1.0, 0), (9, 2.0, 3), (8, 0.5, 3), (5, 1.0, 1), (7, 1.0, 2)],
+        [(1, 1.0, 0), (7, -2.0, 2), (3, 1.0, 1), (8, 1.0, 3)],
+        [(2, 3.0, 0), (3, 1.0, 1), (6, 0.0, 2), (8, 1.0, 3)],
+        [(0, 1.0, 0), (3, 1.0, 1), (6, 0.0, 2), (8, 1.0, 3)],
+    ]
+
+
+def test_raw_value_companion_must_match_the_keys(tmp_path):
+    fz = _raw_featurizer(tmp_path)
+    ex = tf.train.Example()
+    ex.features.feature["tag"].bytes_list.value.extend([b"t1", b"t2"])
+    ex.features.feature["tag:value"].float_list.value.extend([2.0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="tag:value"):
+        fz.from_examples(tf.constant([ex.SerializeToString()]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="colour"):
+        fz.from_examples(_raw([[("colour", "red", 1.0)]]))
+
+
+def test_context_and_candidates_equal_the_merged_examples(tmp_path):
+    fz = _raw_featurizer(tmp_path)
+    context = [("user", "u1", 1.0), ("tag", "t1", 1.0)]
+    cands = [[("price", "price", 0.5)], [("price", "price", 3.0), ("user", "u2", 1.0)], []]
+    ranked = fz.from_context(_raw([context])[0], _raw(cands))
+    merged = fz.from_examples(_raw([c + [f for f in context if f[0] not in {x[0] for x in c}] for c in cands]))
+    assert [sorted(r) for r in _triples(ranked)] == [sorted(r) for r in _triples(merged)]
+    # The second candidate's user (u2) overrides the context's u1, and so u1's joined age: u2 has none.
+    assert sorted(_triples(ranked)[1]) == [(2, 1.0, 0), (5, 1.0, 1), (6, 0.0, 2), (9, 1.0, 3)]

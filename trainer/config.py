@@ -71,6 +71,14 @@ class ModelConfig:
       wide_fields: fields of the wide (linear) part of ``wide_deep`` besides ``bias_fields``; empty
         means all fields.
       task_fields: task -> field names only that task's tower sees (multi-task models).
+      num_regions: m, the regions of ``mlr`` (softmax gate x m region-wise LRs; ``l2_linear`` on their rows).
+      user_fields, item_fields: the fields of the user and item towers of ``two_tower``; the first item
+        field names the item (one key per example, the rows of the item-embedding file).
+      tower_dim: d, the size of ``two_tower``'s user and item vectors (each tower: ``hidden_units`` -> d).
+      logq_correction: ``two_tower`` subtracts log q(item) from the in-batch logits, q = the item's
+        share of training impressions (the vocabulary's counts).
+      temperature: ``two_tower``'s in-batch logits are ``<u, v> / temperature``.
+      normalize_towers: L2-normalise both towers' vectors (the score is then a cosine).
     """
 
     name: str = "fm"
@@ -93,6 +101,14 @@ class ModelConfig:
     bias_tasks: tuple[str, ...] | None = None
     wide_fields: tuple[str, ...] = ()
     task_fields: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # mlr (trainer/mlr.py) and two_tower (trainer/retrieval.py)
+    num_regions: int = 12
+    user_fields: tuple[str, ...] = ("user", "query", "hour", "device")
+    item_fields: tuple[str, ...] = ("item", "category", "brand", "price")
+    tower_dim: int = 32
+    logq_correction: bool = True
+    temperature: float = 1.0
+    normalize_towers: bool = False
 
     def __post_init__(self):
         if self.embedding_init not in ("normal", "uniform"):
@@ -102,6 +118,9 @@ class ModelConfig:
         if self.num_experts < 1 or not self.expert_units:
             raise ValueError(f"model.num_experts ({self.num_experts}) must be >= 1 and model.expert_units "
                              f"({list(self.expert_units)}) not empty")
+        if self.num_regions < 1 or self.tower_dim < 1 or self.temperature <= 0:
+            raise ValueError(f"model.num_regions ({self.num_regions}) and model.tower_dim ({self.tower_dim}) must be "
+                             f">= 1 and model.temperature ({self.temperature}) > 0")
 
 
 @dataclasses.dataclass(frozen=True)
