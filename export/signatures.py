@@ -37,21 +37,30 @@ class ServingModule(tf.Module):
         self._keys = schema.example_keys
         self.featurizer = Featurizer(schema, raw_examples=True)
         self.outputs = tuple(model.serving_outputs)
+        # The model traced once; every signature calls this one function after its own front end
+        # (tracing the model per signature made saving several times slower).
+        sparse = {"ids": tf.SparseTensorSpec([None, None], tf.int64),
+                  "values": tf.SparseTensorSpec([None, None], tf.float32),
+                  "fields": tf.SparseTensorSpec([None, None], tf.int64)}
+        self._model_fn = tf.function(self._forward, input_signature=[sparse], autograph=False)
 
-    def run(self, features: dict) -> dict:
+    def _forward(self, features: dict) -> dict:
         out = self.model(features, training=False)
         return {t: out[t] for t in self.outputs}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    def run(self, features: dict) -> dict:
+        return self._model_fn(features)
+
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_examples(self, examples):
         return self.run(self.featurizer.from_examples(examples))
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name=CONTEXT_INPUT),
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.string, name=CONTEXT_INPUT),
                                   tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def rank(self, context, examples):
         return self.run(self.featurizer.from_context(context, examples))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_hashed(self, examples):
         k = self._keys
         parsed = tf.io.parse_example(examples, {k.hashes: tf.io.VarLenFeature(tf.int64),
@@ -59,7 +68,7 @@ class ServingModule(tf.Module):
                                                 k.field_hashes: tf.io.VarLenFeature(tf.int64)})
         return self.run(self.featurizer.from_records(parsed[k.hashes], parsed[k.values], parsed[k.field_hashes]))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int64, name=IDS_INPUT),
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, None], tf.int64, name=IDS_INPUT),
                                   tf.TensorSpec([None, None], tf.float32, name=VALUES_INPUT),
                                   tf.TensorSpec([None, None], tf.int64, name=FIELDS_INPUT)])
     def serve_ids(self, ids, values, fields):
@@ -74,15 +83,15 @@ class ServingModule(tf.Module):
         return self.run(self.featurizer.from_field_ids(*sparse))
 
     def _primary(self, examples):
-        return self.run(self.featurizer.from_examples(examples))[self.outputs[0]]
+        return self.serve_examples(examples)[self.outputs[0]]
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS)])
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS)])
     def classify(self, inputs):
         p = self._primary(inputs)
         classes = tf.tile(tf.constant([list(protocol.CLASS_LABELS)]), [tf.shape(p)[0], 1])
         return {CLASSIFY_SCORES: tf.stack([1.0 - p, p], axis=1), CLASSIFY_CLASSES: classes}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=REGRESS_INPUTS)])
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=REGRESS_INPUTS)])
     def regress(self, inputs):
         return {REGRESS_OUTPUTS: self._primary(inputs)}
 
