@@ -18,7 +18,6 @@ raw line, to its dead-letter output.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 # Reasons a line is dead-lettered; docs/ETL.md lists exactly these.
@@ -41,7 +40,8 @@ REASONS = (EMPTY, NON_UTF8, BAD_LABEL, LABEL_COUNT, BAD_TOKEN, BAD_VALUE, NON_FI
            BAD_DICTIONARY_VALUE)
 
 _LABEL_VALUES = {"1": 1.0, "0": 0.0, "-1": 0.0, "+1": 1.0, "1.0": 1.0, "0.0": 0.0, "-1.0": 0.0}
-_isfinite = math.isfinite
+# Records hold float32 values (a tf.train.FloatList): a larger magnitude would become inf there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ParseError(ValueError):
@@ -77,12 +77,13 @@ def decode(raw: bytes | str) -> str:
 
 
 def parse_value(text: str, token: str) -> float:
+    """A feature value: a number that is finite in float32 (``bad_value``, ``non_finite_value``)."""
     try:
         v = float(text)
     except ValueError:
         raise ParseError(BAD_VALUE, f"value {text!r} of token {token!r} is not a number") from None
-    if not _isfinite(v):
-        raise ParseError(NON_FINITE, f"value {text!r} of token {token!r} is not finite")
+    if not -FLOAT32_MAX <= v <= FLOAT32_MAX:  # also false for NaN
+        raise ParseError(NON_FINITE, f"value {text!r} of token {token!r} is not finite in float32")
     return v
 
 
@@ -149,8 +150,8 @@ def parse_record(raw: bytes | str, fmt: str, num_labels: int = 1, max_features: 
             v = float(text)
         except ValueError:
             raise ParseError(BAD_VALUE, f"value {text!r} of token {tok!r} is not a number") from None
-        if not _isfinite(v):
-            raise ParseError(NON_FINITE, f"value {text!r} of token {tok!r} is not finite")
+        if not -FLOAT32_MAX <= v <= FLOAT32_MAX:  # also false for NaN
+            raise ParseError(NON_FINITE, f"value {text!r} of token {tok!r} is not finite in float32")
         if nparts == 2:
             append((None, parts[0], v))
         elif field_names is None:

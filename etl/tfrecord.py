@@ -82,22 +82,22 @@ def frame(data: bytes) -> bytes:
 
 
 class ExampleEncoder:
-    """Serializes sparse examples by refilling one reused `Example` message.
+    """Serializes version-2 records (``feature_schema.ExampleKeys``) by refilling one reused `Example`.
 
-    Refilling the six lists of one message is about twice as fast as building
-    a new message (and its map entries) per example. Not thread-safe: each
-    DoFn instance makes its own in ``setup``.
+    Refilling the lists of one message is about twice as fast as building a new message (and
+    its map entries) per example. Not thread-safe: each DoFn instance makes its own in ``setup``.
     """
 
     def __init__(self, label_names, keys):
         self._msg = Example()
         feature = self._msg.features.feature
-        self._lists = (feature[keys.ids].int64_list.value, feature[keys.values].float_list.value,
-                       feature[keys.fields].int64_list.value, feature[keys.hashes].int64_list.value)
+        self._lists = (feature[keys.hashes].int64_list.value, feature[keys.values].float_list.value,
+                       feature[keys.field_hashes].int64_list.value)
         self._labels = tuple(feature[name].float_list.value for name in label_names)
 
-    def encode(self, ids, values, fields, hashes, labels) -> bytes:
-        for lst, data in zip(self._lists, (ids, values, fields, hashes)):
+    def encode(self, hashes, values, field_hashes, labels) -> bytes:
+        """One record: aligned feature hashes, values (stored as float32), field hashes; labels."""
+        for lst, data in zip(self._lists, (hashes, values, field_hashes)):
             del lst[:]
             lst.extend(data)
         for lst, v in zip(self._labels, labels):

@@ -11,9 +11,10 @@ The ETL uses these to count and describe what it writes; the featurization layer
 * **Bins.** ``bin_index(v, edges)`` is the number of edges ``<= v``: bin ``i`` holds
   ``edges[i-1] <= v < edges[i]`` (lower edge inclusive, upper exclusive); bin 0 holds everything
   below the first edge and bin ``len(edges)`` everything from the last edge up. Edges are strictly
-  increasing. A value that carries a large share of a field's rows (0 in a zero-inflated field)
-  gets a bin of its own, ``[v, nextafter(v))`` (``etl.features.bin_edges``). Bin ``i`` is the
-  vocabulary feature ``bin_key(i)``.
+  increasing and float32 numbers. A value that carries at least ``1/num_bins`` of a field's
+  training rows (0 in a zero-inflated field) gets a bin of its own, ``[v, next_float32(v))``;
+  the rest of the rows is split into roughly equal-frequency bins, ``num_bins`` bins in all
+  (``etl.features.bin_edges``). Bin ``i`` is the vocabulary feature ``bin_key(i)``.
 * **Scaling.** A ``numeric`` field's value becomes ``(t(v) - mean) / std`` with ``t`` its
   ``transform`` (``none``: identity; ``log1p``: ``sign(v) * log(1 + |v|)``, for heavy tails), and
   mean and std of ``t(v)`` over the training split (``FieldSpec.value_stats``; std 0 counts as 1).
@@ -29,6 +30,7 @@ import struct
 
 VALUE_TRANSFORMS = ("none", "log1p")
 _F32 = struct.Struct("<f")
+_U32 = struct.Struct("<I")
 
 
 def value_key(field: str) -> str:
@@ -52,6 +54,20 @@ def to_float32(value: float) -> float:
         return _F32.unpack(_F32.pack(value))[0]
     except OverflowError:
         return math.copysign(math.inf, value)
+
+
+def next_float32(value: float) -> float:
+    """The smallest float32 above float32 ``value`` (numpy's ``nextafter`` towards +inf in float32).
+
+    ``[v, next_float32(v))`` holds exactly one float32, ``v``: the bin of a heavy value.
+    """
+    v = to_float32(value)
+    if v != v or v == math.inf:
+        return v
+    if v == 0.0:
+        return _F32.unpack(_U32.pack(1))[0]  # the smallest subnormal, above +0 and -0
+    bits = _U32.unpack(_F32.pack(v))[0]
+    return _F32.unpack(_U32.pack(bits + 1 if v > 0 else bits - 1))[0]
 
 
 def transform_value(value: float, transform: str) -> float:

@@ -4,9 +4,10 @@ Feature rows live in one global index space. Field ``f`` owns the contiguous row
 ``[offset, offset + vocab_size)``; row ``offset`` is the field's *rare* id, which
 stands for features seen fewer than ``min_count`` times in training, for
 features never seen, and for a field missing from an example. Trainer layers
-size their tables from ``num_features`` and ``num_fields``; the exporter builds
-the in-graph lookup (stable hash -> row, unknown -> rare id) from the
-vocabulary file named here. Nothing downstream hard-codes any of it.
+size their tables from ``num_features`` and ``num_fields``; the featurization
+layer builds the in-graph lookup (stable hash -> row, unknown -> rare id) from
+the vocabulary file named here. The ETL's records (version 2) hold hashes and
+raw values only (``ExampleKeys``). Nothing downstream hard-codes any of it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from feature_schema.rules import VALUE_TRANSFORMS
 
 SCHEMA_FILENAME = "schema.json"
 VOCAB_FILENAME = "vocabulary.tsv"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 FIELD_KINDS = ("categorical", "binned", "numeric")
 
@@ -41,16 +42,13 @@ class ExampleKeys:
         numeric), aligned with ``hashes``.
       field_hashes: int64 list, ``field_hash(field)`` of each feature's field, aligned with ``hashes``.
       weight: optional float, the sample weight (1.0 when absent).
-      ids, fields: legacy (schema version 1 records: vocabulary rows and dense field ids); gone
-        once the streaming ETL writes version 2 records.
+    Labels are float features named by ``Schema.labels``.
     """
 
     hashes: str = "feat_hashes"
     values: str = "feat_vals"
     field_hashes: str = "feat_field_hashes"
     weight: str = "weight"
-    ids: str = "feat_ids"
-    fields: str = "feat_fields"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,12 +138,14 @@ class Schema:
       fields: all fields, ordered by id.
       labels: all labels, in the order of the input lines.
       num_features: total rows of the global vocabulary (sum of vocab sizes).
-      max_features_per_example: largest number of features in one example.
+      max_features_per_example: largest number of features in one example after the
+        featurization layer added the rows of missing fields (``fill_missing``).
       example_keys: names of the `tf.train.Example` features.
       hash_function: how feature hashes were computed (see ``hashing``).
       vocabulary_path: vocabulary TSV, relative to the schema's directory.
-      splits: split name -> {"files": [glob relative to the schema dir], "examples": n}.
-      counts: split name -> {"read", "written", "dead_lettered"} line counts.
+      splits: split name (``train``, ``eval``, and ``valid`` when the ETL made one) ->
+        {"files": [glob relative to the schema dir], "examples": n}.
+      counts: split name -> {"read", "written", "dead_lettered", "dead_letter_reasons"} line counts.
       sources: input files and dictionaries the job read.
       compression: compression of the TFRecord shards (``GZIP``).
       format: input format the ETL parsed (``libfm`` or ``libffm``).
@@ -247,7 +247,9 @@ class Schema:
         d = dict(d)
         version = d.get("version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"schema version {version!r} is not {SCHEMA_VERSION}")
+            raise ValueError(
+                f"schema version {version!r} is not {SCHEMA_VERSION}: its records hold vocabulary rows, not the "
+                f"hashed features this code reads; rerun `make etl` (python -m etl.pipeline) to rewrite the data")
         fields = []
         for f in d.pop("fields"):
             f = dict(f)
