@@ -6,8 +6,8 @@ and by ``bench/bench_etl.py``'s single-process conversion.
 
 A record moving through the job is ``(labels, features)`` with ``(field, key, value)``
 feature tuples; binned and numeric fields carry their field name as key
-(``rules.value_key``) and the raw number as value. ``RecordHasher`` turns a record into the
-lists of a version-2 `tf.train.Example` (hashes, values, field hashes). Nothing here maps a
+(``rules.value_key``) and the raw number as value. ``RecordEncoder`` turns a record into a
+version-2 `tf.train.Example` (hashes, values, field hashes, labels). Nothing here maps a
 key to a vocabulary row: the vocabulary is *built* here (``assign_vocabulary``,
 ``extend_vocabulary``, ``bin_edges``) and *applied* by the featurization layer.
 """
@@ -17,7 +17,7 @@ import dataclasses
 import math
 from typing import Callable, Iterable, Mapping, Sequence
 
-from etl import parsing
+from etl import parsing, tfrecord
 from etl.parsing import ParseError
 from feature_schema import FieldSpec, VocabEntry, feature_hash, field_hash, string_hash
 from feature_schema.rules import next_float32, value_key
@@ -79,37 +79,44 @@ def value_stats(count: float, total: float, total_sq: float, lo: float, hi: floa
 
 # ---------------------------------------------------------------- dictionaries
 
-def row_features(row: Mapping[str, str], value_columns=frozenset()) -> tuple[tuple, ...] | str:
-    """Features of one entity-table row, or an error detail if a number is malformed.
+def table_row(row: Mapping[str, str | None], value_columns=frozenset()) -> tuple | str:
+    """The compact form of one entity-table row, or an error detail if a number is malformed.
 
-    Categorical columns give ``(column, cell, 1.0)``; binned/numeric columns give
-    ``(column, column, number)``. Empty cells are skipped (the field is missing).
-    The job converts every row once, when it reads the table, not per line.
+    One cell per column, in ``row``'s order: ``None`` for an empty cell (the field is missing),
+    a float for a binned/numeric column, the string otherwise. Rows are a side input that every
+    worker holds for the whole job: a tuple of cells is a fifth of the memory of the features
+    themselves (three tuples and a copy of every column name per row); ``join_entity`` makes
+    the features of the rows a line matches. The job converts every row once, when it reads the
+    table, not per line.
     """
     out = []
     for col, val in row.items():
         if val is None or val == "":
-            continue
-        if col in value_columns:
+            out.append(None)
+        elif col in value_columns:
             try:
                 v = float(val)
             except ValueError:
                 return f"column {col!r}: {val!r} is not a number"
             if not -parsing.FLOAT32_MAX <= v <= parsing.FLOAT32_MAX:
                 return f"column {col!r}: {val!r} is not finite in float32"
-            out.append((col, value_key(col), v))
+            out.append(v)
         else:
-            out.append((col, str(val), 1.0))
+            out.append(str(val))
     return tuple(out)
 
 
-def join_entity(features, key_field: str, table) -> tuple[tuple, ...]:
+def join_entity(features, key_field: str, table, columns: Sequence[str]) -> tuple[tuple, ...]:
     """Adds the attributes of every entity named by ``key_field`` as features.
+
+    A string cell of column ``c`` becomes ``(c, cell, 1.0)``, a number ``(c, c, number)``
+    (``rules.value_key``); empty cells add nothing.
 
     Args:
       features: the line's features, fields assigned.
       key_field: field whose key looks up the table (``item``).
-      table: any ``.get(key)`` mapping from entity key to ``row_features``.
+      table: any ``.get(key)`` mapping from entity key to ``table_row``.
+      columns: the table's columns, in the order of its rows' cells.
 
     Raises:
       ParseError: ``bad_dictionary_value`` when the matched row has a malformed number.
@@ -123,7 +130,9 @@ def join_entity(features, key_field: str, table) -> tuple[tuple, ...]:
             continue
         if type(row) is str:
             raise ParseError(parsing.BAD_DICTIONARY_VALUE, f"{key_field} {f[1]!r}: {row}")
-        extra.extend(row)
+        for col, cell in zip(columns, row):
+            if cell is not None:
+                extra.append((col, col, cell) if type(cell) is float else (col, cell, 1.0))
     return tuple(features) + tuple(extra)
 
 
@@ -142,6 +151,7 @@ class LineSpec:
       multi_hot: fields that may repeat in a line.
       value_fields: binned and numeric fields (key becomes the field name).
       table_keys: key field of each entity table, in config order.
+      table_columns: the columns of each entity table, in the order of its rows' cells.
       split: ``path`` (eval given by the input), ``line`` (hash of the raw line)
         or ``key`` (hash of the ``split_key`` field's feature).
       split_key: field for ``split == "key"``.
@@ -157,6 +167,7 @@ class LineSpec:
     multi_hot: frozenset[str] = frozenset()
     value_fields: frozenset[str] = frozenset()
     table_keys: tuple[str, ...] = ()
+    table_columns: tuple[tuple[str, ...], ...] = ()
     split: str = "line"
     split_key: str = ""
     eval_percent: int = 20
@@ -204,7 +215,7 @@ class LineProcessor:
         return parsing.assign_fields(features, field_map)
 
     def join(self, features, table_index: int, table) -> tuple[tuple, ...]:
-        return join_entity(features, self.spec.table_keys[table_index], table)
+        return join_entity(features, self.spec.table_keys[table_index], table, self.spec.table_columns[table_index])
 
     def finish(self, features) -> tuple[tuple, ...]:
         """Field checks after all joins; value fields get their field name as key."""
@@ -234,41 +245,41 @@ class LineProcessor:
 
 # ------------------------------------------------------------------ records
 
-class RecordHasher:
-    """The aligned lists of a version-2 record: feature hashes, values and field hashes.
+class RecordEncoder:
+    """Version-2 `tf.train.Example` bytes of a record: feature hashes, values, field hashes, labels.
 
     ``feature_hash`` costs a string join and a FarmHash per feature; keys repeat (ids are
-    Zipf-distributed), so hashes are cached per field, up to ``max_cached`` keys in all (then
-    the cache starts over). Not thread-safe: each DoFn instance makes its own in ``setup``.
+    Zipf-distributed), so (feature hash, field hash) is cached per (field, key), up to
+    ``max_cached`` features (then the cache starts over). Not thread-safe: each DoFn instance
+    makes its own in ``setup``.
     """
 
-    def __init__(self, max_cached: int = 1 << 20):
+    def __init__(self, label_names, keys, max_cached: int = 1 << 20):
+        self._example = tfrecord.ExampleEncoder(label_names, keys)
         self._max = max_cached
-        self._size = 0
-        self._keys: dict[str, dict[str, int]] = {}
-        self._fields: dict[str, int] = {}
+        self._cache: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def _miss(self, field: str, key: str) -> tuple[int, int]:
+        if len(self._cache) >= self._max:
+            self._cache.clear()
+        h = self._cache[(field, key)] = (feature_hash(field, key), field_hash(field))
+        return h
 
     def lists(self, features) -> tuple[list[int], list[float], list[int]]:
-        """(hashes, values, field hashes) of ``(field, key, value)`` features, in their order."""
+        """(feature hashes, values, field hashes) of ``(field, key, value)`` features, in their order."""
         hashes, values, fields = [], [], []
-        keys_of, field_of = self._keys, self._fields
+        get = self._cache.get
         for field, key, value in features:
-            keys = keys_of.get(field)
-            if keys is None:
-                keys = keys_of[field] = {}
-                field_of[field] = field_hash(field)
-            h = keys.get(key)
-            if h is None:
-                if self._size >= self._max:
-                    for d in keys_of.values():
-                        d.clear()
-                    self._size = 0
-                h = keys[key] = feature_hash(field, key)
-                self._size += 1
-            hashes.append(h)
+            h = get((field, key)) or self._miss(field, key)
+            hashes.append(h[0])
             values.append(value)
-            fields.append(field_of[field])
+            fields.append(h[1])
         return hashes, values, fields
+
+    def encode(self, labels, features) -> bytes:
+        """The serialized record of ``labels`` and ``(field, key, value)`` features."""
+        hashes, values, fields = self.lists(features)
+        return self._example.encode(hashes, values, fields, labels)
 
 
 # ------------------------------------------------------------------ vocabulary

@@ -64,8 +64,15 @@ def _inputs(cfg: EtlConfig):
 def build_pipeline(p: beam.Pipeline, cfg: EtlConfig, keys: ExampleKeys = ExampleKeys()) -> None:
     """Adds the whole job to pipeline ``p`` (outputs under ``cfg.out``)."""
     plan = plan_job(cfg)
-    field_map = dictionaries.read_field_map(p, cfg.field_map) if cfg.format == "libfm" else None
-    tables = [dictionaries.read_entity_table(p, t, list(cols), values) for t, cols, values, _ in plan.tables]
+    field_map = None
+    if cfg.format == "libfm":
+        field_map = dictionaries.read_field_map(p, cfg.field_map)
+        if not plan.field_map_keyed:
+            field_map = transforms.pack(field_map, "FieldMap")
+    tables = []
+    for t, cols, values, keyed in plan.tables:
+        table = dictionaries.read_entity_table(p, t, list(cols), values)
+        tables.append(table if keyed else transforms.pack(table, f"Entity_{t.name}"))
     parsed = []
     for split, pattern in _inputs(cfg):
         name = "" if split is None else SPLITS[split].title()

@@ -152,6 +152,7 @@ def plan_job(cfg: EtlConfig) -> JobPlan:
         known_fields=known,
         multi_hot=frozenset(n for n in names if settings[n]["multi_hot"]) | {f.name for f in cfg.fields if f.multi_hot},
         value_fields=binned | numeric, table_keys=tuple(t.key_field for t, *_ in tables),
+        table_columns=tuple(cols for _, cols, *_ in tables),
         split=_split_mode(cfg), split_key=cfg.split_key, eval_percent=cfg.eval_percent,
         valid_per_10k=round(cfg.valid_fraction * 10000))
     return JobPlan(spec=spec, field_names=tuple(names), settings=settings, default_min_count=cfg.min_count,

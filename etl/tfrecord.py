@@ -85,7 +85,8 @@ class ExampleEncoder:
     """Serializes version-2 records (``feature_schema.ExampleKeys``) by refilling one reused `Example`.
 
     Refilling the lists of one message is about twice as fast as building a new message (and
-    its map entries) per example. Not thread-safe: each DoFn instance makes its own in ``setup``.
+    its map entries) per example; it was also as fast as writing the wire format by hand.
+    Not thread-safe: each DoFn instance makes its own in ``setup``.
     """
 
     def __init__(self, label_names, keys):
