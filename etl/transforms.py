@@ -891,7 +891,7 @@ class WriteRecords(beam.PTransform):
         self._multi_hot = multi_hot
 
     def expand(self, records):
-        tmp = FileSystems.join(self._out, TMP, "records")
+        tmp = FileSystems.join(self._out, f"{TMP}-records")
         written = [r | f"Write{i}" >> beam.ParDo(_ShardWriterFn(tmp, self._shards, self._labels, self._keys,
                                                                self._multi_hot)).with_outputs(STATS, main="files")
                    for i, r in enumerate(records)]
@@ -914,7 +914,7 @@ class WriteDeadLetters(beam.PTransform):
         self._splits = tuple(splits)
 
     def expand(self, dead):
-        tmp = FileSystems.join(self._out, TMP, "dead_letter")
+        tmp = FileSystems.join(self._out, f"{TMP}-dead_letter")
         files = [d | f"Write{i}" >> beam.ParDo(_DeadLetterWriterFn(tmp)) for i, d in enumerate(dead)]
         return (files | "FlattenFiles" >> beam.Flatten() | "FileList" >> Gather()
                 | "Finalize" >> beam.Map(finalize_files, self._out, tmp, self._splits, dead_letter_path, 1, False))

@@ -49,7 +49,7 @@ def test_poller_never_sees_an_incomplete_version(served_export, tmp_path):
 
 
 def _records(out, split):
-    """Every example of a split as (labels, sorted (field, row, value, hash) features), sorted.
+    """Every example of a split as (labels, sorted (field hash, hash, value) features), sorted.
 
     Shard assignment and the order of features inside an example are the runner's business;
     the content of every example is not.
@@ -61,8 +61,8 @@ def _records(out, split):
     out = []
     for r in tf.data.TFRecordDataset(files, compression_type="GZIP"):
         f = tf.train.Example.FromString(r.numpy()).features.feature
-        feats = sorted(zip(f["feat_fields"].int64_list.value, f["feat_ids"].int64_list.value,
-                           f["feat_vals"].float_list.value, f["feat_hashes"].int64_list.value))
+        feats = sorted(zip(f["feat_field_hashes"].int64_list.value, f["feat_hashes"].int64_list.value,
+                           f["feat_vals"].float_list.value))
         out.append(((f["click"].float_list.value[0], f["conversion"].float_list.value[0]), tuple(feats)))
     return sorted(out)
 
