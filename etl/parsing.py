@@ -76,17 +76,6 @@ def decode(raw: bytes | str) -> str:
     return raw.rstrip("\r\n")
 
 
-def parse_value(text: str, token: str) -> float:
-    """A feature value: a number that is finite in float32 (``bad_value``, ``non_finite_value``)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise ParseError(BAD_VALUE, f"value {text!r} of token {token!r} is not a number") from None
-    if not -FLOAT32_MAX <= v <= FLOAT32_MAX:  # also false for NaN
-        raise ParseError(NON_FINITE, f"value {text!r} of token {token!r} is not finite in float32")
-    return v
-
-
 def parse_labels(text: str, num_labels: int) -> tuple[float, ...]:
     parts = text.split(",")
     if len(parts) != num_labels:
@@ -107,6 +96,17 @@ def _field_by_index(token: str, part: str, field_names: tuple[str, ...]) -> str:
     if i >= len(field_names):
         raise ParseError(FIELD_OUT_OF_RANGE, f"field index {i} of token {token!r} >= {len(field_names)} fields")
     return field_names[i]
+
+
+def _number(text: str, token: str) -> float:
+    """A feature value: a number that is finite in float32 (``bad_value``, ``non_finite_value``)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise ParseError(BAD_VALUE, f"value {text!r} of token {token!r} is not a number") from None
+    if not -FLOAT32_MAX <= v <= FLOAT32_MAX:  # also false for NaN
+        raise ParseError(NON_FINITE, f"value {text!r} of token {token!r} is not finite in float32")
+    return v
 
 
 def parse_record(raw: bytes | str, fmt: str, num_labels: int = 1, max_features: int = 1000,
@@ -143,15 +143,10 @@ def parse_record(raw: bytes | str, fmt: str, num_labels: int = 1, max_features: 
     for i in range(1, n + 1):
         tok = tokens[i]
         parts = tok.split(":")
-        if len(parts) != nparts or not all(parts):
+        if len(parts) != nparts or "" in parts:
             raise ParseError(BAD_TOKEN, f"token {tok!r} is not {'key:value' if nparts == 2 else 'field:key:value'}")
         text = parts[-1]
-        try:
-            v = float(text)
-        except ValueError:
-            raise ParseError(BAD_VALUE, f"value {text!r} of token {tok!r} is not a number") from None
-        if not -FLOAT32_MAX <= v <= FLOAT32_MAX:  # also false for NaN
-            raise ParseError(NON_FINITE, f"value {text!r} of token {tok!r} is not finite in float32")
+        v = 1.0 if text == "1" else _number(text, tok)  # "1": most values of one-hot logs
         if nparts == 2:
             append((None, parts[0], v))
         elif field_names is None:

@@ -55,7 +55,7 @@ DEAD_SUFFIX = ".jsonl"
 TMP = "_tmp"
 # Output tags.
 RECORDS, PENDING, DEAD, STATS = "records", "pending", "dead", "stats"
-COUNTS, VALUES, FIELDS, LINES = "counts", "values", "fields", "lines"
+COUNTS, VALUES, TOTALS = "counts", "values", "totals"
 # Distinct keys summed in memory per bundle before they are emitted early.
 _FLUSH_AT = 200_000
 # Records per element between the DoFns.
@@ -211,8 +211,11 @@ class LinesDoFn(beam.DoFn):
         side = self._unpacked(packed)
         out = []
         if self._parse:  # a batch of raw lines
+            _add(self._stats, "input.read", len(element))
+            if self._fixed is not None:
+                _add(self._stats, f"{SPLIT_NAMES[self._fixed]}.read", len(element))
             for raw in element:
-                self._line(raw, -1, None, None, None, side, out)
+                self._line(raw, self._fixed if self._fixed is not None else -1, None, None, None, side, out)
         else:  # (pending record, found dictionary values)
             (raw, split, labels, features), found = element
             self._line(raw, split, labels, features, found, side, out)
@@ -223,7 +226,7 @@ class LinesDoFn(beam.DoFn):
         return out
 
     def _read_split(self, raw):
-        split = self._fixed if self._fixed is not None else self._proc.split_of(raw)
+        split = self._proc.split_of(raw)
         _add(self._stats, f"{SPLIT_NAMES[split]}.read")
         return split
 
@@ -231,10 +234,8 @@ class LinesDoFn(beam.DoFn):
         """Processes one line; appends what it emits to ``out``."""
         stats = self._stats
         proc = self._proc
-        if self._parse:
-            stats["input.read"] = stats.get("input.read", 0) + 1
-            if self._early:
-                split = self._read_split(raw)
+        if split < 0 and self._early:  # a hash split known at read time
+            split = self._read_split(raw)
         try:
             if self._parse:
                 labels, features = proc.parse(raw)
@@ -412,10 +413,11 @@ class SumFeaturesFn(beam.DoFn):
     """Record batches -> per-bundle training sums, and the fields of every split.
 
     Outputs: ``counts`` ((field, key), n) of categorical and numeric features of the training
-    split; ``values`` ((field, float32 value), n) of its binned and numeric features; ``fields``
-    (field name) of any split; ``lines`` (field, n): training lines holding each multi-hot field.
-    The feature tuples themselves are counted (``Counter.update``, a C loop) and folded into
-    counts and values when the bundle's sums are emitted.
+    split; ``values`` ((field, float32 value), n) of its binned and numeric features;
+    ``totals`` ((what, field), n): ``occurrences`` (training features of the field),
+    ``lines`` (training lines holding a multi-hot field) and ``seen`` (0, for every field of
+    any split). The feature tuples themselves are counted (``Counter.update``, a C loop) and
+    folded into counts and values when the bundle's sums are emitted.
     """
 
     def __init__(self, binned, numeric, multi_hot):
@@ -424,43 +426,42 @@ class SumFeaturesFn(beam.DoFn):
         self._multi_hot = frozenset(multi_hot)
 
     def start_bundle(self):
-        self._tuples, self._lines, self._fields = collections.Counter(), {}, set()
+        self._tuples, self._totals, self._seen = collections.Counter(), {}, set()
 
     def process(self, element):
         split, records = element
         features = itertools.chain.from_iterable(f for _, f in records)
         if split != feat.TRAIN:
-            self._fields.update(f[0] for f in features)
+            self._seen.update(f[0] for f in features)
             return
         self._tuples.update(features)
         if self._multi_hot:
             for _, fs in records:
                 for field in {f[0] for f in fs if f[0] in self._multi_hot}:
-                    _add(self._lines, field)
+                    _add(self._totals, ("lines", field))
         if len(self._tuples) >= _FLUSH_AT:  # bound the memory of huge bundles
             yield from self._drain(lambda x: x)
 
     def _drain(self, wrap):
-        counts, values = {}, {}
+        counts, values, totals = {}, {}, self._totals
         value_fields, binned = self._value_fields, self._binned
         for (field, key, value), n in self._tuples.items():
+            _add(totals, ("occurrences", field), n)
             if field in value_fields:
                 _add(values, (field, to_float32(value)), n)
                 if field in binned:
                     continue
             _add(counts, (field, key), n)
-        self._fields.update(k[0] for k in counts)
-        self._fields.update(k[0] for k in values)
-        for tag, d in ((COUNTS, counts), (VALUES, values), (LINES, self._lines)):
+        for tag, d in ((COUNTS, counts), (VALUES, values), (TOTALS, totals)):
             for kv in d.items():
                 yield beam.pvalue.TaggedOutput(tag, wrap(kv))
-        self._tuples, self._lines = collections.Counter(), {}
+        self._tuples, self._totals = collections.Counter(), {}
 
     def finish_bundle(self):
         yield from self._drain(_windowed)
-        for field in self._fields:
-            yield beam.pvalue.TaggedOutput(FIELDS, _windowed(field))
-        self._fields = set()
+        for field in self._seen:
+            yield beam.pvalue.TaggedOutput(TOTALS, _windowed((("seen", field), 0)))
+        self._seen = set()
 
 
 class _ValueSummaryFn(beam.CombineFn):
@@ -663,8 +664,8 @@ class Statistics(beam.PTransform):
     """Record batches (a tuple of PCollections) -> the vocabulary, bins and value statistics.
 
     Per bundle sums (``SumFeaturesFn``) feed combiners: counts per feature, counts per distinct
-    value (-> ``ComputeBins``, ``ValueStats``, bin counts), fields seen in any split, lines per
-    multi-hot field. The features that keep a row reach one worker, which builds the layout
+    value (-> ``ComputeBins``, ``ValueStats``, bin counts), per-field totals (occurrences, lines
+    of multi-hot fields, fields seen in any split). The features that keep a row reach one worker, which builds the layout
     (``plan.make_layout``) and writes ``vocabulary.tsv`` and ``_meta/{fields,usage}.json``.
     Records do not wait for any of it.
 
@@ -680,37 +681,41 @@ class Statistics(beam.PTransform):
         plan = self._plan
         p = records[0].pipeline
         sums = [r | f"SumFeatures{i}" >> beam.ParDo(SumFeaturesFn(plan.binned, plan.numeric, plan.spec.multi_hot))
-                .with_outputs(COUNTS, VALUES, FIELDS, LINES) for i, r in enumerate(records)]
+                .with_outputs(COUNTS, VALUES, TOTALS) for i, r in enumerate(records)]
 
         def gather(tag, label):
             return [s[tag] for s in sums] | label >> beam.Flatten()
 
-        values = gather(VALUES, "Values") | "SumValues" >> beam.CombinePerKey(sum)
-        bounds = values | "Bins" >> ComputeBins(plan.num_bins)
-        value_stats = values | "ValueStats" >> ValueStats(plan.transforms)
-        bin_counts = values | "BinCounts" >> beam.FlatMap(_bin_count, plan.binned, plan.base_bounds,
-                                                          beam.pvalue.AsDict(bounds))
-        counts = ((gather(COUNTS, "Counts"), bin_counts) | "AllCounts" >> beam.Flatten()
-                  | "SumCounts" >> beam.CombinePerKey(sum))
-        fields_seen = gather(FIELDS, "Fields") | "DistinctFields" >> beam.Distinct()
-        totals = ((counts | "Occurrences" >> beam.Map(lambda kv: (("occurrences", kv[0][0]), kv[1])),
-                   gather(LINES, "Lines") | "LinesOf" >> beam.Map(lambda kv: (("lines", kv[0]), kv[1])))
-                  | "FlattenTotals" >> beam.Flatten() | "SumTotals" >> beam.CombinePerKey(sum))
-        base_vocab = p | "NoBaseVocabulary" >> beam.Create([])
+        # Side inputs of the layout step; a branch the plan does not need is left out of the graph.
+        side = {"totals": beam.pvalue.AsDict(gather(TOTALS, "Totals") | "SumTotals" >> beam.CombinePerKey(sum))}
+        counts = gather(COUNTS, "Counts")
+        if plan.binned or plan.numeric:
+            values = gather(VALUES, "Values") | "SumValues" >> beam.CombinePerKey(sum)
+            bounds = values | "Bins" >> ComputeBins(plan.num_bins)
+            side["bounds"] = beam.pvalue.AsDict(bounds)
+            side["stats"] = beam.pvalue.AsDict(values | "ValueStats" >> ValueStats(plan.transforms))
+            if plan.binned:
+                bin_counts = values | "BinCounts" >> beam.FlatMap(_bin_count, plan.binned, plan.base_bounds,
+                                                                  beam.pvalue.AsDict(bounds))
+                counts = (counts, bin_counts) | "AllCounts" >> beam.Flatten()
+        counts = counts | "SumCounts" >> beam.CombinePerKey(sum)
+        known = {}
         if plan.mode != "build":
             base_vocab = (p | "ReadBaseVocabulary" >> beam.io.ReadFromText(plan.base_vocabulary, skip_header_lines=1)
                           | "ParseBaseVocabulary" >> beam.Map(parse_vocabulary_line))
+            side["base_vocab"] = beam.pvalue.AsList(base_vocab)
+            known = beam.pvalue.AsDict(base_vocab | "BaseKeys" >> beam.Map(lambda e: ((e.field, e.key), None)))
         # Only features with a row reach the one worker that builds the layout; when extending,
         # those already in the base vocabulary too (their counts add up).
-        known = base_vocab | "BaseKeys" >> beam.Map(lambda e: ((e.field, e.key), None))
-        kept = counts | "HasRow" >> beam.Filter(_has_row, plan.mode, plan.min_counts, plan.default_min_count,
-                                                beam.pvalue.AsDict(known))
-        layout = (kept | "GatherCounts" >> Gather()
-                  | "Layout" >> beam.Map(make_layout, plan, beam.pvalue.AsDict(bounds),
-                                         beam.pvalue.AsDict(value_stats), beam.pvalue.AsList(fields_seen),
-                                         beam.pvalue.AsList(base_vocab), beam.pvalue.AsDict(totals)))
+        kept = counts | "HasRow" >> beam.Filter(_has_row, plan.mode, plan.min_counts, plan.default_min_count, known)
+        layout = kept | "GatherCounts" >> Gather() | "Layout" >> beam.Map(_layout, plan, **side)
         _ = layout | "WriteLayout" >> beam.Map(write_layout, self._out)
         return layout
+
+
+def _layout(kept, plan, totals, bounds=None, stats=None, base_vocab=()):
+    seen = {f for _, f in totals}  # occurrences (training) or seen (any split)
+    return make_layout(kept, plan, bounds or {}, stats or {}, seen, base_vocab, totals)
 
 
 # ---------------------------------------------------------------- writing
