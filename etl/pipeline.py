@@ -219,6 +219,9 @@ def run(argv=None) -> Schema:
         raise SystemExit("etl: --input (INPUT=<glob>) is required")
     start = time.time()
     staging = FileSystems.join(cfg.out, f"{STAGING_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
+        # Worker processes (multi_processing, portable runners) log at INFO by default: only errors here.
+        beam_args = [*beam_args, "--default_sdk_harness_log_level=ERROR"]
     p = beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(p, dataclasses.replace(cfg, out=staging))
     result = p.run()
