@@ -22,7 +22,6 @@ from etl.parsing import ParseError
 from feature_schema import FieldSpec, VocabEntry, feature_hash, field_hash, string_hash
 from feature_schema.rules import next_float32, value_key
 
-VALUE_KINDS = ("binned", "numeric")
 TRAIN, EVAL, VALID = 0, 1, 2
 
 

@@ -125,26 +125,38 @@ class Gather(beam.PTransform):
 
 
 def pack(pairs, label: str):
-    """One element: the dict of a PCollection of (key, value) pairs, pickled (a side input).
+    """One element: (token, the pickled dict of a PCollection of (key, value) pairs), a side input.
 
-    Keys should be unique; with duplicates one of them wins.
+    Keys should be unique; with duplicates one of them wins. The token names this pack so that
+    every DoFn of a worker process shares one unpickled dict (``Unpacked``).
     """
     return (pairs | f"Gather{label}" >> Gather()
-            | f"Pack{label}" >> beam.Map(lambda kv: pickle.dumps(dict(kv), protocol=pickle.HIGHEST_PROTOCOL)))
+            | f"Pack{label}" >> beam.Map(lambda kv: (uuid.uuid4().hex,
+                                                     pickle.dumps(dict(kv), protocol=pickle.HIGHEST_PROTOCOL))))
+
+
+# Token -> dict of the packs unpickled in this process, the latest few (a job has one per dictionary).
+_UNPACKED: collections.OrderedDict = collections.OrderedDict()
+_UNPACKED_KEEP = 8
 
 
 class Unpacked:
-    """The dicts of packed side inputs, unpickled once per distinct side-input object."""
+    """The dicts of packed side inputs: unpickled once per worker process, shared by its DoFns.
 
-    def __init__(self):
-        self._blobs: tuple = ()
-        self._dicts: tuple = ()
+    Each input's line DoFn runs in its own stage; without sharing, every stage's DoFn held its
+    own copy of the item table.
+    """
 
-    def __call__(self, blobs) -> tuple:
-        if len(blobs) != len(self._blobs) or any(a is not b for a, b in zip(blobs, self._blobs)):
-            self._blobs = tuple(blobs)
-            self._dicts = tuple(pickle.loads(b) for b in blobs)
-        return self._dicts
+    def __call__(self, packed) -> tuple:
+        out = []
+        for token, blob in packed:
+            d = _UNPACKED.get(token)
+            if d is None:
+                d = _UNPACKED[token] = pickle.loads(blob)
+                while len(_UNPACKED) > _UNPACKED_KEEP:
+                    _UNPACKED.popitem(last=False)
+            out.append(d)
+        return tuple(out)
 
 
 # ---------------------------------------------------------------- ParseAndJoin
@@ -663,9 +675,12 @@ def write_layout(layout: dict, out: str) -> int:
 class Statistics(beam.PTransform):
     """Record batches (a tuple of PCollections) -> the vocabulary, bins and value statistics.
 
-    Per bundle sums (``SumFeaturesFn``) feed combiners: counts per feature, counts per distinct
-    value (-> ``ComputeBins``, ``ValueStats``, bin counts), per-field totals (occurrences, lines
-    of multi-hot fields, fields seen in any split). The features that keep a row reach one worker, which builds the layout
+    The first PCollection holds the training input's records (train, and the eval/valid lines
+    hashed off it); the others (eval/valid inputs) only add the fields they show. Per-bundle
+    sums (``SumFeaturesFn``) of the training input feed combiners that Beam lifts into that
+    input's stage: counts per feature, counts per distinct value (-> ``ComputeBins``,
+    ``ValueStats``, bin counts), per-field totals (occurrences, lines of multi-hot fields,
+    fields seen). The features that keep a row reach one worker, which builds the layout
     (``plan.make_layout``) and writes ``vocabulary.tsv`` and ``_meta/{fields,usage}.json``.
     Records do not wait for any of it.
 
@@ -682,23 +697,20 @@ class Statistics(beam.PTransform):
         p = records[0].pipeline
         sums = [r | f"SumFeatures{i}" >> beam.ParDo(SumFeaturesFn(plan.binned, plan.numeric, plan.spec.multi_hot))
                 .with_outputs(COUNTS, VALUES, TOTALS) for i, r in enumerate(records)]
-
-        def gather(tag, label):
-            return [s[tag] for s in sums] | label >> beam.Flatten()
-
-        # Side inputs of the layout step; a branch the plan does not need is left out of the graph.
-        side = {"totals": beam.pvalue.AsDict(gather(TOTALS, "Totals") | "SumTotals" >> beam.CombinePerKey(sum))}
-        counts = gather(COUNTS, "Counts")
+        # Only sums[0] counts training features: its counts and values need no Flatten, which would
+        # make the runner buffer them before the combiner.
+        totals = [s[TOTALS] for s in sums] | "Totals" >> beam.Flatten() | "SumTotals" >> beam.CombinePerKey(sum)
+        side = {"totals": beam.pvalue.AsDict(totals)}  # side inputs of the layout step
         if plan.binned or plan.numeric:
-            values = gather(VALUES, "Values") | "SumValues" >> beam.CombinePerKey(sum)
+            values = sums[0][VALUES] | "SumValues" >> beam.CombinePerKey(sum)
             bounds = values | "Bins" >> ComputeBins(plan.num_bins)
             side["bounds"] = beam.pvalue.AsDict(bounds)
             side["stats"] = beam.pvalue.AsDict(values | "ValueStats" >> ValueStats(plan.transforms))
             if plan.binned:
-                bin_counts = values | "BinCounts" >> beam.FlatMap(_bin_count, plan.binned, plan.base_bounds,
-                                                                  beam.pvalue.AsDict(bounds))
-                counts = (counts, bin_counts) | "AllCounts" >> beam.Flatten()
-        counts = counts | "SumCounts" >> beam.CombinePerKey(sum)
+                side["bin_counts"] = beam.pvalue.AsDict(
+                    values | "BinCounts" >> beam.FlatMap(_bin_count, plan.binned, plan.base_bounds,
+                                                         beam.pvalue.AsDict(bounds))
+                    | "SumBinCounts" >> beam.CombinePerKey(sum))
         known = {}
         if plan.mode != "build":
             base_vocab = (p | "ReadBaseVocabulary" >> beam.io.ReadFromText(plan.base_vocabulary, skip_header_lines=1)
@@ -707,13 +719,18 @@ class Statistics(beam.PTransform):
             known = beam.pvalue.AsDict(base_vocab | "BaseKeys" >> beam.Map(lambda e: ((e.field, e.key), None)))
         # Only features with a row reach the one worker that builds the layout; when extending,
         # those already in the base vocabulary too (their counts add up).
-        kept = counts | "HasRow" >> beam.Filter(_has_row, plan.mode, plan.min_counts, plan.default_min_count, known)
+        kept = (sums[0][COUNTS] | "SumCounts" >> beam.CombinePerKey(sum)
+                | "HasRow" >> beam.Filter(_has_row, plan.mode, plan.min_counts, plan.default_min_count, known))
         layout = kept | "GatherCounts" >> Gather() | "Layout" >> beam.Map(_layout, plan, **side)
         _ = layout | "WriteLayout" >> beam.Map(write_layout, self._out)
         return layout
 
 
-def _layout(kept, plan, totals, bounds=None, stats=None, base_vocab=()):
+def _layout(kept, plan, totals, bounds=None, stats=None, base_vocab=(), bin_counts=None):
+    """``make_layout`` of the gathered features, with the bins that keep a row added."""
+    known = {(e.field, e.key): None for e in base_vocab}
+    kept = kept + [kv for kv in (bin_counts or {}).items()
+                   if _has_row(kv, plan.mode, plan.min_counts, plan.default_min_count, known)]
     seen = {f for _, f in totals}  # occurrences (training) or seen (any split)
     return make_layout(kept, plan, bounds or {}, stats or {}, seen, base_vocab, totals)
 
@@ -870,8 +887,10 @@ def finalize_files(written, out: str, tmp_dir: str, splits, path_of, empty_files
     for d in {p.rsplit("/", 1)[0] for p in dst}:
         if not FileSystems.exists(d):
             FileSystems.mkdirs(d)
-    if src:
-        FileSystems.rename(src, dst)
+    # A retried step finds some files renamed already.
+    todo = [(a, b) for a, b in zip(src, dst) if FileSystems.exists(a) or not FileSystems.exists(b)]
+    if todo:
+        FileSystems.rename([a for a, _ in todo], [b for _, b in todo])
     if FileSystems.exists(tmp_dir):
         FileSystems.delete([tmp_dir])
     return sorted(final + dst)
