@@ -18,6 +18,7 @@ raw line, to its dead-letter output.
 """
 from __future__ import annotations
 
+from sys import intern
 from typing import NamedTuple
 
 # Reasons a line is dead-lettered; docs/ETL.md lists exactly these.
@@ -150,7 +151,9 @@ def parse_record(raw: bytes | str, fmt: str, num_labels: int = 1, max_features: 
         if nparts == 2:
             append((None, parts[0], v))
         elif field_names is None:
-            append((parts[0], parts[1], v))
+            # One string object per field name, not one per token: every distinct key counted
+            # downstream would otherwise hold its own copy.
+            append((intern(parts[0]), parts[1], v))
         else:
             append((_field_by_index(tok, parts[0], field_names), parts[1], v))
     return labels, out

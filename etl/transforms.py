@@ -56,8 +56,8 @@ TMP = "_tmp"
 # Output tags.
 RECORDS, PENDING, DEAD, STATS = "records", "pending", "dead", "stats"
 COUNTS, VALUES, TOTALS = "counts", "values", "totals"
-# Distinct keys summed in memory per bundle before they are emitted early.
-_FLUSH_AT = 200_000
+# Distinct feature tuples counted in memory per bundle before they are emitted early.
+_FLUSH_AT = 100_000
 # Records per element between the DoFns.
 BATCH_SIZE = 500
 # gzip level of the TFRecord shards: on the generated records level 3 wrote 8% more bytes than
@@ -429,7 +429,8 @@ class SumFeaturesFn(beam.DoFn):
     ``totals`` ((what, field), n): ``occurrences`` (training features of the field),
     ``lines`` (training lines holding a multi-hot field) and ``seen`` (0, for every field of
     any split). The feature tuples themselves are counted (``Counter.update``, a C loop) and
-    folded into counts and values when the bundle's sums are emitted.
+    turned into counts and values when the bundle's sums are emitted; a key may come out more
+    than once (a categorical feature with several values, a flush), the combiners add them up.
     """
 
     def __init__(self, binned, numeric, multi_hot):
@@ -455,18 +456,18 @@ class SumFeaturesFn(beam.DoFn):
             yield from self._drain(lambda x: x)
 
     def _drain(self, wrap):
-        counts, values, totals = {}, {}, self._totals
+        # Streamed, not folded into dicts first: the combiners downstream merge equal keys.
+        totals = self._totals
         value_fields, binned = self._value_fields, self._binned
         for (field, key, value), n in self._tuples.items():
             _add(totals, ("occurrences", field), n)
             if field in value_fields:
-                _add(values, (field, to_float32(value)), n)
+                yield beam.pvalue.TaggedOutput(VALUES, wrap(((field, to_float32(value)), n)))
                 if field in binned:
                     continue
-            _add(counts, (field, key), n)
-        for tag, d in ((COUNTS, counts), (VALUES, values), (TOTALS, totals)):
-            for kv in d.items():
-                yield beam.pvalue.TaggedOutput(tag, wrap(kv))
+            yield beam.pvalue.TaggedOutput(COUNTS, wrap(((field, key), n)))
+        for kv in totals.items():
+            yield beam.pvalue.TaggedOutput(TOTALS, wrap(kv))
         self._tuples, self._totals = collections.Counter(), {}
 
     def finish_bundle(self):
@@ -665,8 +666,10 @@ def _spec_dict(s) -> dict:
 
 def write_layout(layout: dict, out: str) -> int:
     """vocabulary.tsv, _meta/fields.json and _meta/usage.json of a layout; returns the vocabulary size."""
-    _write_text(FileSystems.join(out, VOCAB_FILENAME),
-                "".join(f"{line}\n" for line in write_vocabulary_lines(layout["vocab"])))
+    with FileSystems.create(FileSystems.join(out, VOCAB_FILENAME)) as f:
+        lines = write_vocabulary_lines(layout["vocab"])
+        for chunk in iter(lambda: "".join(f"{line}\n" for line in itertools.islice(lines, 10000)), ""):
+            f.write(chunk.encode("utf-8"))
     _write_text(FileSystems.join(out, META, "fields.json"), json.dumps([_spec_dict(s) for s in layout["specs"]]))
     _write_text(FileSystems.join(out, META, "usage.json"), json.dumps(layout["usage"], sort_keys=True))
     return len(layout["vocab"])

@@ -285,9 +285,9 @@ def load_schema(path: str) -> Schema:
         return Schema.from_json_dict(json.load(f), base_dir=os.path.dirname(os.path.abspath(path)))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class VocabEntry:
-    """One vocabulary row: a feature that kept its own id."""
+    """One vocabulary row: a feature that kept its own id (slots: vocabularies have millions of rows)."""
 
     field: str
     key: str
