@@ -15,17 +15,19 @@ from feature_schema.rules import bin_index, next_float32
 CAT = dict(kind="categorical", min_count=2, linear_only=False, source="log", multi_hot=False)
 
 
-def test_row_features_and_entity_join():
-    row = feat.row_features({"category": "c1", "brand": "", "price": "12.5"}, frozenset({"price"}))
-    assert row == (("category", "c1", 1.0), ("price", "price", 12.5))  # empty brand: field missing
-    table = {"i1": row, "i2": feat.row_features({"price": "abc"}, frozenset({"price"})),
-             "i3": feat.row_features({"price": "1e39"}, frozenset({"price"}))}
+def test_table_rows_and_entity_join():
+    row = feat.table_row({"category": "c1", "brand": "", "price": "12.5"}, frozenset({"price"}))
+    assert row == ("c1", None, 12.5)  # empty brand: the field will be missing
+    cols = ("category", "brand", "price")
+    table = {"i1": row, "i2": feat.table_row({"category": "c2", "brand": "b", "price": "abc"}, frozenset({"price"})),
+             "i3": feat.table_row({"category": "c3", "brand": "b", "price": "1e39"}, frozenset({"price"}))}
     feats = (("user", "u", 1.0), ("item", "i1", 1.0), ("item", "i9", 1.0))
-    assert feat.join_entity(feats, "item", table) == feats + row  # i9 is not in the table: nothing added
+    # i1 adds its category and price (key: the field name); i9 is not in the table: nothing added.
+    assert feat.join_entity(feats, "item", table, cols) == feats + (("category", "c1", 1.0), ("price", "price", 12.5))
     for item in ("i2", "i3"):  # not a number; beyond float32
         with pytest.raises(ParseError) as e:
-            feat.join_entity((("item", item, 1.0),), "item", table)
-        assert e.value.reason == parsing.BAD_DICTIONARY_VALUE
+            feat.join_entity((("item", item, 1.0),), "item", table, cols)
+        assert e.value.reason == parsing.BAD_DICTIONARY_VALUE and item in str(e.value)
 
 
 def test_finish_checks_and_normalizes_value_fields():
@@ -151,14 +153,18 @@ def test_bin_edges_heavy_values_inside_at_the_top_and_side_by_side():
         assert all(float(np.float32(x)) == x for x in e)
 
 
-def test_record_hasher_lists_and_cache():
-    h = feat.RecordHasher(max_cached=2)
+def test_record_encoder_lists_cache_and_bytes():
+    enc = feat.RecordEncoder(("click",), ExampleKeys(), max_cached=2)
     feats = (("user", "u1", 1.0), ("price", "price", 12.5), ("user", "u2", 0.5), ("item", "i1", 1.0))
     expected = ([feature_hash("user", "u1"), feature_hash("price", "price"), feature_hash("user", "u2"),
                  feature_hash("item", "i1")], [1.0, 12.5, 0.5, 1.0],
                 [field_hash("user"), field_hash("price"), field_hash("user"), field_hash("item")])
-    assert h.lists(feats) == expected
-    assert h.lists(feats) == expected  # again, through a cache that was cleared on the way
+    assert enc.lists(feats) == expected
+    assert enc.lists(feats) == expected  # again, through a cache that was cleared on the way
+    parsed = tfrecord.Example.FromString(enc.encode((1.0,), feats)).features.feature
+    assert (list(parsed["feat_hashes"].int64_list.value), list(parsed["feat_vals"].float_list.value),
+            list(parsed["feat_field_hashes"].int64_list.value)) == expected
+    assert list(parsed["click"].float_list.value) == [1.0]
 
 
 def test_field_usage_and_single_row_warnings():
