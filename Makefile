@@ -33,6 +33,9 @@ WORKERS ?= 2
 PS ?= 2
 # WARM_START=<run dir or export version dir>: initialise from yesterday's model
 WARM_START ?=
+# make serve
+PORT ?= 8500
+SERVING_CONFIG ?=
 # extra flags for the underlying command, e.g. ARGS='--set train.epochs=3'
 ARGS ?=
 
@@ -46,6 +49,10 @@ help:
 	@echo "                             [GEN_ARGS='--preset quality|esmm --n-train N ...'] generator flags (no INPUT)"
 	@echo "make train [DATA=<etl out>] [MODEL=<name>] [EXPERIMENT=<name>] [RUN_DIR=<dir>] [EXPORT_BASE=<dir>]"
 	@echo "           [DISTRIBUTE=ps WORKERS=2 PS=2] [WARM_START=<run dir or export>]"
+	@echo "make tune [DATA=<etl out>] [MODEL=<name>] [EXPERIMENT=<name>] [OUT=<dir>] ARGS='--grid KEY=V1,V2 [--seeds 42,1,2] ...'"
+	@echo "                             without OUT the trials go to a new temporary directory"
+	@echo "make serve [EXPORT_BASE=<dir>] [MODEL=<name>] [PORT=8500] [SERVING_CONFIG=<models.config>]"
+	@echo "                             gRPC server (TF Serving's protocol) over what make train exported"
 	@echo "make test                    default test suite (slow suites: make test-all)"
 	@echo "make bench                   benchmarks (tables on stdout, JSON under runs/bench)"
 
@@ -84,15 +91,24 @@ else ifeq ($(DISTRIBUTE),)
 else
 	@echo "DISTRIBUTE=$(DISTRIBUTE): expected ps or nothing" && exit 2
 endif
-	$(PY) -m export.exporter --run_dir $(RUN_DIR)
+	$(PY) -m trainer.quiet export.exporter --run_dir $(RUN_DIR)
 
-# Hyper-parameter search (trainer/tune.py), e.g. make tune DATA=data/frappe MODEL=ffm ARGS='--grid ...'
+# Hyper-parameter search (trainer/tune.py), e.g. make tune DATA=data/frappe MODEL=ffm ARGS='--grid ...';
+# trials go to OUT only when OUT is given (make tune OUT=runs/tune/x), else to a new temporary directory.
+TUNE_OUT = $(if $(filter command line environment environment override,$(origin OUT)),--out $(OUT))
 tune: install
-	$(PY) -m trainer.tune --data $(DATA) $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
+	$(PY) -m trainer.tune --data $(DATA) $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) \
+	  $(TUNE_OUT) $(ARGS)
 
-# Local TF-Serving-protocol gRPC server (serving/server.py) over EXPORT_BASE.
+# Local TF-Serving-protocol gRPC server (serving/server.py): every model under EXPORT_BASE, or MODEL=
+# (what `make train` exported), on PORT; SERVING_CONFIG=serving_configs/models.config serves a TF Serving
+# config file with its base paths mapped under EXPORT_BASE.
 serve: install
-	$(PY) -m serving.server --model_config_file serving_configs/models.config --base_path $(EXPORT_BASE) $(ARGS)
+ifeq ($(SERVING_CONFIG),)
+	$(PY) -m serving.server --export_base $(EXPORT_BASE) $(if $(MODEL),--model_name $(MODEL)) --port $(PORT) $(ARGS)
+else
+	$(PY) -m serving.server --model_config_file $(SERVING_CONFIG) --base_path $(EXPORT_BASE) --port $(PORT) $(ARGS)
+endif
 
 test: install
 	$(PY) -m pytest -q -m "not slow" tests

@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Production CTR/CVR ranking pipeline: Beam ETL, TensorFlow trainer, TF Serving export",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["feature_schema*", "etl*", "trainer*", "export*", "serving*",
+    packages=find_packages(include=["feature_schema*", "featurization*", "etl*", "trainer*", "export*", "serving*",
                                     "generator*", "bench*"]),
     install_requires=[
         # Versions that resolve together (checked on Python 3.11, see docs/DESIGN.md).

@@ -10,7 +10,14 @@ process (``python -m serving.server``, loopback, the default flags):
 
 * ``deepfm`` (``fm`` if no DeepFM is registered): trained for one epoch on ``--data`` (the
   default ``make etl`` output, built with ``make etl`` when missing) with the model's default
-  config, exported and verified by ``export.exporter``; requests are held-out examples.
+  config, exported and verified by ``export.exporter``. Three kinds of request for the same
+  candidates (the first eval lines of the log behind ``--data``):
+
+  - ``hashed``: ``predict_hashed`` on the ETL's records (pre-hashed, joined, every field);
+  - ``raw``: ``serving_default`` on raw tf.Examples of the log's fields (``serving.examples``:
+    what a client sends; the graph hashes, joins the item table, bins and fills missing fields);
+  - ``rank``: one ``rank`` request: the first line's context fields (user, query, hour, device
+    for the generated log) once, each candidate's own fields (item, position) as an Example.
 * ``mlp``: the seed's serving shape, built here directly in TF: 39 id features x 8-dim
   embeddings (20,000 rows per field, ids hashed into them in the graph), MLP 512-256-256-256-128,
   sigmoid; random weights (latency does not depend on them); signature ``serving_default`` on
@@ -18,27 +25,23 @@ process (``python -m serving.server``, loopback, the default flags):
 * ``noop``: a SavedModel whose Predict signature returns its 1-float input: the transport floor
   (request building, gRPC both ways, the server's request path, response decoding).
 
-For every model and ads-per-request size, interleaved in blocks so all see the same background
-load: (a) the compute floor, the same SavedModel loaded in this process through the server's own
-loader (``serving.server.LoadedVersion``: TF1 loader, same callable) fed the already-decoded
-batch, once with the server's Session config (1 compute thread, the server's default) and once
-with ``intra_op=0`` (TF's choice: one thread per core); (b) end to end through gRPC with
-``serving.client.ServingClient``, from a list of serialized examples to a numpy array of
-probabilities, with ``splits=1`` and, for ``--split_sizes``, ``splits=2`` (the client's
-concurrent sub-requests, which the server computes on two cores); (c) the gRPC floor: the same
-serialized PredictRequest bytes sent to a bare grpcio server in another child process whose
-handler returns 64 bytes (no protobuf, no TensorFlow): what Python gRPC alone costs here; (d)
-the no-op Predict round trip. Then QPS with ``--concurrency`` closed-loop clients. Last, p99 at
-100 ads of requests sent while a new version is loaded, warmed up, switched to and the old one
-unloaded, next to p99 of the same loop without a swap (``--swap_repeats`` swaps, each after a
-loop without one; every phase's request count and p99 are reported), then the same on a second
-server started with warm-up off.
+For every model, request kind and ads-per-request size, interleaved in blocks so all see the same
+background load: (a) the compute floor, the same SavedModel loaded in this process through the
+server's own loader (``serving.manager.LoadedVersion``: TF1 loader, same callable) fed the
+already-decoded request tensors, once with the server's Session config (1 compute thread) and once
+with ``intra_op=0`` (TF's choice); (b) end to end through gRPC with ``serving.client.ServingClient``,
+from serialized examples to a numpy array of probabilities, with ``splits=1`` and, for
+``--split_sizes``, ``splits=2`` (flat kinds); (c) the gRPC floor: the same serialized
+PredictRequest bytes sent to a bare grpcio server in another child process whose handler returns
+64 bytes (no protobuf, no TensorFlow): what Python gRPC alone costs here for those bytes; (d) the
+no-op Predict round trip. Then QPS with ``--concurrency`` closed-loop clients. Last, p99 at 100
+raw ads of requests sent while a new version is loaded, warmed up, switched to and the old one
+unloaded, next to p99 of the same loop without a swap, then the same with warm-up off.
 
-Bars (printed, never asserted in tests), each judged on the row named here: at 100 ads, the
-``splits=1`` e2e p50 <= 1.25 x the 1-thread floor p50 (the server's default Session config); at
-1 ad, e2e p50 <= 1-thread floor p50 + 1.5 x no-op transport p50; swap p99 <= 2 x p99 without a
-swap (all phases pooled). The ``splits=2`` rows are reported next to the faster of the two
-floors; they are not the bar.
+Bars (printed, never asserted in tests), each judged on the row named here: at 100 ads, ``raw``
+and ``rank`` e2e p50 <= 1.25 x (1-thread floor p50 + gRPC floor p50 of the same bytes); ``rank``
+request bytes <= 0.6 x ``raw`` request bytes at 100 ads; at 1 ad (``raw``), e2e p50 <= 1-thread
+floor p50 + 1.5 x no-op transport p50; swap p99 <= 2 x p99 without a swap (all phases pooled).
 """
 from __future__ import annotations
 
@@ -67,7 +70,8 @@ import tensorflow as tf  # noqa: E402
 from serving import protocol  # noqa: E402
 
 MLP_FIELDS, MLP_DIM, MLP_ROWS, MLP_HIDDEN = 39, 8, 20_000, (512, 256, 256, 256, 128)
-BAR_100, BAR_1, BAR_SWAP = 1.25, 1.5, 2.0
+BAR_100, BAR_1, BAR_SWAP, BAR_RANK_BYTES = 1.25, 1.5, 2.0, 0.6
+KINDS = ("hashed", "raw", "rank")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +146,28 @@ def save_module(module, path: str, name: str, warmup_examples: list[bytes] | Non
     exporter.write_warmup(os.path.join(path, protocol.ASSETS_EXTRA, protocol.WARMUP_FILE), logs)
 
 
+def request_kinds(schema, n: int) -> dict:
+    """{kind: examples} of the first ``n`` eval lines: ETL records, raw Examples, and a rank request
+    (its context first, then the candidates)."""
+    from export import exporter, warmup
+    from serving.examples import ExampleBuilder
+
+    raw_log = schema.sources.get("eval_input") or ""
+    if not os.path.isfile(raw_log):
+        raise SystemExit(f"bench_serving: the raw eval log {raw_log!r} of {schema.base_dir} is not readable")
+    builder = ExampleBuilder(schema)
+    with open(raw_log, "rb") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()][:n]
+    feats = [builder.parse(line)[1] for line in lines]
+    ctx_fields = warmup.context_fields(schema)
+    context = builder.example(builder.split(feats[0], ctx_fields)[0])
+    cands = [builder.example(builder.split(f, ctx_fields)[1]) for f in feats]
+    return {"hashed": exporter.eval_examples(schema, n), "raw": [builder.example(f) for f in feats],
+            "rank": [context] + cands}
+
+
 def build_models(args, export_base: str) -> dict:
-    """{name: (version dir, request examples or None, note)} of the benchmarked models."""
+    """{name: (version dir, {kind: examples}, note)} of the benchmarked models."""
     from export import exporter
     from feature_schema import load_schema
     from trainer import config as config_lib
@@ -162,32 +186,39 @@ def build_models(args, export_base: str) -> dict:
     trainer_lib.train(cfg)
     path, check = exporter.export(run_dir, export_base, deep, verify_examples=5000)
     schema = load_schema(args.data)
-    examples = exporter.eval_examples(schema, max(args.sizes))
-    models = {deep: (path, examples, note or f"trained 1 epoch on {args.data}, export check "
-                                              f"max diff {check['max_abs_diff']:.1e}")}
+    models = {deep: (path, request_kinds(schema, max(args.sizes)),
+                     note or f"trained 1 epoch on {args.data}, export check max diff {check['max_abs_diff']:.1e}")}
     mlp_ex = mlp_examples(max(args.sizes))
     path = os.path.join(export_base, "mlp", "1")
     save_module(SeedMLP(), path, "mlp", mlp_ex)
-    models["mlp"] = (path, mlp_ex, "seed serving shape, random weights")
+    models["mlp"] = (path, {"mlp": mlp_ex}, "seed serving shape, random weights")
     path = os.path.join(export_base, "noop", "1")
     save_module(NoOp(), path, "noop", None)
-    models["noop"] = (path, None, "identity of one float")
+    models["noop"] = (path, {}, "identity of one float")
     manifest = {}
-    for name, (path, examples, note) in models.items():
-        ex_file = ""
-        if examples is not None:
-            ex_file = os.path.join(args.workdir, f"{name}.examples.tfrecord")
-            with tf.io.TFRecordWriter(ex_file) as w:
+    for name, (path, kinds, note) in models.items():
+        files = {}
+        for kind, examples in kinds.items():
+            files[kind] = os.path.join(args.workdir, f"{name}.{kind}.tfrecord")
+            with tf.io.TFRecordWriter(files[kind]) as w:
                 for e in examples:
                     w.write(e)
-        manifest[name] = {"path": path, "examples": ex_file, "note": note}
+        manifest[name] = {"path": path, "kinds": files, "note": note}
     with open(os.path.join(args.workdir, "models.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     return models
 
 
+def read_models(workdir: str) -> dict:
+    """{name: (version dir, {kind: examples}, note)} from ``models.json``."""
+    with open(os.path.join(workdir, "models.json")) as f:
+        manifest = json.load(f)
+    return {name: (m["path"], {k: list(tf.compat.v1.io.tf_record_iterator(p)) for k, p in m["kinds"].items()},
+                   m["note"]) for name, m in manifest.items()}
+
+
 def built_models(args) -> dict:
-    """Builds the models in a child process and reads them back: {name: (version dir, examples, note)}.
+    """Builds the models in a child process and reads them back: {name: (version dir, {kind: examples}, note)}.
 
     The floor must run in a process whose TensorFlow runtime was first configured by the server's
     own Session config: TF sizes its process-wide compute pool when the first Session or eager
@@ -196,13 +227,7 @@ def built_models(args) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_serving", "--build_only", "1", "--data", args.data,
            "--sizes", ",".join(map(str, args.sizes)), "--workdir", args.workdir]
     subprocess.run(cmd, check=True, env=child_env())
-    with open(os.path.join(args.workdir, "models.json")) as f:
-        manifest = json.load(f)
-    out = {}
-    for name, m in manifest.items():
-        examples = list(tf.compat.v1.io.tf_record_iterator(m["examples"])) if m["examples"] else None
-        out[name] = (m["path"], examples, m["note"])
-    return out
+    return read_models(args.workdir)
 
 
 def child_env() -> dict:
@@ -285,55 +310,81 @@ def start_echo():
     return proc, line.split()[-1]
 
 
-def predict_request_bytes(model: str, examples) -> bytes:
-    """The serialized PredictRequest ``ServingClient.score_examples`` sends for ``examples``."""
-    from tensorflow_serving.apis import predict_pb2
+class Request:
+    """One kind of request for a batch of candidates: its signature, the decoded input tensors (the
+    floor's feed), the client call, and the serialized PredictRequest (the gRPC floor's bytes)."""
 
-    req = predict_pb2.PredictRequest()
-    req.model_spec.name, req.model_spec.signature_name = model, protocol.DEFAULT_SIGNATURE
-    protocol.strings_proto(examples, req.inputs[protocol.EXAMPLES_INPUT])
-    return req.SerializeToString()
+    def __init__(self, model: str, kind: str, examples: list[bytes], b: int):
+        from tensorflow_serving.apis import predict_pb2
+
+        self.kind = kind
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = model
+        if kind == "rank":
+            self.signature = protocol.RANK_SIGNATURE
+            self.context, self.batch = examples[0], examples[1:b + 1]
+            protocol.strings_proto([self.context], req.inputs[protocol.CONTEXT_INPUT], scalar=True)
+            self.feeds = {protocol.CONTEXT_INPUT: np.array(self.context, dtype=object)}
+        else:
+            self.signature = protocol.HASHED_SIGNATURE if kind == "hashed" else protocol.DEFAULT_SIGNATURE
+            self.context, self.batch = None, examples[:b]
+            self.feeds = {}
+        arr = np.empty(len(self.batch), dtype=object)
+        arr[:] = self.batch
+        self.feeds[protocol.EXAMPLES_INPUT] = arr
+        protocol.strings_proto(self.batch, req.inputs[protocol.EXAMPLES_INPUT])
+        req.model_spec.signature_name = self.signature
+        self.proto = req
+        self.bytes = req.SerializeToString()
+
+    def floor(self, sig):
+        feeds = [self.feeds[k] for k in sig.input_keys]
+        return lambda: sig.run(feeds, sig.output_keys)
+
+    def call(self, client, splits: int = 1):
+        if self.kind == "rank":
+            return client.rank(self.context, self.batch)
+        return client.score_examples(self.batch, splits=splits, signature=self.signature)
 
 
-def profile_request_path(name: str, lv, examples, reps: int = 200) -> dict:
-    """p50 microseconds of each in-process stage of one Predict of ``examples`` (the gRPC hops excluded).
+def profile_request_path(lv, request: Request, reps: int = 200) -> dict:
+    """p50 microseconds of each in-process stage of one Predict (the gRPC hops excluded).
 
-    Client: build the request, serialize it; server: parse it, decode the input (``check_input``),
+    Client: build the request, serialize it; server: parse it, decode the inputs (``check_input``),
     the Session run alone, the whole handler (``Handlers.predict_on``: version, checks, decode,
     encode) with the Session run answered from a cache, serialize the response; client: parse it,
-    decode the outputs. What an end-to-end call costs above
-    the handler and these client stages is gRPC's (compare the gRPC floor row).
+    decode the outputs. What an end-to-end call costs above the handler and these client stages is
+    gRPC's (compare the gRPC floor row).
     """
     from tensorflow_serving.apis import predict_pb2
 
     from serving import server
 
-    sig = lv.signature(protocol.DEFAULT_SIGNATURE)
+    sig = lv.signature(request.signature)
     handlers = server.Handlers(None)
+    model = request.proto.model_spec.name
 
     def build():
-        req = predict_pb2.PredictRequest()
-        req.model_spec.name, req.model_spec.signature_name = name, protocol.DEFAULT_SIGNATURE
-        protocol.strings_proto(examples, req.inputs[protocol.EXAMPLES_INPUT])
-        return req
+        return Request(model, request.kind, ([request.context] if request.context is not None else [])
+                       + list(request.batch), len(request.batch)).proto
 
-    req = build()
-    req_bytes = req.SerializeToString()
-    arr = sig.check_input(protocol.EXAMPLES_INPUT, req.inputs[protocol.EXAMPLES_INPUT])
+    req = request.proto
+    req_bytes = request.bytes
     resp = handlers.predict_on(lv, req)
     resp_bytes = resp.SerializeToString()
+    run = request.floor(sig)
     stages = {
         "client_build_request": build,
         "client_serialize_request": req.SerializeToString,
         "server_parse_request": lambda: predict_pb2.PredictRequest.FromString(req_bytes),
-        "server_decode_input": lambda: sig.check_input(protocol.EXAMPLES_INPUT, req.inputs[protocol.EXAMPLES_INPUT]),
-        "server_session_run": lambda: sig.run([arr], sig.output_keys),
+        "server_decode_input": lambda: [sig.check_input(k, req.inputs[k]) for k in sig.input_keys],
+        "server_session_run": run,
         "server_handler_without_run": lambda: handlers.predict_on(lv, req),
         "server_serialize_response": resp.SerializeToString,
         "client_parse_response": lambda: predict_pb2.PredictResponse.FromString(resp_bytes),
         "client_decode_outputs": lambda: [protocol.to_ndarray(resp.outputs[k]) for k in resp.outputs],
     }
-    outputs = sig.run([arr], sig.output_keys)
+    outputs = run()
     out = {}
     for key, fn in stages.items():
         if key == "server_handler_without_run":  # the whole handler with the Session call answered from a cache
@@ -352,17 +403,17 @@ def profile_request_path(name: str, lv, examples, reps: int = 200) -> dict:
     return out
 
 
-def qps(target: str, model: str, examples, concurrency: int, seconds: float) -> tuple[float, int]:
+def qps(target: str, model: str, request: Request, concurrency: int, seconds: float) -> tuple[float, int]:
     from serving.client import ServingClient
 
     counts, errors, stop = [0] * concurrency, [], threading.Event()
 
     def loop(k):
         with ServingClient(target, model, timeout_s=30) as c:
-            c.score_examples(examples)
+            request.call(c)
             while not stop.is_set():
                 try:
-                    c.score_examples(examples)
+                    request.call(c)
                     counts[k] += 1
                 except Exception as e:  # noqa: BLE001 (reported)
                     errors.append(repr(e))
@@ -497,10 +548,7 @@ def main(argv=None) -> None:
         return
     info = machine()
     if args.reuse_models and os.path.exists(os.path.join(args.workdir, "models.json")):
-        with open(os.path.join(args.workdir, "models.json")) as f:
-            manifest = json.load(f)
-        models = {name: (m["path"], list(tf.compat.v1.io.tf_record_iterator(m["examples"])) if m["examples"] else None,
-                         m["note"]) for name, m in manifest.items()}
+        models = read_models(args.workdir)
     else:
         shutil.rmtree(args.workdir, ignore_errors=True)
         os.makedirs(args.workdir)
@@ -530,69 +578,55 @@ def main(argv=None) -> None:
         x = {"x": np.zeros(1, np.float32)}
         noop.predict(x)
         transport = []
-        for name, (path, examples, note) in models.items():
-            if examples is None:
+        for name, (path, kinds, note) in models.items():
+            if not kinds:
                 continue
             # The floor: the server's loader and callable; 1 thread (the server's Session config) and TF's choice.
-            floors = {}
-            for key, intra in (("1t", 1), ("2t", 0)):
-                lv = server.LoadedVersion(name, 1, path, server.session_config(intra_op=intra))
-                sig = lv.signature(protocol.DEFAULT_SIGNATURE)
-                sig.run([np.array(examples[:1], dtype=object)], sig.output_keys)
-                floors[key] = (lv, sig)
+            floors = {key: server.LoadedVersion(name, 1, path, server.session_config(intra_op=intra))
+                      for key, intra in (("1t", 1), ("2t", 0))}
             results["floor_process_compute_threads"] = compute_threads()
             client = ServingClient(target, name, timeout_s=30)
             rows = {}
-            for b in args.sizes:
-                batch = examples[:b]
-                arr = np.empty(b, dtype=object)
-                arr[:] = batch
-                req_bytes = predict_request_bytes(name, batch)
-                fns = {f"floor_{k}": (lambda sig=sig: sig.run([arr], sig.output_keys)) for k, (_, sig) in floors.items()}
-                fns["e2e_s1"] = lambda: client.score_examples(batch)
-                if b in split_sizes:
-                    fns["e2e_s2"] = lambda: client.score_examples(batch, splits=2)
-                fns["grpc"] = lambda: echo(req_bytes, timeout=30)
-                times = {k: [] for k in fns}
-                for fn in fns.values():
-                    fn()
-                noop.predict(x)
-                for _ in range(args.rounds):
-                    for k, fn in fns.items():
-                        times[k] += timed(fn, args.block)
-                    transport += timed(lambda: noop.predict(x), max(1, args.block // 5))
-                q, q_err = qps(target, name, batch, args.concurrency, args.qps_seconds)
-                f1 = pct(times["floor_1t"], 50)
-                row = {"request_bytes": len(req_bytes), "calls": len(times["e2e_s1"]), "qps": q, "ads_per_s": q * b,
-                       "qps_errors": q_err}
-                for k, ts in times.items():
-                    row[f"{k}_p50_ms"], row[f"{k}_p99_ms"] = pct(ts, 50), pct(ts, 99)
-                row["e2e_p50_us_per_ad"] = row["e2e_s1_p50_ms"] * 1e3 / b
-                row["e2e_p99_us_per_ad"] = row["e2e_s1_p99_ms"] * 1e3 / b
-                row["e2e_s1_over_floor_1t"] = row["e2e_s1_p50_ms"] / f1
-                best = min(f1, row["floor_2t_p50_ms"])
-                for k in ("e2e_s1", "e2e_s2"):
-                    if k in times:
-                        row[f"{k}_over_best_floor"] = row[f"{k}_p50_ms"] / best
-                rows[b] = row
-                s2 = (f", splits=2 p50 {row['e2e_s2_p50_ms']:.3f} ms" if "e2e_s2" in times else "")
-                print(f"bench_serving: {name} {b:4d} ads: floor p50 {f1:.3f} ms (1 thread), "
-                      f"{row['floor_2t_p50_ms']:.3f} ms (intra-op 0); e2e p50 {row['e2e_s1_p50_ms']:.3f} ms "
-                      f"p99 {row['e2e_s1_p99_ms']:.3f} ms{s2}; gRPC floor p50 {row['grpc_p50_ms']:.3f} ms; "
-                      f"{q:.0f} req/s", flush=True)
-            prof = profile_request_path(name, floors["1t"][0], examples[:100])
-            print(f"bench_serving: {name} 100-ad request path, in-process p50 us: "
+            for kind, examples in kinds.items():
+                rows[kind] = {}
+                for b in args.sizes:
+                    req = Request(name, kind, examples, b)
+                    fns = {f"floor_{k}": req.floor(lv.signature(req.signature)) for k, lv in floors.items()}
+                    fns["e2e_s1"] = lambda req=req: req.call(client)
+                    if b in split_sizes and kind != "rank":
+                        fns["e2e_s2"] = lambda req=req: req.call(client, splits=2)
+                    fns["grpc"] = lambda req=req: echo(req.bytes, timeout=30)
+                    times = {k: [] for k in fns}
+                    for fn in fns.values():
+                        fn()
+                    noop.predict(x)
+                    for _ in range(args.rounds):
+                        for k, fn in fns.items():
+                            times[k] += timed(fn, args.block)
+                        transport += timed(lambda: noop.predict(x), max(1, args.block // 5))
+                    q, q_err = qps(target, name, req, args.concurrency, args.qps_seconds)
+                    rows[kind][b] = size_row(req, times, q, q_err, b)
+                    r = rows[kind][b]
+                    print(f"bench_serving: {name} {kind:6s} {b:4d} ads, {len(req.bytes)} bytes: floor p50 "
+                          f"{r['floor_1t_p50_ms']:.3f} ms (1 thread), {r['floor_2t_p50_ms']:.3f} ms (intra-op 0); "
+                          f"gRPC floor p50 {r['grpc_p50_ms']:.3f} ms; e2e p50 {r['e2e_s1_p50_ms']:.3f} ms p99 "
+                          f"{r['e2e_s1_p99_ms']:.3f} ms ({r['e2e_over_floors']:.2f} x floors); {q:.0f} req/s",
+                          flush=True)
+            kind100 = "raw" if "raw" in kinds else next(iter(kinds))
+            prof = profile_request_path(floors["1t"], Request(name, kind100, kinds[kind100], 100))
+            print(f"bench_serving: {name} {kind100} 100-ad request path, in-process p50 us: "
                   + ", ".join(f"{k} {v:.0f}" for k, v in prof.items()), flush=True)
-            for lv, _ in floors.values():
+            for lv in floors.values():
                 lv.retire()
             client.close()
-            swap = swap_probe(target, name, os.path.dirname(path), examples[:100], args.swap_seconds,
+            swap = swap_probe(target, name, os.path.dirname(path), kinds[kind100][:100], args.swap_seconds,
                               args.swap_repeats)
             print(f"bench_serving: {name} swap: p99 {swap['p99_ms_during_swap']:.2f} ms during "
                   f"({swap['requests_during_swap']} requests) vs "
                   f"{swap['p99_ms_without_swap']:.2f} ms without ({swap['requests_without_swap']}); "
                   f"failed {swap['failed_requests']}", flush=True)
-            results["models"][name] = {"note": note, "sizes": rows, "profile_100_ads_us": prof, "swap": swap}
+            results["models"][name] = {"note": note, "kinds": rows, "profile_100_ads_us": prof, "swap": swap,
+                                       "swap_kind": kind100}
         noop.close()
         echo_channel.close()
     finally:
@@ -605,10 +639,11 @@ def main(argv=None) -> None:
         proc, target = start_server(config_path, os.path.join(args.workdir, "server-nowarmup.log"),
                                     "--enable_model_warmup", "false")
         try:
-            for name, (path, examples, _) in models.items():
-                if examples is None:
+            for name, (path, kinds, _) in models.items():
+                if not kinds:
                     continue
-                swap = swap_probe(target, name, os.path.dirname(path), examples[:100], args.swap_seconds,
+                swap = swap_probe(target, name, os.path.dirname(path),
+                                  kinds[results["models"][name]["swap_kind"]][:100], args.swap_seconds,
                                   args.swap_repeats)
                 results["models"][name]["swap_without_warmup"] = swap
                 print(f"bench_serving: {name} swap, warm-up off: p99 {swap['p99_ms_during_swap']:.2f} ms during vs "
@@ -627,28 +662,51 @@ def main(argv=None) -> None:
     print(f"bench_serving: wrote {args.out}")
 
 
+def size_row(req: Request, times: dict, q: float, q_err: int, b: int) -> dict:
+    """The figures of one (model, kind, size): p50/p99 of every timed function and the ratios."""
+    row = {"request_bytes": len(req.bytes), "calls": len(times["e2e_s1"]), "qps": q, "ads_per_s": q * b,
+           "qps_errors": q_err}
+    for k, ts in times.items():
+        row[f"{k}_p50_ms"], row[f"{k}_p99_ms"] = pct(ts, 50), pct(ts, 99)
+    f1 = row["floor_1t_p50_ms"]
+    row["e2e_p50_us_per_ad"] = row["e2e_s1_p50_ms"] * 1e3 / b
+    row["e2e_s1_over_floor_1t"] = row["e2e_s1_p50_ms"] / f1
+    row["floors_ms"] = f1 + row["grpc_p50_ms"]
+    row["e2e_over_floors"] = row["e2e_s1_p50_ms"] / row["floors_ms"]
+    if "e2e_s2" in times:
+        row["e2e_s2_over_best_floor"] = row["e2e_s2_p50_ms"] / min(f1, row["floor_2t_p50_ms"])
+    return row
+
+
 def bars(results: dict) -> dict:
     """The issue's bars, each on the row it is judged on (named in ``row``)."""
     t50 = results["transport"]["p50_ms"]
     out = {}
     for name, r in results["models"].items():
-        s = r["sizes"]
+        k = r["kinds"]
         b = {}
-        if 100 in s:
-            ratio = s[100]["e2e_s1_over_floor_1t"]
-            b["100_ads_e2e_over_floor"] = {"value": ratio, "bar": BAR_100, "ok": ratio <= BAR_100,
-                                           "row": "100 ads, e2e splits=1 p50 / floor p50 (1 thread, the server's "
-                                                  "Session config)"}
-        if 1 in s:
-            limit = s[1]["floor_1t_p50_ms"] + BAR_1 * t50
+        for kind in ("raw", "rank"):
+            if kind in k and 100 in k[kind]:
+                ratio = k[kind][100]["e2e_over_floors"]
+                b[f"100_ads_{kind}_e2e_over_floors"] = {
+                    "value": ratio, "bar": BAR_100, "ok": ratio <= BAR_100,
+                    "row": f"{kind}, 100 ads: e2e p50 / (floor p50, 1 thread + gRPC floor p50 of the same bytes)"}
+        if "rank" in k and "raw" in k and 100 in k["rank"]:
+            ratio = k["rank"][100]["request_bytes"] / k["raw"][100]["request_bytes"]
+            b["100_ads_rank_bytes_over_raw"] = {"value": ratio, "bar": BAR_RANK_BYTES, "ok": ratio <= BAR_RANK_BYTES,
+                                                "row": "100 ads: rank request bytes / raw request bytes"}
+        one = k.get("raw") or next(iter(k.values()))
+        if 1 in one:
+            limit = one[1]["floor_1t_p50_ms"] + BAR_1 * t50
             b["1_ad_e2e_ms_vs_floor_plus_1.5_transport"] = {
-                "value": s[1]["e2e_s1_p50_ms"], "bar": limit, "ok": s[1]["e2e_s1_p50_ms"] <= limit,
-                "row": "1 ad, e2e splits=1 p50 <= floor p50 (1 thread) + 1.5 x no-op transport p50"}
+                "value": one[1]["e2e_s1_p50_ms"], "bar": limit, "ok": one[1]["e2e_s1_p50_ms"] <= limit,
+                "row": f"{'raw' if 'raw' in k else next(iter(k))}, 1 ad: e2e p50 <= floor p50 (1 thread) "
+                       f"+ 1.5 x no-op transport p50"}
         sw = r["swap"]
         ratio = sw["p99_ms_during_swap"] / sw["p99_ms_without_swap"]
         b["swap_p99_ratio"] = {"value": ratio, "bar": BAR_SWAP, "ok": ratio <= BAR_SWAP and not sw["failed_requests"],
-                               "row": f"100 ads, warm-up on, {sw['swaps']} swaps: p99 of all requests during / "
-                                      f"p99 of all requests without"}
+                               "row": f"{r['swap_kind']}, 100 ads, warm-up on, {sw['swaps']} swaps: p99 of all "
+                                      f"requests during / p99 of all requests without"}
         out[name] = b
     return out
 
@@ -661,28 +719,27 @@ def print_table(results: dict, sizes) -> None:
     print(f"transport floor (no-op Predict round trip): p50 {t['p50_ms']:.3f} ms, p99 {t['p99_ms']:.3f} ms")
     print("floor: in-process, the server's loader and callable, 1 compute thread (the server's Session config) "
           "or intra-op 0; gRPC floor: the same request bytes to a bare grpcio server (64-byte reply)\n")
-    print("| model | ads/req | floor p50 ms (1 thr) | floor p99 ms | floor p50 ms (intra-op 0) | gRPC floor p50 ms | "
-          "e2e p50 ms | e2e p99 ms | e2e/floor | e2e p50 us/ad | e2e p99 us/ad | QPS | ads/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | request | ads | request bytes | floor p50 ms (1 thr) | floor p50 ms (intra-op 0) | "
+          "gRPC floor p50 ms | e2e p50 ms | e2e p99 ms | e2e / (floor + gRPC floor) | e2e p50 us/ad | QPS | ads/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results["models"].items():
-        for b in sizes:
-            x = r["sizes"][b]
-            print(f"| {name} | {b} | {x['floor_1t_p50_ms']:.3f} | {x['floor_1t_p99_ms']:.3f} | "
-                  f"{x['floor_2t_p50_ms']:.3f} | {x['grpc_p50_ms']:.3f} | {x['e2e_s1_p50_ms']:.3f} | "
-                  f"{x['e2e_s1_p99_ms']:.3f} | {x['e2e_s1_over_floor_1t']:.2f} | {x['e2e_p50_us_per_ad']:.1f} | "
-                  f"{x['e2e_p99_us_per_ad']:.1f} | {x['qps']:.0f} | {x['ads_per_s']:.0f} |")
-    print("\nsplits (the client's concurrent sub-requests; best floor = the faster of the two floors; not the bar):\n")
-    print("| model | ads/req | splits | e2e p50 ms | e2e p99 ms | / floor (1 thr) | / best floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+        for kind, rows in r["kinds"].items():
+            for b in sizes:
+                x = rows[b]
+                print(f"| {name} | {kind} | {b} | {x['request_bytes']} | {x['floor_1t_p50_ms']:.3f} | "
+                      f"{x['floor_2t_p50_ms']:.3f} | {x['grpc_p50_ms']:.3f} | {x['e2e_s1_p50_ms']:.3f} | "
+                      f"{x['e2e_s1_p99_ms']:.3f} | {x['e2e_over_floors']:.2f} | {x['e2e_p50_us_per_ad']:.1f} | "
+                      f"{x['qps']:.0f} | {x['ads_per_s']:.0f} |")
+    print("\nsplits (the client's concurrent sub-requests, flat requests; best floor = the faster floor):\n")
+    print("| model | request | ads | splits=2 e2e p50 ms | splits=2 e2e p99 ms | / best floor |")
+    print("|---|---|---:|---:|---:|---:|")
     for name, r in results["models"].items():
-        for b in sizes:
-            x = r["sizes"][b]
-            if "e2e_s2_p50_ms" not in x:
-                continue
-            f1 = x["floor_1t_p50_ms"]
-            for k, n in (("e2e_s1", 1), ("e2e_s2", 2)):
-                print(f"| {name} | {b} | {n} | {x[k + '_p50_ms']:.3f} | {x[k + '_p99_ms']:.3f} | "
-                      f"{x[k + '_p50_ms'] / f1:.2f} | {x[k + '_over_best_floor']:.2f} |")
+        for kind, rows in r["kinds"].items():
+            for b in sizes:
+                x = rows[b]
+                if "e2e_s2_p50_ms" in x:
+                    print(f"| {name} | {kind} | {b} | {x['e2e_s2_p50_ms']:.3f} | {x['e2e_s2_p99_ms']:.3f} | "
+                          f"{x['e2e_s2_over_best_floor']:.2f} |")
     print("\n| model | warm-up | p99 ms during swap (requests) | p99 ms without swap (requests) | ratio | "
           "max ms during | max ms without | swaps took s | failed |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -696,15 +753,13 @@ def print_table(results: dict, sizes) -> None:
                   f"{s['p99_ms_during_swap'] / s['p99_ms_without_swap']:.2f} | "
                   f"{s['max_ms_during_swap']:.1f} | {s['max_ms_without_swap']:.1f} | "
                   f"{', '.join(f'{w:.2f}' for w in s['swap_seconds'])} | {s['failed_requests']} |")
-            print("|   | phases | " + "; ".join(f"{ph['phase']}: {ph['requests']} req, p99 {ph['p99_ms']:.1f}"
-                                              for ph in s["phases"]) + " | | | | | | |")
     print("\n100-ad request path, in-process stages, p50 us (gRPC's own hops are not in them):\n")
     keys = [k for k in next(iter(results["models"].values())).get("profile_100_ads_us", {}) if "bytes" not in k]
-    print("| model | " + " | ".join(keys) + " |")
-    print("|---|" + "---:|" * len(keys))
+    print("| model | request | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---:|" * len(keys))
     for name, r in results["models"].items():
         prof = r.get("profile_100_ads_us", {})
-        print(f"| {name} | " + " | ".join(f"{prof[k]:.0f}" for k in keys) + " |")
+        print(f"| {name} | {r['swap_kind']} | " + " | ".join(f"{prof[k]:.0f}" for k in keys) + " |")
     print("\nbars:")
     for name, b in results["bars"].items():
         for k, v in b.items():

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from etl import parsing, tfrecord
 from etl.parsing import ParseError
 from feature_schema import FieldSpec, VocabEntry, feature_hash, field_hash, string_hash
-from feature_schema.rules import next_float32, value_key
+from feature_schema.rules import singleton_edge, value_key
 
 TRAIN, EVAL, VALID = 0, 1, 2
 
@@ -32,7 +32,7 @@ def bin_edges(num_bins: int, lo: float, hi: float, heavy: Sequence[float], occup
     """Bin edges of a field that survive ties: heavy values alone, the rest by equal frequency.
 
     A *heavy* value holds at least ``1/num_bins`` of the field's training rows (0 in a
-    zero-inflated field). Heavy value ``v`` gets the bin ``[v, next_float32(v))``; its lower edge
+    zero-inflated field). Heavy value ``v`` gets the bin ``[v, singleton_edge(v))``; its lower edge
     is left out when nothing lies below it (the training minimum, or right after another heavy
     value) and its upper edge when no other value lies between it and the next heavy value (or
     above it), so no bin is empty in training. The other values are split at ``m - 1`` interior
@@ -58,7 +58,7 @@ def bin_edges(num_bins: int, lo: float, hi: float, heavy: Sequence[float], occup
         if i > 0 or 0 in gaps:
             fixed.add(v)
         if i + 1 in gaps:
-            fixed.add(next_float32(v))
+            fixed.add(singleton_edge(v))
     edges: list[float] = []
     for m in range(max(num_bins - len(heavy), 1), 0, -1):
         qs = list(quantiles(m))

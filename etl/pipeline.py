@@ -41,8 +41,8 @@ from etl import dictionaries, transforms
 from etl import features as feat
 from etl.config import EtlConfig, fields_from_tsv, load_config
 from etl.plan import load_base_schema, plan_job, read_text
-from feature_schema import (HASH_FUNCTION, SCHEMA_FILENAME, VOCAB_FILENAME, ExampleKeys, FieldSpec, LabelSpec,
-                            Schema, configs)
+from feature_schema import (HASH_FUNCTION, SCHEMA_FILENAME, VOCAB_FILENAME, EntityTableSpec, ExampleKeys,
+                            FieldSpec, LabelSpec, Schema, configs)
 
 SPLITS = ("train", "eval", "valid")
 SHARD_SUFFIX = transforms.SHARD_SUFFIX
@@ -146,10 +146,23 @@ def write_schema(cfg: EtlConfig, keys: ExampleKeys = ExampleKeys(), out_dir: str
                  "input_lines": int(stats.get("input.read", 0)), "config": configs.to_dict(cfg)},
         vocabulary_mode=cfg.vocabulary_mode if base else "build", base_schema=cfg.vocabulary if base else "",
         base_num_features=base.num_features if base else 0, fill_missing=cfg.fill_missing,
+        entity_tables=entity_table_specs(cfg),
+        field_index=tuple(f.name for f in cfg.fields) if cfg.field_ids == "index" else (),
         warnings=tuple(feat.single_row_warnings(specs, usage, int(written_train))))
     with FileSystems.create(os.path.join(out, SCHEMA_FILENAME)) as f:
         f.write(schema.to_json().encode("utf-8"))
     return dataclasses.replace(schema, base_dir=out if "://" in out else os.path.abspath(out))
+
+
+def entity_table_specs(cfg: EtlConfig) -> tuple[EntityTableSpec, ...]:
+    """The joined tables as the schema records them (absolute paths where the paths are local)."""
+    specs = []
+    for t in cfg.entity_tables:
+        path = t.path if "://" in t.path else os.path.abspath(t.path)
+        specs.append(EntityTableSpec(name=t.name, path=path, key_field=t.key_field,
+                                     key_column=t.key_column or t.key_field,
+                                     columns=tuple(dictionaries.table_columns(t))))
+    return tuple(specs)
 
 
 def _files_under(directory: str) -> list[str]:

@@ -7,6 +7,7 @@ from feature_schema.hashing import HASH_FUNCTION, feature_hash, feature_key, fie
 from feature_schema.schema import (
     SCHEMA_FILENAME,
     VOCAB_FILENAME,
+    EntityTableSpec,
     ExampleKeys,
     FieldSpec,
     LabelSpec,
@@ -21,6 +22,7 @@ from feature_schema.schema import (
 __all__ = [
     "SCHEMA_FILENAME",
     "VOCAB_FILENAME",
+    "EntityTableSpec",
     "ExampleKeys",
     "FieldSpec",
     "LabelSpec",

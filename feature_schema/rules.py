@@ -6,15 +6,16 @@ The ETL uses these to count and describe what it writes; the featurization layer
 
 * **Value fields** (``binned`` and ``numeric``) carry one feature per line whose key is the field
   name (``value_key``) and whose value is the raw number, rounded to float32 (``to_float32``), the
-  precision of a ``tf.train.FloatList``: bins and statistics are computed on exactly the numbers
-  the layer later sees.
+  precision of a ``tf.train.FloatList``, with subnormal numbers flushed to zero as TensorFlow's CPU
+  kernels do: bins and statistics are computed on exactly the numbers the layer later sees.
 * **Bins.** ``bin_index(v, edges)`` is the number of edges ``<= v``: bin ``i`` holds
   ``edges[i-1] <= v < edges[i]`` (lower edge inclusive, upper exclusive); bin 0 holds everything
   below the first edge and bin ``len(edges)`` everything from the last edge up. Edges are strictly
-  increasing and float32 numbers. A value that carries at least ``1/num_bins`` of a field's
-  training rows (0 in a zero-inflated field) gets a bin of its own, ``[v, next_float32(v))``;
-  the rest of the rows is split into roughly equal-frequency bins, ``num_bins`` bins in all
-  (``etl.features.bin_edges``). Bin ``i`` is the vocabulary feature ``bin_key(i)``.
+  increasing float32 numbers, never subnormal. A value that carries at least ``1/num_bins`` of a
+  field's training rows (0 in a zero-inflated field) gets a bin of its own,
+  ``[v, singleton_edge(v))``, which holds no other float32 number; the rest of the rows is split
+  into roughly equal-frequency bins, ``num_bins`` bins in all (``etl.features.bin_edges``). Bin
+  ``i`` is the vocabulary feature ``bin_key(i)``.
 * **Scaling.** A ``numeric`` field's value becomes ``(t(v) - mean) / std`` with ``t`` its
   ``transform`` (``none``: identity; ``log1p``: ``sign(v) * log(1 + |v|)``, for heavy tails), and
   mean and std of ``t(v)`` over the training split (``FieldSpec.value_stats``; std 0 counts as 1).
@@ -30,7 +31,7 @@ import struct
 
 VALUE_TRANSFORMS = ("none", "log1p")
 _F32 = struct.Struct("<f")
-_U32 = struct.Struct("<I")
+FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32
 
 
 def value_key(field: str) -> str:
@@ -49,25 +50,31 @@ def bin_index(value: float, edges) -> int:
 
 
 def to_float32(value: float) -> float:
-    """``value`` rounded to float32, the precision of a ``tf.train.FloatList`` (overflow: +-inf)."""
+    """``value`` rounded to float32 (a ``tf.train.FloatList``'s precision; overflow gives +-inf),
+    subnormal results flushed to zero (TensorFlow's CPU kernels flush them)."""
     try:
-        return _F32.unpack(_F32.pack(value))[0]
+        v = _F32.unpack(_F32.pack(value))[0]
     except OverflowError:
         return math.copysign(math.inf, value)
+    return 0.0 if abs(v) < FLOAT32_TINY else v
 
 
-def next_float32(value: float) -> float:
-    """The smallest float32 above float32 ``value`` (numpy's ``nextafter`` towards +inf in float32).
+def singleton_edge(value: float) -> float:
+    """The smallest float32 edge above float32 ``value`` that no subnormal flush can cross.
 
-    ``[v, next_float32(v))`` holds exactly one float32, ``v``: the bin of a heavy value.
+    ``[value, singleton_edge(value))`` is a bin holding ``value`` alone: the next float32 up, or
+    the smallest normal float32 when that next number would be subnormal (above 0) or 0.0 when it
+    would be a negative subnormal.
     """
     v = to_float32(value)
-    if v != v or v == math.inf:
-        return v
     if v == 0.0:
-        return _F32.unpack(_U32.pack(1))[0]  # the smallest subnormal, above +0 and -0
-    bits = _U32.unpack(_F32.pack(v))[0]
-    return _F32.unpack(_U32.pack(bits + 1 if v > 0 else bits - 1))[0]
+        return FLOAT32_TINY
+    bits = _F32.unpack(_F32.pack(v))[0]
+    raw = struct.unpack("<i", _F32.pack(bits))[0]
+    nxt = struct.unpack("<f", struct.pack("<i", raw + 1 if v > 0 else raw - 1))[0]
+    if abs(nxt) < FLOAT32_TINY:
+        return 0.0
+    return nxt
 
 
 def transform_value(value: float, transform: str) -> float:

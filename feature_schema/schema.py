@@ -131,6 +131,26 @@ class LabelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class EntityTableSpec:
+    """An entity table the ETL joined (item -> category, brand, price), for joins in the serving graph.
+
+    Attributes:
+      name: table name (the source ``dict:<name>`` of the fields it adds).
+      path: the table file (TSV with a header row, or Parquet), relative to the schema's directory
+        or absolute.
+      key_field: the field whose keys look the table up (``item``).
+      key_column: the table column holding those keys.
+      columns: the columns that became fields, in order.
+    """
+
+    name: str
+    path: str
+    key_field: str
+    key_column: str
+    columns: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Schema:
     """The whole contract between ETL, trainer and exporter.
 
@@ -157,6 +177,10 @@ class Schema:
         the same features as there (what a warm start can copy).
       fill_missing: a field absent from an example gets its rare row (the
         featurization layer adds it; ``feature_schema.rules``).
+      entity_tables: the tables the ETL joined (``EntityTableSpec``), which the
+        serving graph joins again for clients that send only the log's fields.
+      field_index: libffm input with integer field tokens: field names by index
+        (empty: field tokens are names). How a client parses lines as the ETL did.
       warnings: what the ETL found suspicious (e.g. a field left with one used row).
     """
 
@@ -176,6 +200,8 @@ class Schema:
     base_schema: str = ""
     base_num_features: int = 0
     fill_missing: bool = True
+    entity_tables: tuple[EntityTableSpec, ...] = ()
+    field_index: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     version: int = SCHEMA_VERSION
     # Directory the schema was loaded from; not serialized.
@@ -231,6 +257,10 @@ class Schema:
     def vocabulary_file(self) -> str:
         return _resolve(self.base_dir, self.vocabulary_path)
 
+    def table_file(self, table: EntityTableSpec) -> str:
+        """Absolute path of an entity table's file."""
+        return _resolve(self.base_dir, table.path)
+
     def to_json_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("base_dir")
@@ -247,9 +277,8 @@ class Schema:
         d = dict(d)
         version = d.get("version")
         if version != SCHEMA_VERSION:
-            raise ValueError(
-                f"schema version {version!r} is not {SCHEMA_VERSION}: its records hold vocabulary rows, not the "
-                f"hashed features this code reads; rerun `make etl` (python -m etl.pipeline) to rewrite the data")
+            raise ValueError(f"schema version {version!r} is not {SCHEMA_VERSION}: the ETL output predates the "
+                             f"hashed-record format; rerun `make etl` on the logs")
         fields = []
         for f in d.pop("fields"):
             f = dict(f)
@@ -260,8 +289,11 @@ class Schema:
             fields.append(FieldSpec(**f))
         labels = tuple(LabelSpec(**label) for label in d.pop("labels"))
         keys = ExampleKeys(**d.pop("example_keys", {}))
-        if "warnings" in d:
-            d["warnings"] = tuple(d["warnings"])
+        for key in ("warnings", "field_index"):
+            if key in d:
+                d[key] = tuple(d[key])
+        d["entity_tables"] = tuple(EntityTableSpec(**{**t, "columns": tuple(t["columns"])})
+                                   for t in d.get("entity_tables", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from trainer import metrics
+from feature_schema import metrics
 
 LOG_FIELDS = ("user", "item", "position", "hour", "device", "query")
 ITEM_FIELDS = ("category", "brand", "price")
@@ -218,6 +218,54 @@ class PlantedModel:
         # A conversion can only follow a click.
         x["conversion"] = x["click"] * (rng.random(n) < x["p_cvr"]).astype(np.int64)
         return x
+
+
+    def item_click_logits(self, context: dict[str, np.ndarray], items=None, position: int = 0) -> np.ndarray:
+        """Planted click logits of every (context row, item) pair, as ``sample`` computes them.
+
+        Args:
+          context: int arrays ``[n]`` of the fields that are not the item's: user, query, hour, device.
+          items: item ids to score (default: every item).
+          position: the slot (a constant shift of every logit: it changes no ranking).
+
+        Returns:
+          ``[n, len(items)]`` logits.
+        """
+        items = np.arange(self.cfg.n_items) if items is None else np.asarray(items)
+        of_item = {"item": items, "category": self.item_category[items], "brand": self.item_brand[items]}
+        n = len(next(iter(context.values())))
+        row = np.full(n, self.b_click + self.position_bias[position])
+        col = self.price_w[np.searchsorted(self.price_edges, self.item_price[items], side="right")]
+        for f, w in self.w.items():
+            if f in of_item:
+                col = col + w[of_item[f]]
+            else:
+                row = row + w[context[f]]
+        logits = row[:, None] + col[None, :]
+        for f, g in PAIRS:
+            a, b = self.v[(f, g)], self.v[(g, f)]
+            if f in of_item and g in of_item:
+                logits += np.sum(a[of_item[f]] * b[of_item[g]], axis=1)[None, :]
+            elif f in of_item or g in of_item:
+                (uf, u), (itf, it) = ((g, b), (f, a)) if f in of_item else ((f, a), (g, b))
+                logits += u[context[uf]] @ it[of_item[itf]].T
+            else:
+                logits += np.sum(a[context[f]] * b[context[g]], axis=1)[:, None]
+        return logits
+
+
+def top_k_items(model: PlantedModel, context: dict[str, np.ndarray], k: int, items=None,
+                item_weights=None) -> np.ndarray:
+    """The planted model's ``k`` most clickable items for each context row (``[n, k]`` item ids, best first).
+
+    Ranked by planted click probability, or by click probability x ``item_weights`` (e.g. each item's
+    share of impressions: the items a user's next click most likely lands on).
+    """
+    items = np.arange(model.cfg.n_items) if items is None else np.asarray(items)
+    logits = model.item_click_logits(context, items)
+    score = logits if item_weights is None else _sigmoid(logits) * np.asarray(item_weights)[None, :]
+    top = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    return items[top]
 
 
 def _format_lines(x: dict[str, np.ndarray], with_fields: bool) -> list[str]:

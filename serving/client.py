@@ -1,10 +1,19 @@
 """gRPC client of TF Serving's PredictionService (this project's server or ``tensorflow_model_server``).
 
     python -m serving.client score --server 127.0.0.1:8500 --model fm --schema runs/export/fm/1 \\
-        --format libffm [--join item=data/raw/items.tsv] [--splits 4] data/raw/eval.libffm
-    python -m serving.client score ... --format libfm --field_map data/raw/field_map.tsv FILE
+        [--splits 4] [--metrics] data/raw/eval.libffm
+    python -m serving.client score ... --schema runs/export/fm/1 --context_fields user,query,hour,device FILE
     python -m serving.client score ... --format ids FILE     # lines of field_id:hash:value tokens
     python -m serving.client status --server 127.0.0.1:8500 --model fm
+
+The client featurizes nothing. ``score`` parses libfm/libffm lines with the ETL's own parser
+(``serving.examples``: every format the ETL accepts) and sends raw tf.Examples, one feature per
+field named as the field; the served graph hashes, looks up, bins, scales, joins the entity tables
+and fills missing fields (``featurization``). ``--schema`` is the export version directory: its
+``assets.extra`` holds the schema (format, fields) and, for libfm, the field map. With
+``--context_fields`` the lines become one ``rank`` request: the first line's context fields are
+sent once, each line's other fields as a candidate. ``--metrics`` prints AUC and logloss against
+the lines' labels (stderr).
 
 ``ServingClient.score_examples`` / ``score_ids`` score one request's candidate
 ads by splitting them into ``splits`` sub-requests sent concurrently (gRPC
@@ -14,20 +23,14 @@ each with the remaining deadline; sub-requests failing with a transient status
 deadline has time left) are retried with backoff.
 If a version swap lands between sub-requests, the ones answered by the older
 version are re-sent pinned to the newer one, so every ad of a call is scored by
-one version.
+one version. ``ServingClient.rank(context, candidates)`` sends one ``rank`` request.
 
 ``score`` prints, per input line, ``output=probability`` for every model
-output, tab-separated, in input order. libfm/libffm lines are turned into
-features the way the ETL does (``feature_schema.feature_hash``; the fields,
-bins and field ids come from ``--schema``, the export's ``assets.extra/schema.json``;
-``--join`` adds an entity table's columns; a field absent from a line gets the
-field's missing feature, which the served graph maps to its rare row). A
-leading token without ``:`` is taken as the label(s) and ignored.
+output, tab-separated, in input order.
 """
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import os
 import sys
@@ -35,22 +38,20 @@ import time
 
 import grpc
 import numpy as np
-from tensorflow.core.example import example_pb2
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
                                      regression_pb2)
 
-from feature_schema import SCHEMA_FILENAME, Schema, feature_hash, load_schema
+from feature_schema import SCHEMA_FILENAME, Schema, load_schema, metrics
+from serving import examples as examples_lib
 from serving import protocol
-from serving.protocol import (DEFAULT_SIGNATURE, EXAMPLES_INPUT, FIELDS_INPUT, IDS_INPUT, IDS_SIGNATURE,
-                              VALUES_INPUT)
+from serving.protocol import (CONTEXT_INPUT, DEFAULT_SIGNATURE, EXAMPLES_INPUT, FIELDS_INPUT, IDS_INPUT,
+                              IDS_SIGNATURE, RANK_SIGNATURE, VALUES_INPUT)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+FIELD_MAP_FILE = "field_map.tsv"  # export.exporter.FIELD_MAP_FILE
 HTTP2_WINDOW_BYTES = 4 << 20
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
-# Key of the feature the ETL adds for a field absent from a line (etl.features.MISSING_KEY; a test
-# checks they agree). It is never in the vocabulary, so the served graph maps it to the field's rare row.
-MISSING_KEY = "__missing__"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,18 @@ class ServingClient:
             req.output_filter.extend(output_filter)
             return req
         return self._scatter(len(examples), splits, build)
+
+    def rank(self, context: bytes, candidates, signature: str = RANK_SIGNATURE, output_filter=()) -> Prediction:
+        """Scores candidates that share one context (raw Examples; a candidate's field overrides the
+        context's) with one ``rank`` request: the shared fields travel once."""
+        def build(lo, hi, version):
+            req = predict_pb2.PredictRequest()
+            self._spec(req.model_spec, signature, version)
+            protocol.strings_proto([context], req.inputs[CONTEXT_INPUT], scalar=True)
+            protocol.strings_proto(candidates, req.inputs[EXAMPLES_INPUT])
+            req.output_filter.extend(output_filter)
+            return req
+        return self._scatter(1, 1, build)
 
     def score_ids(self, ids, values, fields, splits: int = 1, signature: str = IDS_SIGNATURE,
                   output_filter=()) -> Prediction:
@@ -293,94 +306,13 @@ class _Done:
 
 
 # ---------------------------------------------------------------------------------------------
-# Lines -> features (the ETL's mapping, without the ETL)
-
-
-class LineFeaturizer:
-    """Turns libfm/libffm lines into the ``(hash, value, field id)`` features the ETL writes.
-
-    Args:
-      schema: the served model's schema (fields, bins, example keys).
-      fmt: ``libfm`` or ``libffm``.
-      field_map: feature key -> field name (libfm lines).
-      joins: ``(key field, {key: {column: value}})`` entity tables whose columns become fields.
-    """
-
-    def __init__(self, schema: Schema, fmt: str, field_map: dict | None = None, joins=()):
-        if fmt not in ("libfm", "libffm"):
-            raise ValueError(f"format {fmt!r} is not libfm or libffm")
-        if fmt == "libfm" and field_map is None:
-            raise ValueError("libfm lines need a field map (--field_map feature<TAB>field TSV)")
-        self.schema = schema
-        self.fmt = fmt
-        self.field_map = field_map
-        self.joins = tuple(joins)
-        self.field_ids = {f.name: f.id for f in schema.fields}
-        self.bins = {f.name: f.bin_boundaries for f in schema.fields if f.kind == "binned"}
-        self.numeric = {f.name for f in schema.fields if f.kind in ("binned", "numeric")}
-        self.missing = {f.name: feature_hash(f.name, MISSING_KEY) for f in schema.fields}
-
-    def features(self, line: str) -> list[tuple[int, float, int]]:
-        """``(hash, value, field id)`` of one line: its features, joined columns, missing fields (schema order).
-
-        Raises:
-          ValueError: a malformed token, an unmapped feature or a field not in the schema.
-        """
-        tokens = line.split()
-        if tokens and ":" not in tokens[0]:
-            tokens = tokens[1:]  # labels
-        raw = []
-        for tok in tokens:
-            parts = tok.split(":")
-            if self.fmt == "libffm":
-                if len(parts) != 3:
-                    raise ValueError(f"token {tok!r} is not field:key:value")
-                field, key, value = parts
-            else:
-                if len(parts) != 2:
-                    raise ValueError(f"token {tok!r} is not key:value")
-                key, value = parts
-                field = self.field_map.get(key)
-                if field is None:
-                    raise ValueError(f"feature {key!r} is not in the field map")
-            raw.append((field, key, float(value)))
-        for key_field, table in self.joins:
-            for field, key, _ in list(raw):
-                row = table.get(key) if field == key_field else None
-                for col, val in (row or {}).items():
-                    if val not in (None, ""):
-                        raw.append((col, col, float(val)) if col in self.numeric else (col, str(val), 1.0))
-        out, present = [], set()
-        for field, key, value in raw:
-            fid = self.field_ids.get(field)
-            if fid is None:
-                raise ValueError(f"field {field!r} is not in the schema")
-            b = self.bins.get(field)
-            if b is not None:
-                key, value = f"bin{bisect.bisect_right(b, value)}", 1.0
-            out.append((feature_hash(field, key), value, fid))
-            present.add(fid)
-        for name, fid in self.field_ids.items():
-            if fid not in present:
-                out.append((self.missing[name], 1.0, fid))
-        return out
-
-    def example(self, line: str) -> bytes:
-        """The serialized tf.Example (hashes, values, field ids) of one line."""
-        return features_to_example(self.features(line), self.schema.example_keys)
-
-
-def features_to_example(rows, keys) -> bytes:
-    ex = example_pb2.Example()
-    feat = ex.features.feature
-    feat[keys.hashes].int64_list.value.extend(r[0] for r in rows)
-    feat[keys.values].float_list.value.extend(r[1] for r in rows)
-    feat[keys.fields].int64_list.value.extend(r[2] for r in rows)
-    return ex.SerializeToString()
+# Lines -> requests (raw Examples: the client featurizes nothing)
 
 
 def parse_id_line(line: str) -> list[tuple[int, float, int]]:
-    """``(hash, value, field id)`` of a pre-hashed line of ``field_id:hash:value`` tokens."""
+    """``(hash, value, field id)`` of a pre-hashed line of ``field_id:hash:value`` tokens (``predict_ids``)."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8")
     out = []
     for tok in line.split():
         parts = tok.split(":")
@@ -390,51 +322,71 @@ def parse_id_line(line: str) -> list[tuple[int, float, int]]:
     return out
 
 
-def read_tsv_table(path: str, key_column: str) -> dict[str, dict[str, str]]:
-    """{key: {column: value}} of a TSV with a header row."""
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\r\n").split("\t")
-        if key_column not in header:
-            raise ValueError(f"{path}: no column {key_column!r} in {header}")
-        out = {}
-        for line in f:
-            cells = line.rstrip("\r\n").split("\t")
-            row = dict(zip(header, cells))
-            out[row.pop(key_column)] = row
-    return out
-
-
-def read_field_map(path: str) -> dict[str, str]:
-    table = read_tsv_table(path, "feature")
-    return {k: v["field"] for k, v in table.items()}
-
-
 def _load_schema(path: str) -> Schema:
     """A schema from schema.json, an ETL output dir, or an export version dir (assets.extra/schema.json)."""
     extra = os.path.join(path, protocol.ASSETS_EXTRA, SCHEMA_FILENAME)
     return load_schema(extra if os.path.exists(extra) else path)
 
 
-def score_lines(client: ServingClient, lines, fmt: str, schema: Schema | None = None, field_map=None, joins=(),
-                signature: str = "", splits: int = 1) -> Prediction:
-    """Scores text lines (libfm, libffm or ids) as one request's candidates."""
+def _field_map(schema_path: str, field_map: str) -> dict | None:
+    """The field map: ``--field_map``, else the export's ``assets.extra/field_map.tsv`` if there."""
+    if not field_map and schema_path:
+        candidate = os.path.join(schema_path, protocol.ASSETS_EXTRA, FIELD_MAP_FILE)
+        field_map = candidate if os.path.exists(candidate) else ""
+    return examples_lib.read_field_map(field_map) if field_map else None
+
+
+def parse_lines(builder: examples_lib.ExampleBuilder, lines) -> tuple[list, list]:
+    """(labels or None per line, (field, key, value) features per line); errors name the line."""
+    labels, feats = [], []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            y, f = builder.parse(line)
+        except ValueError as e:  # parsing.ParseError included
+            raise ValueError(f"line {lineno}: {e}") from None
+        labels.append(y)
+        feats.append(f)
+    return labels, feats
+
+
+def score_lines(client: ServingClient, lines, fmt: str, schema: Schema | None = None, field_map=None,
+                signature: str = "", splits: int = 1, context_fields=()) -> tuple[Prediction, list]:
+    """Scores text lines as one request's candidates; returns (prediction, labels per line or None).
+
+    ``fmt`` ``ids``: pre-hashed lines to ``predict_ids``. Otherwise libfm/libffm lines become raw
+    Examples (``serving.examples``) sent to ``serving_default``, or with ``context_fields`` one
+    ``rank`` request: the first line's context fields are the shared context, every line's other
+    fields a candidate.
+    """
     lines = [line for line in lines if line.strip()]
     if fmt == "ids":
         rows = [parse_id_line(line) for line in lines]
-        return client.score_ids(*protocol.pad_ids(rows), splits=splits, signature=signature or IDS_SIGNATURE)
+        return client.score_ids(*protocol.pad_ids(rows), splits=splits, signature=signature or IDS_SIGNATURE), []
     if schema is None:
-        raise ValueError(f"{fmt} lines need --schema (the export's assets.extra/schema.json)")
-    fz = LineFeaturizer(schema, fmt, field_map, joins)
+        raise ValueError(f"{fmt} lines need --schema (the export version dir or its assets.extra/schema.json)")
+    if fmt != schema.format:
+        raise ValueError(f"the model was trained on {schema.format} lines, got --format {fmt}")
+    builder = examples_lib.ExampleBuilder(schema, field_map)
+    labels, feats = parse_lines(builder, lines)
+    if context_fields:
+        context = builder.example(builder.split(feats[0], context_fields)[0])
+        cands = [builder.example(builder.split(f, context_fields)[1]) for f in feats]
+        return client.rank(context, cands), labels
+    examples = [builder.example(f) for f in feats]
+    return client.score_examples(examples, splits=splits, signature=signature or DEFAULT_SIGNATURE), labels
+
+
+def report(pred: Prediction, labels: list, schema: Schema) -> list[str]:
+    """AUC and logloss of every output named as a label, against the lines' labels."""
+    if not labels or any(y is None for y in labels):
+        return []
     rows = []
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            rows.append(fz.features(line))
-        except ValueError as e:
-            raise ValueError(f"line {lineno}: {e}") from None
-    if (signature or DEFAULT_SIGNATURE) == IDS_SIGNATURE:
-        return client.score_ids(*protocol.pad_ids(rows), splits=splits)
-    examples = [features_to_example(r, schema.example_keys) for r in rows]
-    return client.score_examples(examples, splits=splits, signature=signature or DEFAULT_SIGNATURE)
+    for i, name in enumerate(schema.label_names):
+        if name in pred.outputs:
+            y = np.array([lab[i] for lab in labels], np.float64)
+            r = metrics.binary_report(y, pred.outputs[name])
+            rows.append(f"{name}: AUC {r['auc']:.4f} logloss {r['logloss']:.4f} ({r['examples']} lines)")
+    return rows
 
 
 def main(argv=None) -> None:
@@ -449,13 +401,15 @@ def main(argv=None) -> None:
         s.add_argument("--timeout", type=float, default=10.0, help="deadline of the call, retries included (s)")
         s.add_argument("--retries", type=int, default=2)
     s = sub.choices["score"]
-    s.add_argument("--format", choices=("libffm", "libfm", "ids"), default="libffm")
-    s.add_argument("--schema", default="", help="schema.json, ETL dir or export version dir (libfm/libffm)")
-    s.add_argument("--field_map", default="", help="feature<TAB>field TSV (libfm)")
-    s.add_argument("--join", action="append", default=[], metavar="KEY_FIELD=TSV",
-                   help="entity table whose columns become fields, keyed by KEY_FIELD's feature key")
-    s.add_argument("--signature", default="", help="serving_default (default) or predict_ids")
+    s.add_argument("--format", choices=("libffm", "libfm", "ids"), default="",
+                   help="line format (default: the schema's)")
+    s.add_argument("--schema", default="", help="export version dir (or schema.json / ETL dir): fields, format")
+    s.add_argument("--field_map", default="", help="feature<TAB>field TSV (libfm; default: the export's copy)")
+    s.add_argument("--signature", default="", help="serving_default (default), predict_ids (--format ids)")
     s.add_argument("--splits", type=int, default=1, help="concurrent sub-requests")
+    s.add_argument("--context_fields", default="",
+                   help="comma-separated fields shared by all lines: one rank request (first line's context)")
+    s.add_argument("--metrics", action="store_true", help="print AUC and logloss against the lines' labels")
     s.add_argument("inputs", nargs="*", default=["-"], help="files of lines (- : stdin)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with ServingClient(args.server, args.model, args.version, args.version_label, timeout_s=args.timeout,
@@ -467,20 +421,21 @@ def main(argv=None) -> None:
         lines = []
         for path in args.inputs:
             if path == "-":
-                lines.extend(sys.stdin.read().splitlines())
+                lines.extend(sys.stdin.buffer.read().splitlines())
             else:
-                with open(path, encoding="utf-8") as f:
+                with open(path, "rb") as f:
                     lines.extend(f.read().splitlines())
-        joins = []
-        for spec in args.join:
-            key_field, _, path = spec.partition("=")
-            joins.append((key_field, read_tsv_table(path, key_field)))
-        pred = score_lines(client, lines, args.format, _load_schema(args.schema) if args.schema else None,
-                           read_field_map(args.field_map) if args.field_map else None, joins, args.signature,
-                           args.splits)
+        schema = _load_schema(args.schema) if args.schema else None
+        fmt = args.format or (schema.format if schema else "ids")
+        field_map = _field_map(args.schema, args.field_map) if fmt == "libfm" else None
+        ctx = frozenset(f for f in args.context_fields.split(",") if f)
+        pred, labels = score_lines(client, lines, fmt, schema, field_map, args.signature, args.splits, ctx)
     keys = sorted(pred.outputs)
     for i in range(len(pred.outputs[keys[0]]) if keys else 0):
         print("\t".join(f"{k}={pred.outputs[k][i]:.6f}" for k in keys))
+    if args.metrics:
+        for row in report(pred, labels, schema):
+            print(f"metrics: {row}", file=sys.stderr)
 
 
 if __name__ == "__main__":

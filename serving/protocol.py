@@ -6,24 +6,38 @@ Signatures of every exported version (``saved_model_cli show --dir <version> --a
 signature           method                      inputs                                      outputs
 ==================  ==========================  ==========================================  =======================
 ``serving_default`` ``tensorflow/serving/       ``examples``: string [batch], serialized     one float [batch] per
-                    predict``                   ``tf.Example``s with the stable feature      key of the model's
-                                                hashes, values and field ids                 ``serving_outputs``
+                    predict``                   *raw* ``tf.Example``s: one feature per       key of the model's
+                                                schema field, named as the field             ``serving_outputs``
+                                                (``featurization.raw``; docs/SERVING.md)
+``rank``            ``tensorflow/serving/       ``context``: string [], one raw Example of   one float [N] per
+                    predict``                   the shared fields; ``examples``: string      output
+                                                [N], the candidates' raw Examples (a
+                                                candidate's field overrides the context's)
+``predict_hashed``  ``tensorflow/serving/       ``examples``: string [batch], the ETL's      same as
+                    predict``                   hashed records (``feat_hashes``,             ``serving_default``
+                                                ``feat_vals``, ``feat_field_hashes``)
 ``predict_ids``     ``tensorflow/serving/       ``ids`` int64, ``values`` float32,           same as above
                     predict``                   ``fields`` int64, all [batch, width]
-``classification``  ``tensorflow/serving/       ``inputs``: string [batch] (Examples)        ``scores`` float
+``classification``  ``tensorflow/serving/       ``inputs``: string [batch], raw Examples     ``scores`` float
                     classify``                                                               [batch, 2],
                                                                                              ``classes`` string
                                                                                              [batch, 2]
-``regression``      ``tensorflow/serving/       ``inputs``: string [batch] (Examples)        ``outputs`` float
+``regression``      ``tensorflow/serving/       ``inputs``: string [batch], raw Examples     ``outputs`` float
                     regress``                                                                [batch]
 ==================  ==========================  ==========================================  =======================
+
+Raw Examples are featurized in the graph (``featurization``): keys are hashed, looked up in the
+vocabulary, binned, scaled and joined with the ETL's entity tables there, so a client in any language
+sends what the log holds. A feature key that is not a field of the schema fails the request with
+INVALID_ARGUMENT naming the key.
 
 ``predict_ids`` padding convention: row ``i`` of the three dense tensors lists the
 features of example ``i``; a slot whose field id is negative (``PAD_FIELD``, -1) is
 padding and is ignored, whatever its id and value. Rows may hold any number of
 real features up to ``width``, in any slots. Ids are the stable feature hashes
-(``feature_schema.feature_hash``); the graph maps them to vocabulary rows,
-unknown hashes to the field's rare row.
+(``feature_schema.feature_hash``; binned and numeric fields: the field's value key with
+the raw number as value); the graph maps them to vocabulary rows, unknown hashes to the
+field's rare row, and adds the missing fields.
 
 ``classification`` and ``regression`` expose the model's first serving output
 (the primary task, e.g. ``click`` or ``ctr``): classes ``"0"``/``"1"`` with
@@ -47,11 +61,16 @@ CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 
 DEFAULT_SIGNATURE = "serving_default"
+RANK_SIGNATURE = "rank"
+HASHED_SIGNATURE = "predict_hashed"
 IDS_SIGNATURE = "predict_ids"
 CLASSIFY_SIGNATURE = "classification"
 REGRESS_SIGNATURE = "regression"
 
 EXAMPLES_INPUT = "examples"
+CONTEXT_INPUT = "context"
+# The parallel float feature of a categorical field's values in a raw Example (featurization.raw).
+VALUE_SUFFIX = ":value"
 IDS_INPUT, VALUES_INPUT, FIELDS_INPUT = "ids", "values", "fields"
 # TF Serving's fixed tensor keys of Classify/Regress signatures (signature_constants.py).
 CLASSIFY_INPUTS = "inputs"
@@ -172,11 +191,16 @@ def from_ndarray(arr, proto: tensor_pb2.TensorProto | None = None) -> tensor_pb2
     return proto
 
 
-def strings_proto(values, proto: tensor_pb2.TensorProto | None = None) -> tensor_pb2.TensorProto:
-    """A 1-D string TensorProto of ``values`` (bytes), e.g. a batch of serialized tf.Examples."""
+def strings_proto(values, proto: tensor_pb2.TensorProto | None = None, scalar: bool = False) -> tensor_pb2.TensorProto:
+    """A 1-D string TensorProto of ``values`` (bytes), e.g. a batch of serialized tf.Examples;
+    ``scalar``: a 0-D one of the single value (the ``rank`` signature's ``context``)."""
     proto = tensor_pb2.TensorProto() if proto is None else proto
     proto.dtype = _DT.DT_STRING
-    proto.tensor_shape.dim.add().size = len(values)
+    if scalar:
+        if len(values) != 1:
+            raise TensorError(f"a scalar string tensor holds one value, got {len(values)}")
+    else:
+        proto.tensor_shape.dim.add().size = len(values)
     proto.string_val.extend(values)
     return proto
 
@@ -204,18 +228,46 @@ def pad_ids(rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, vals, fields
 
 
-def example_rows(serialized, keys) -> list[list[tuple[int, float, int]]]:
-    """``(hash, value, field id)`` rows of serialized tf.Examples (the ``predict_ids`` view of them).
+def example_rows(serialized, schema) -> list[list[tuple[int, float, int]]]:
+    """``(hash, value, field id)`` rows of serialized hashed records (the ``predict_ids`` view of them).
 
     Args:
-      serialized: serialized ``tf.train.Example``s.
-      keys: the schema's ``ExampleKeys`` (feature names of hashes, values, fields).
+      serialized: serialized ``tf.train.Example``s in the ETL's hashed-record format.
+      schema: the served model's schema (its example keys; field hashes -> field ids).
     """
     from tensorflow.core.example import example_pb2
 
+    from feature_schema import field_hash
+
+    keys = schema.example_keys
+    field_id = {field_hash(f.name): f.id for f in schema.fields}
     out = []
     for s in serialized:
         feat = example_pb2.Example.FromString(s).features.feature
-        out.append(list(zip(feat[keys.hashes].int64_list.value, feat[keys.values].float_list.value,
-                            feat[keys.fields].int64_list.value)))
+        out.append([(h, v, field_id[f]) for h, v, f in zip(feat[keys.hashes].int64_list.value,
+                                                          feat[keys.values].float_list.value,
+                                                          feat[keys.field_hashes].int64_list.value)])
     return out
+
+
+def raw_example(features, value_fields=frozenset()) -> bytes:
+    """A serialized raw tf.Example of ``(field, key, value)`` features (``featurization.raw``'s contract).
+
+    Categorical fields: a ``bytes_list`` of the keys, plus ``<field>:value`` when a value is not 1;
+    ``value_fields`` (binned, numeric): a ``float_list`` of the numbers. Fields keep first-seen order.
+    """
+    from tensorflow.core.example import example_pb2
+
+    ex = example_pb2.Example()
+    feature = ex.features.feature
+    grouped: dict[str, list] = {}
+    for field, key, value in features:
+        grouped.setdefault(field, []).append((key, value))
+    for field, items in grouped.items():
+        if field in value_fields:
+            feature[field].float_list.value.extend(v for _, v in items)
+            continue
+        feature[field].bytes_list.value.extend(k.encode("utf-8") for k, _ in items)
+        if any(v != 1.0 for _, v in items):
+            feature[field + VALUE_SUFFIX].float_list.value.extend(v for _, v in items)
+    return ex.SerializeToString()

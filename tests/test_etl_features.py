@@ -10,7 +10,7 @@ from etl import features as feat
 from etl import parsing, tfrecord
 from etl.parsing import ParseError
 from feature_schema import ExampleKeys, FieldSpec, LabelSpec, Schema, VocabEntry, feature_hash, field_hash
-from feature_schema.rules import bin_index, next_float32
+from feature_schema.rules import bin_index, singleton_edge
 
 CAT = dict(kind="categorical", min_count=2, linear_only=False, source="log", multi_hot=False)
 
@@ -127,7 +127,7 @@ def test_bin_edges_zero_inflated_field_hand_derived():
     # the first value with rank > 5/3 is 2, with rank > 11/3 is 4.
     positives = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     edges = feat.bin_edges(4, 0.0, 6.0, [0.0], {1}, _lower_quantiles(positives))
-    assert edges == (next_float32(0.0), 2.0, 4.0)
+    assert edges == (singleton_edge(0.0), 2.0, 4.0)
     values = [0.0] * 14 + positives
     assert [bin_index(v, edges) for v in values] == [0] * 14 + [1, 2, 2, 3, 3, 3]
     # Equal-frequency edges alone (no heavy rule) are the lower quantiles of all 20 values: j*20/4
@@ -142,7 +142,7 @@ def test_bin_edges_heavy_values_inside_at_the_top_and_side_by_side():
     others = [1.0, 2.0, 3.0, 7.0, 8.0, 9.0]
     edges = feat.bin_edges(4, 1.0, 9.0, [5.0], {0, 1}, _lower_quantiles(others))
     # m = 2 on 6 values: the first value with rank > 5/2 is 3. Bins {1, 2}, {3}, {5}, {7, 8, 9}.
-    assert edges == (3.0, 5.0, next_float32(5.0))
+    assert edges == (3.0, 5.0, singleton_edge(5.0))
     # Heavy maximum: no upper edge (nothing above it). m = 2 on 4 values: rank > 3/2 -> 2.
     assert feat.bin_edges(3, 1.0, 9.0, [9.0], {0}, _lower_quantiles([1.0, 2.0, 3.0, 4.0])) == (2.0, 9.0)
     # Only heavy values, side by side (a field with three values): one edge between each pair.

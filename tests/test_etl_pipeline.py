@@ -19,7 +19,7 @@ from etl import features as feat
 from etl import parsing, pipeline, plan as plan_lib, transforms
 from etl.config import EntityTableConfig, EtlConfig, FieldConfig
 from feature_schema import ExampleKeys, feature_hash, field_hash, load_schema, read_vocabulary
-from feature_schema.rules import bin_index, next_float32, to_float32
+from feature_schema.rules import bin_index, singleton_edge, to_float32
 
 
 def _reasons(records):
@@ -156,7 +156,7 @@ def test_compute_bins_zero_inflated_field_and_value_stats():
     with TestPipeline() as p:
         pc = p | beam.Create(values)
         assert_that(pc | transforms.ComputeBins({"zi": 4, "u": 4}),
-                    equal_to([("zi", (next_float32(0.0), 10.0, 20.0)), ("u", (25.0, 50.0, 75.0))]), label="bins")
+                    equal_to([("zi", (singleton_edge(0.0), 10.0, 20.0)), ("u", (25.0, 50.0, 75.0))]), label="bins")
         stats = (pc | transforms.ValueStats({"n": "log1p"}) | beam.Filter(lambda kv: kv[0] != "u")
                  | beam.Map(lambda kv: (kv[0], {k: round(v, 9) for k, v in kv[1].items()})))
         ln4 = math.log(4.0)
@@ -167,7 +167,7 @@ def test_compute_bins_zero_inflated_field_and_value_stats():
             ("n", {"count": 2.0, "mean": round(ln4 / 2, 9), "std": round(ln4 / 2, 9), "min": 0.0,
                    "max": round(ln4, 9)})]), label="stats")
     # Zero alone; 1..9, 10..19 and 20..30 in the other three bins.
-    edges = (next_float32(0.0), 10.0, 20.0)
+    edges = (singleton_edge(0.0), 10.0, 20.0)
     counts = [0] * 4
     for v, n in [(0.0, 70)] + [(float(v), 1) for v in range(1, 31)]:
         counts[bin_index(v, edges)] += n

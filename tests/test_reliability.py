@@ -63,6 +63,7 @@ def _records(out, split):
         f = tf.train.Example.FromString(r.numpy()).features.feature
         feats = sorted(zip(f["feat_field_hashes"].int64_list.value, f["feat_hashes"].int64_list.value,
                            f["feat_vals"].float_list.value))
+        assert feats, "a record without features"
         out.append(((f["click"].float_list.value[0], f["conversion"].float_list.value[0]), tuple(feats)))
     return sorted(out)
 

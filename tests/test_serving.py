@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,9 +25,12 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      inference_pb2, model_management_pb2, predict_pb2, regression_pb2)
 
 from export import exporter
+from export import verify as verify_lib
 from feature_schema import load_schema
+from featurization import Featurizer
 from serving import client as client_lib
 from serving import protocol, server, sync
+from serving.examples import ExampleBuilder
 from trainer import train as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,23 +40,33 @@ CAP = 4 << 20
 
 
 @pytest.fixture(scope="module")
-def env(served_export, tiny_etl, tmp_path_factory):
+def env(served_export, tiny_etl, tiny_raw, tmp_path_factory):
+    """Raw Examples of the first N eval lines (what clients send) with the in-process predictions; the
+    ETL's first N eval records (the pre-hashed paths) with theirs."""
     schema = load_schema(tiny_etl)
-    examples = exporter.eval_examples(schema, N)
-    expected = {}
+    with open(os.path.join(tiny_raw[0], "eval.libffm"), "rb") as f:
+        lines = f.read().splitlines()[:N]
+    builder = ExampleBuilder(schema)
+    examples = [builder.line_example(line)[1] for line in lines]
+    records = exporter.eval_examples(schema, N)
+    fz = Featurizer(schema, raw_examples=True)
+    expected, expected_records = {}, {}
     for v, name in ((1, "lr"), (2, "fm")):
         _, _, model = trainer_lib.load_trained(served_export["runs"][name])
-        expected[v] = exporter.in_process_predict(model, schema, examples, N)["click"]
+        expected[v] = verify_lib.in_process_predict_raw(model, fz, examples)["click"]
+        expected_records[v] = exporter.in_process_predict(model, schema, records, N)["click"]
     base = str(tmp_path_factory.mktemp("serving"))
     for v, path in served_export["versions"].items():
         shutil.copytree(path, os.path.join(base, "fm", str(v)))
     config = server.read_config(os.path.join(CONFIGS, "models.config"))
     manager = server.ModelManager(config, base_path=base, session_config=server.session_config())
-    srv = server.Server(manager, port=0, max_message_bytes=CAP)
+    # No admission limit: test_predict_ids_split_into_concurrent_subrequests sends 300 sub-requests at once.
+    srv = server.Server(manager, port=0, max_message_bytes=CAP, max_concurrent_requests=0)
     srv.start()
     client = client_lib.ServingClient(srv.target, "fm", timeout_s=30)
     yield {"schema": schema, "examples": examples, "expected": expected, "server": srv, "client": client,
-           "base": base, "export": served_export}
+           "base": base, "export": served_export, "records": records, "expected_records": expected_records,
+           "lines": lines}
     client.close()
     srv.stop()
 
@@ -76,10 +90,10 @@ def test_predict_serving_default_latest_pinned_and_by_label(env):
 
 @pytest.mark.parametrize("splits", [1, 2, 4, 1000])
 def test_predict_ids_split_into_concurrent_subrequests(env, splits):
-    rows = protocol.example_rows(env["examples"], env["schema"].example_keys)
+    rows = protocol.example_rows(env["records"], env["schema"])
     pred = env["client"].score_ids(*protocol.pad_ids(rows), splits=splits)
     assert pred.version == 2 and pred.outputs["click"].shape == (N,)
-    assert _close(pred.outputs["click"], env["expected"][2])
+    assert _close(pred.outputs["click"], env["expected_records"][2])
     pred = env["client"].score_examples(env["examples"], splits=splits)
     assert _close(pred.outputs["click"], env["expected"][2])
 
@@ -213,30 +227,33 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(env):
     assert _close(c.score_examples(ex).outputs["click"], env["expected"][2])
 
 
-def test_client_score_cli_on_raw_lines(env, tiny_raw, capsys):
-    """libffm lines (item table joined like the ETL does) and pre-hashed id lines print the served scores."""
-    raw, _ = tiny_raw
-    with open(os.path.join(raw, "eval.libffm")) as f:
-        lines = [next(f) for _ in range(30)]
-    schema = env["schema"]
-    fz = client_lib.LineFeaturizer(schema, "libffm", joins=[("item", client_lib.read_tsv_table(
-        os.path.join(raw, "items.tsv"), "item"))])
-    want = exporter.session_predict(env["export"]["versions"][2], [fz.example(line) for line in lines])["click"]
+def test_client_score_cli_on_raw_lines(env, capsys):
+    """libffm lines become raw Examples (the graph joins the item table, bins the price, fills missing
+    fields), as one flat request or one rank request; pre-hashed id lines go to predict_ids."""
+    lines = env["lines"][:30]
     path = os.path.join(env["base"], "lines.libffm")
-    with open(path, "w") as f:
-        f.writelines(lines)
-    common = ["score", "--server", env["server"].target, "--model", "fm"]
-    client_lib.main(common + ["--schema", env["export"]["versions"][2], "--join",
-                              f"item={os.path.join(raw, 'items.tsv')}", "--splits", "3", path])
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    common = ["score", "--server", env["server"].target, "--model", "fm", "--schema", env["export"]["versions"][2]]
+    client_lib.main(common + ["--splits", "3", path])
     got = [float(line.split("=")[1]) for line in capsys.readouterr().out.splitlines()]
-    assert len(got) == 30 and np.max(np.abs(np.array(got) - want)) <= 2e-6  # printed with 6 decimals
+    assert len(got) == 30 and np.max(np.abs(np.array(got) - env["expected"][2][:30])) <= 2e-6  # 6 decimals
+    # One rank request: the first line's user/query/hour/device are every candidate's context.
+    client_lib.main(common + ["--context_fields", "user,query,hour,device", path])
+    ranked = [float(line.split("=")[1]) for line in capsys.readouterr().out.splitlines()]
+    builder = ExampleBuilder(env["schema"])
+    feats = [builder.parse(line)[1] for line in lines]
+    ctx = [f for f in feats[0] if f[0] in ("user", "query", "hour", "device")]
+    flat = [builder.example([f for f in fs if f[0] not in ("user", "query", "hour", "device")] + ctx) for fs in feats]
+    want = env["client"].score_examples(flat).outputs["click"]
+    assert np.max(np.abs(np.array(ranked) - want)) <= 2e-6
     ids_path = os.path.join(env["base"], "lines.ids")
     with open(ids_path, "w") as f:
-        for line in lines:
-            f.write(" ".join(f"{fid}:{h}:{v}" for h, v, fid in fz.features(line)) + "\n")
-    client_lib.main(common + ["--format", "ids", ids_path])
+        for row in protocol.example_rows(env["records"][:30], env["schema"]):
+            f.write(" ".join(f"{fid}:{h}:{v!r}" for h, v, fid in row) + "\n")
+    client_lib.main(["score", "--server", env["server"].target, "--model", "fm", "--format", "ids", ids_path])
     got = [float(line.split("=")[1]) for line in capsys.readouterr().out.splitlines()]
-    assert np.max(np.abs(np.array(got) - want)) <= 2e-6
+    assert np.max(np.abs(np.array(got) - env["expected_records"][2][:30])) <= 2e-6
 
 
 def test_version_swap_and_rollback_under_concurrent_load_fail_no_request(env, tmp_path):
@@ -317,24 +334,32 @@ def test_a_broken_version_never_replaces_the_serving_one(env, tmp_path):
         spec = predict_pb2.PredictRequest().model_spec
         spec.name = "m"
         lv = manager.acquire(spec)
-        assert lv.version == 1 and lv.warmup_requests == 8
+        assert lv.version == 1 and lv.warmup_requests == 12
         lv.release()
     finally:
         manager.stop()
 
 
-def test_make_serve_command_starts_the_server_on_loopback(env, tmp_path):
-    """The Makefile's command line, in a child process: loads, serves, stops cleanly on SIGTERM."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model_config_file", os.path.join(CONFIGS, "models.config"),
-         "--base_path", env["base"], "--port", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def _serve(args):
+    return subprocess.Popen([sys.executable, "-m", "serving.server", "--port", "0", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("how", ["export_base", "model_config_file"])
+def test_make_serve_command_starts_the_server_on_loopback(env, how):
+    """The Makefile's command lines, in a child process: every model under EXPORT_BASE (what `make train`
+    exported), or a TF Serving config file; loads, serves, stops cleanly on SIGTERM."""
+    args = (["--export_base", env["base"]] if how == "export_base" else
+            ["--model_config_file", os.path.join(CONFIGS, "models.config"), "--base_path", env["base"]])
+    proc = _serve(args)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving: listening on 127.0.0.1:"), line
         target = line.split()[3].rstrip(";")
         with client_lib.ServingClient(target, "fm", timeout_s=30) as c:
-            assert c.status() == [(1, "AVAILABLE", ""), (2, "AVAILABLE", "")]
+            # The config file asks for versions 1 and 2 (labels); a plain export base serves the latest.
+            want = [(1, "AVAILABLE", ""), (2, "AVAILABLE", "")] if how != "export_base" else [(2, "AVAILABLE", "")]
+            assert c.status() == want
             assert _close(c.score_examples(env["examples"][:20]).outputs["click"], env["expected"][2][:20])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -342,6 +367,16 @@ def test_make_serve_command_starts_the_server_on_loopback(env, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_make_serve_with_nothing_to_serve_says_so(env, tmp_path):
+    for args, want in ((["--export_base", str(tmp_path / "empty")], "no exported model under"),
+                       (["--export_base", env["base"], "--model_name", "deepfm"],
+                        "no exported model 'deepfm' under .* \\(models there: \\['fm'\\]\\)")):
+        proc = _serve(args)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and not out
+        assert re.search("serving: " + want, err), err
 
 
 def test_committed_serving_configs_parse_as_tf_serving_protos():
@@ -393,8 +428,10 @@ def _message(name, fields, pool=None):
 
 
 def test_serving_imports_no_training_code():
-    """serving/ may import TF, gRPC, protos, numpy, feature_schema and itself: nothing of the training code."""
-    allowed = {"grpc", "numpy", "tensorflow", "tensorflow_serving", "google", "feature_schema", "serving"}
+    """serving/ may import TF, gRPC, protos, numpy, feature_schema, itself and the ETL's Beam-free line
+    parser (one parser for the ETL and the client): nothing of the training code, nor Beam."""
+    allowed = {"grpc", "numpy", "tensorflow", "tensorflow_serving", "google", "feature_schema", "serving",
+               "etl.parsing"}
     stdlib = set(sys.stdlib_module_names)
     for name in sorted(os.listdir(os.path.join(ROOT, "serving"))):
         if not name.endswith(".py"):
@@ -406,7 +443,15 @@ def test_serving_imports_no_training_code():
                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for mod in mods:
                 top = mod.split(".")[0]
-                assert top in allowed or top in stdlib or top == "__future__", f"serving/{name} imports {mod}"
+                if mod == "etl" and isinstance(node, ast.ImportFrom):
+                    mod = top = "etl." + ",".join(a.name for a in node.names)
+                assert top in allowed or mod in allowed or top in stdlib or top == "__future__", \
+                    f"serving/{name} imports {mod}"
+    # The parser imports neither Beam nor TF.
+    out = subprocess.run([sys.executable, "-c", "import sys, etl.parsing; print(sorted(m for m in sys.modules "
+                          "if m.split('.')[0] in ('apache_beam', 'tensorflow', 'trainer')))"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_proto_tensor_conversions_round_trip():

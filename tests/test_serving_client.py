@@ -1,58 +1,67 @@
-"""The client's line featurizer reproduces the ETL's features (hashes, values, field ids) on raw logs."""
+"""The client builds raw Examples with the ETL's own parser and featurizes nothing; the graph does it."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 
 import pytest
 import tensorflow as tf
 
-from etl import features as etl_features
-from export import exporter
-from feature_schema import feature_hash, load_schema
-from serving import client as client_lib
+from etl import parsing
+from feature_schema import load_schema
+from featurization import Featurizer, raw
+from serving import examples as examples_lib
 from serving import protocol
+from trainer import data
 
 
-def _etl_multiset(tiny_etl):
+def _rows(out):
+    """Per example: the sorted (field id, row, value) of a featurized batch."""
+    ids, vals, flds = out["ids"], out["values"], out["fields"]
+    per = collections.defaultdict(list)
+    for (i, _), f, r, v in zip(ids.indices.numpy(), flds.values.numpy(), ids.values.numpy(), vals.values.numpy()):
+        per[i].append((int(f), int(r), round(float(v), 5)))
+    return [tuple(sorted(per[i])) for i in range(int(ids.dense_shape[0]))]
+
+
+def test_value_suffix_is_the_graphs():
+    assert protocol.VALUE_SUFFIX == raw.VALUE_SUFFIX
+
+
+def test_examples_hold_the_logs_fields_as_written(tiny_etl):
     schema = load_schema(tiny_etl)
-    rows = protocol.example_rows(exporter.eval_examples(schema, 100_000), schema.example_keys)
-    return schema, collections.Counter(tuple(sorted(r)) for r in rows)
+    b = examples_lib.ExampleBuilder(schema)
+    labels, feats = b.parse(b"1,0 user:u7:1 item:i3:1 position:p2:1 tag:x:2.5")
+    assert labels == (1.0, 0.0) and feats[0] == ("user", "u7", 1.0)
+    ex = tf.train.Example.FromString(b.example(feats + [("price", "price", 12.5)])).features.feature
+    assert list(ex["user"].bytes_list.value) == [b"u7"] and "user:value" not in ex
+    assert list(ex["tag"].bytes_list.value) == [b"x"] and list(ex["tag:value"].float_list.value) == [2.5]
+    assert list(ex["price"].float_list.value) == [12.5]  # a binned field: the raw number
+    # A request line without labels.
+    assert b.parse("user:u7:1")[0] is None
+    for bad, reason in ((b"1,0 user:u7", parsing.BAD_TOKEN), (b"1,0 user:u7:x", parsing.BAD_VALUE),
+                        (b"", parsing.EMPTY)):
+        with pytest.raises(parsing.ParseError) as err:
+            b.parse(bad)
+        assert err.value.reason == reason
 
 
-def test_missing_key_mirrors_the_etl():
-    assert client_lib.MISSING_KEY == etl_features.MISSING_KEY
-
-
-def test_libffm_and_libfm_lines_featurize_like_the_etl(tiny_raw, tiny_etl):
-    """Every eval line, with the item table joined, binned price and missing fields filled, gives
-    exactly the features the Beam ETL wrote for it (compared as multisets: shard order differs)."""
-    raw, _ = tiny_raw
-    schema, want = _etl_multiset(tiny_etl)
-    items = client_lib.read_tsv_table(os.path.join(raw, "items.tsv"), "item")
-    assert any(f.kind == "binned" for f in schema.fields)  # the price bins are exercised
-    fz = client_lib.LineFeaturizer(schema, "libffm", joins=[("item", items)])
-    with open(os.path.join(raw, "eval.libffm")) as f:
-        got = collections.Counter(tuple(sorted(fz.features(line))) for line in f)
-    assert got == want
-    fz = client_lib.LineFeaturizer(schema, "libfm", client_lib.read_field_map(os.path.join(raw, "field_map.tsv")),
-                                   joins=[("item", items)])
-    with open(os.path.join(raw, "eval.libfm")) as f:
-        got = collections.Counter(tuple(sorted(fz.features(line))) for line in f)
-    assert got == want
-
-
-def test_featurizer_example_and_id_lines(tiny_etl):
+def test_every_eval_line_featurizes_in_the_graph_as_its_etl_record(tiny_raw, tiny_etl):
+    """libffm and libfm lines (item table joined in the graph, binned price, missing fields, unseen keys)
+    map to exactly the rows and values of the ETL's records (multisets: shard order differs)."""
+    raw_dir, _ = tiny_raw
     schema = load_schema(tiny_etl)
-    fz = client_lib.LineFeaturizer(schema, "libffm")
-    feats = fz.features("1,0 user:u1:1 hour:h3:1")
-    assert len(feats) == schema.num_fields  # two present, the rest filled as missing
-    user, hour = schema.field("user"), schema.field("hour")
-    assert feats[:2] == [(feature_hash("user", "u1"), 1.0, user.id), (feature_hash("hour", "h3"), 1.0, hour.id)]
-    ex = tf.train.Example.FromString(fz.example("user:u1:1 hour:h3:1"))
-    assert list(ex.features.feature[schema.example_keys.hashes].int64_list.value) == [f[0] for f in feats]
-    line = " ".join(f"{fid}:{h}:{v}" for h, v, fid in feats)
-    assert client_lib.parse_id_line(line) == feats
-    for bad in ("user:u1", "nope:x:1", "user:u1:x"):
-        with pytest.raises(ValueError):
-            fz.features(bad)
+    want = collections.Counter()
+    for features, _, _ in data.make_dataset(schema, "eval", 4096):
+        want.update(_rows(features))
+    fz = Featurizer(schema, raw_examples=True)
+    field_map = examples_lib.read_field_map(os.path.join(raw_dir, "field_map.tsv"))
+    for fmt, fmap in (("libffm", None), ("libfm", field_map)):
+        b = examples_lib.ExampleBuilder(dataclasses.replace(schema, format=fmt), fmap)
+        with open(os.path.join(raw_dir, f"eval.{fmt}"), "rb") as f:
+            exs = [b.line_example(line)[1] for line in f.read().splitlines()]
+        got = collections.Counter()
+        for i in range(0, len(exs), 4096):
+            got.update(_rows(fz.from_examples(tf.constant(exs[i:i + 4096]))))
+        assert got == want, fmt

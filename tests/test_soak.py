@@ -65,7 +65,7 @@ def soak(served_export, tiny_etl, tmp_path, seconds: float) -> dict:
         with client_lib.ServingClient(srv.target, "ctr", timeout_s=30) as cl:
             while not stop.is_set():
                 try:
-                    cl.score_examples(examples, splits=2)
+                    cl.score_examples(examples, splits=2, signature="predict_hashed")
                     with lock:
                         ok[0] += 1
                 except Exception as e:  # noqa: BLE001 (counted: must stay zero)

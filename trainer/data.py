@@ -2,12 +2,14 @@
 
 Files are interleaved, examples shuffled, then a whole batch of serialized
 examples is parsed at once with ``tf.io.parse_example`` (vectorised parsing is
-several times faster than parsing one example at a time), with parallel calls
-and prefetching tuned by AUTOTUNE.
+several times faster than parsing one example at a time) and mapped to
+vocabulary rows by the featurization layer (``featurization.Featurizer``, the
+same layer the exported model applies to what clients send), with parallel
+calls and prefetching tuned by AUTOTUNE.
 
 Each element is ``(features, labels, weights)``:
   features: {"ids", "values", "fields"} -> tf.SparseTensor [batch, max_nnz]
-    (int64 vocabulary rows, float32 values, int64 field ids);
+    (int64 vocabulary rows, float32 values, int64 field ids; missing fields included);
   labels: {label name -> float32 [batch]};
   weights: float32 [batch] sample weights (1 where the example has none).
 """
@@ -16,17 +18,18 @@ from __future__ import annotations
 import tensorflow as tf
 
 from feature_schema import Schema
+from featurization import Featurizer
 
 FEATURE_KEYS = ("ids", "values", "fields")
 
 
 def parse_spec(schema: Schema) -> dict:
-    """The `tf.io.parse_example` spec of the ETL's examples."""
+    """The `tf.io.parse_example` spec of the ETL's hashed records."""
     k = schema.example_keys
     spec = {
-        k.ids: tf.io.VarLenFeature(tf.int64),
+        k.hashes: tf.io.VarLenFeature(tf.int64),
         k.values: tf.io.VarLenFeature(tf.float32),
-        k.fields: tf.io.VarLenFeature(tf.int64),
+        k.field_hashes: tf.io.VarLenFeature(tf.int64),
         k.weight: tf.io.FixedLenFeature([1], tf.float32, default_value=[1.0]),
     }
     for name in schema.label_names:
@@ -34,11 +37,12 @@ def parse_spec(schema: Schema) -> dict:
     return spec
 
 
-def parse_batch(serialized: tf.Tensor, schema: Schema):
-    """Parses a batch of serialized examples into (features, labels, weights)."""
+def parse_batch(serialized: tf.Tensor, schema: Schema, featurizer: Featurizer | None = None):
+    """Parses and featurizes a batch of serialized records into (features, labels, weights)."""
     k = schema.example_keys
+    featurizer = featurizer if featurizer is not None else Featurizer(schema)
     parsed = tf.io.parse_example(serialized, parse_spec(schema))
-    features = {"ids": parsed[k.ids], "values": parsed[k.values], "fields": parsed[k.fields]}
+    features = featurizer.from_records(parsed[k.hashes], parsed[k.values], parsed[k.field_hashes])
     labels = {name: tf.squeeze(parsed[name], axis=1) for name in schema.label_names}
     weights = tf.squeeze(parsed[k.weight], axis=1)
     return features, labels, weights
@@ -47,7 +51,7 @@ def parse_batch(serialized: tf.Tensor, schema: Schema):
 def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: int = 0, seed: int = 0,
                  cache: bool = False, num_parallel_reads: int = 4, repeat: bool = False,
                  drop_remainder: bool = False, files: list[str] | None = None,
-                 deterministic: bool | None = None) -> tf.data.Dataset:
+                 deterministic: bool | None = None, featurizer: Featurizer | None = None) -> tf.data.Dataset:
     """Builds the dataset of one split.
 
     Args:
@@ -63,6 +67,7 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
       files: explicit files instead of the split's globs (a worker's shard).
       deterministic: keep the parallel interleave and map in order, so a seed fixes the example
         order; None: in order only without shuffling (a shuffled order is random anyway).
+      featurizer: the featurization layer (default: built from ``schema``).
     """
     if deterministic is None:
         deterministic = not shuffle_buffer
@@ -85,7 +90,8 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
     if shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(lambda s: parse_batch(s, schema), num_parallel_calls=tf.data.AUTOTUNE,
+    featurizer = featurizer if featurizer is not None else Featurizer(schema)
+    ds = ds.map(lambda s: parse_batch(s, schema, featurizer), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=deterministic)
     if repeat:
         ds = ds.repeat()
