@@ -9,8 +9,12 @@ export PYTHONWARNINGS ?= ignore
 # make etl
 INPUT ?=
 EVAL_INPUT ?=
+# VALID_INPUT=<glob>: a valid split for model selection (or ARGS='--set valid_fraction=0.1')
+VALID_INPUT ?=
 FORMAT ?=
 FIELD_MAP ?=
+# FIELDS=<tsv>: field<TAB>name<TAB>kind rows (libffm integer field ids, continuous fields; docs/ETL.md)
+FIELDS ?=
 LABELS ?=
 CONFIG ?=
 OUT ?= data/etl
@@ -39,7 +43,8 @@ ARGS ?=
 
 help:
 	@echo "make install                 virtualenv in $(VENV) with pinned dependencies"
-	@echo "make etl [INPUT=<glob>] [EVAL_INPUT=<glob>] [FORMAT=libfm|libffm] [FIELD_MAP=<tsv>] [LABELS=a,b] [OUT=<dir>] [CONFIG=<yaml>]"
+	@echo "make etl [INPUT=<glob>] [EVAL_INPUT=<glob>] [VALID_INPUT=<glob>] [FORMAT=libfm|libffm] [FIELD_MAP=<tsv>]"
+	@echo "         [FIELDS=<tsv>] [LABELS=a,b] [OUT=<dir>] [CONFIG=<yaml>] [ARGS='--set valid_fraction=0.1']"
 	@echo "                             no INPUT: generate the default click log into $(RAW) first"
 	@echo "                             [GEN_ARGS='--preset quality|esmm --n-train N ...'] generator flags (no INPUT)"
 	@echo "make train [DATA=<etl out>] [MODEL=<name>] [EXPERIMENT=<name>] [RUN_DIR=<dir>] [EXPORT_BASE=<dir>]"
@@ -59,15 +64,19 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+ETL_FLAGS = $(if $(VALID_INPUT),--valid_input '$(VALID_INPUT)') $(if $(FIELDS),--fields_tsv $(FIELDS)) \
+  --out $(OUT) $(ARGS)
+
+# configs/etl_generated.yaml joins {input_dir}/items.tsv: the table next to the input, so RAW=<dir> works.
 etl: install
 ifeq ($(INPUT),)
 	$(PY) -m generator.clicklog --out $(RAW) --formats libffm,libfm $(GEN_ARGS)
 	$(PY) -m etl.pipeline --config $(or $(CONFIG),configs/etl_generated.yaml) --input $(RAW)/train.libffm \
-	  --eval_input $(RAW)/eval.libffm --out $(OUT) $(ARGS)
+	  --eval_input $(RAW)/eval.libffm $(ETL_FLAGS)
 else
 	$(PY) -m etl.pipeline $(if $(CONFIG),--config $(CONFIG)) --input '$(INPUT)' \
 	  $(if $(EVAL_INPUT),--eval_input '$(EVAL_INPUT)') $(if $(FORMAT),--format $(FORMAT)) \
-	  $(if $(FIELD_MAP),--field_map $(FIELD_MAP)) $(if $(LABELS),--labels $(LABELS)) --out $(OUT) $(ARGS)
+	  $(if $(FIELD_MAP),--field_map $(FIELD_MAP)) $(if $(LABELS),--labels $(LABELS)) $(ETL_FLAGS)
 endif
 
 TRAIN_FLAGS = --data $(DATA) --run_dir $(RUN_DIR) --export_base $(EXPORT_BASE) \
