@@ -6,12 +6,13 @@ import dataclasses
 from feature_schema import configs
 from feature_schema.rules import VALUE_TRANSFORMS
 
-FIELD_KINDS = ("categorical", "binned", "numeric")
+FIELD_KINDS = ("categorical", "binned", "numeric", "vector")
 JOIN_MODES = ("auto", "side_input", "keyed")
 # Split ids are positions in this tuple.
 SPLIT_NAMES = ("train", "eval", "valid")
 INPUT_DIR = "{input_dir}"
-FIELDS_TSV_COLUMNS = ("field", "name", "kind", "num_bins", "min_count", "linear_only", "multi_hot", "transform")
+FIELDS_TSV_COLUMNS = ("field", "name", "kind", "num_bins", "min_count", "linear_only", "multi_hot", "transform",
+                      "sequence", "max_length", "vocabulary_of", "dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,9 +22,12 @@ class FieldConfig:
     Attributes:
       name: field name (as in libffm lines, the field map or an entity table column).
       kind: ``categorical``, ``binned`` (equal-frequency bins of a continuous
-        value, boundaries recorded in the schema) or ``numeric`` (one feature,
+        value, boundaries recorded in the schema), ``numeric`` (one feature,
         key = the field name, whose value is the raw number; its training
-        mean/std/min/max are recorded in the schema).
+        mean/std/min/max are recorded in the schema) or ``vector`` (a column of an
+        entity table holding ``dim`` floats per key, e.g. an item's image embedding:
+        validated and recorded in the schema, never written into records; the
+        featurization layer joins it in the graph).
       min_count: features of this field seen fewer times in training map to
         the field's rare id; None uses ``EtlConfig.min_count``.
       linear_only: the field gets first-order weights but no interactions.
@@ -34,6 +38,13 @@ class FieldConfig:
       transform: ``none`` or ``log1p`` (``sign(v) * log(1 + |v|)``, for heavy tails): what the
         featurization layer applies to a ``numeric`` field's value before standardising it with
         the schema's ``value_stats``, which are statistics of the transformed values.
+      sequence: the field is an ordered list of keys (``hist:i12:1 hist:i55:1 ...``: the user's
+        last clicked items, most recent first); multi-hot, order kept.
+      max_length: a sequence's longest list: the ETL keeps the first ``max_length`` keys of a
+        line and counts the truncated lines (``<split>.truncated.<field>`` in the report).
+      vocabulary_of: a sequence whose keys are another field's keys (``item``): hashed as that
+        field's features, so they share its rows; not counted into its vocabulary.
+      dim: floats per vector of a ``vector`` field.
     """
 
     name: str
@@ -43,6 +54,10 @@ class FieldConfig:
     num_bins: int = 10
     multi_hot: bool = False
     transform: str = "none"
+    sequence: bool = False
+    max_length: int = 0
+    vocabulary_of: str = ""
+    dim: int = 0
 
     def __post_init__(self):
         if self.kind not in FIELD_KINDS:
@@ -53,6 +68,23 @@ class FieldConfig:
             raise ValueError(f"field {self.name!r}: transform {self.transform!r} not in {VALUE_TRANSFORMS}")
         if self.transform != "none" and self.kind != "numeric":
             raise ValueError(f"field {self.name!r}: transform {self.transform!r} needs kind numeric, not {self.kind!r}")
+        if self.sequence and (self.kind != "categorical" or self.max_length < 1):
+            raise ValueError(f"field {self.name!r}: a sequence is categorical with max_length >= 1 "
+                             f"(got kind {self.kind!r}, max_length {self.max_length})")
+        if (self.max_length or self.vocabulary_of) and not self.sequence:
+            raise ValueError(f"field {self.name!r}: max_length and vocabulary_of need sequence: true")
+        if self.vocabulary_of == self.name:
+            raise ValueError(f"field {self.name!r}: vocabulary_of names the field itself")
+        if (self.kind == "vector") != (self.dim >= 1) or self.dim < 0:
+            raise ValueError(f"field {self.name!r}: kind vector needs dim >= 1, and only it takes dim "
+                             f"(got kind {self.kind!r}, dim {self.dim})")
+        if self.kind == "vector" and (self.linear_only or self.multi_hot or self.min_count is not None):
+            raise ValueError(f"field {self.name!r}: a vector field takes no linear_only, multi_hot or min_count")
+
+    @property
+    def is_multi_hot(self) -> bool:
+        """Several features per line: ``multi_hot``, or a sequence."""
+        return self.multi_hot or self.sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,12 +263,12 @@ def resolve_paths(cfg: EtlConfig) -> EtlConfig:
 
 
 def _cell(value: str, column: str, where: str):
-    if column in ("num_bins", "min_count"):
+    if column in ("num_bins", "min_count", "max_length", "dim"):
         try:
             return int(value)
         except ValueError:
             raise ValueError(f"{where}: {column} {value!r} is not an integer") from None
-    if column in ("linear_only", "multi_hot"):
+    if column in ("linear_only", "multi_hot", "sequence"):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{where}: {column} {value!r} is not true/false")
         return value.lower() in ("true", "1", "yes")

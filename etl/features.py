@@ -156,6 +156,9 @@ class LineSpec:
       split_key: field for ``split == "key"``.
       eval_percent: share of lines hashed to eval (not for ``split == "path"``).
       valid_per_10k: share, in 1/10000, of the non-eval lines of ``input`` carved into valid.
+      sequences: (sequence field, max_length) pairs: a line keeps a sequence's first max_length keys.
+      vector_fields: fields of kind vector, which come from their tables only: a line holding one
+        is dead-lettered (``unknown_field``).
     """
 
     fmt: str = "libffm"
@@ -171,6 +174,31 @@ class LineSpec:
     split_key: str = ""
     eval_percent: int = 20
     valid_per_10k: int = 0
+    sequences: tuple[tuple[str, int], ...] = ()
+    vector_fields: frozenset[str] = frozenset()
+
+
+def truncate_sequences(features, max_lengths: Mapping[str, int]) -> tuple[tuple, dict[str, int]]:
+    """The features with each sequence field's keys after its first ``max_length`` dropped.
+
+    The kept keys keep their order (the first ones: the most recent, as the log lists them), and so
+    does every other feature.
+
+    Returns:
+      (features, {sequence field: keys dropped}) (only fields that lost keys).
+    """
+    seen: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    out = []
+    for f in features:
+        limit = max_lengths.get(f[0])
+        if limit is not None:
+            n = seen[f[0]] = seen.get(f[0], 0) + 1
+            if n > limit:
+                dropped[f[0]] = dropped.get(f[0], 0) + 1
+                continue
+        out.append(f)
+    return (tuple(out), dropped) if dropped else (tuple(features), dropped)
 
 
 def line_hash(raw: bytes | str) -> int:
@@ -204,6 +232,7 @@ class LineProcessor:
 
     def __init__(self, spec: LineSpec):
         self.spec = spec
+        self._max_lengths = dict(spec.sequences)
 
     def parse(self, raw) -> tuple[tuple[float, ...], list[tuple]]:
         s = self.spec
@@ -216,9 +245,20 @@ class LineProcessor:
     def join(self, features, table_index: int, table) -> tuple[tuple, ...]:
         return join_entity(features, self.spec.table_keys[table_index], table, self.spec.table_columns[table_index])
 
+    def truncate(self, features) -> tuple[tuple, dict[str, int]]:
+        """``truncate_sequences`` with the spec's sequence fields (no copy without any)."""
+        if not self._max_lengths:
+            return features, {}
+        return truncate_sequences(features, self._max_lengths)
+
     def finish(self, features) -> tuple[tuple, ...]:
         """Field checks after all joins; value fields get their field name as key."""
         s = self.spec
+        if s.vector_fields:
+            for f in features:
+                if f[0] in s.vector_fields:
+                    raise ParseError(parsing.UNKNOWN_FIELD, f"field {f[0]!r} is a vector field: its vectors come "
+                                                            f"from its table, not from log lines")
         if len(features) > s.max_features:
             raise ParseError(parsing.TOO_MANY_FEATURES,
                              f"{len(features)} features after joins > max_features={s.max_features}")
@@ -252,17 +292,21 @@ class RecordEncoder:
     ``max_cached`` features (then the cache starts over, keeping its memory, about 16 MB at the
     default, independent of the number of distinct keys). Not thread-safe: each DoFn instance
     makes its own in ``setup``.
+
+    A sequence field with ``vocabulary_of`` (``namespaces``: hist -> item) hashes its keys as the
+    other field's features, ``feature_hash("item", key)``, and keeps its own field hash.
     """
 
-    def __init__(self, label_names, keys, max_cached: int = 1 << 16):
+    def __init__(self, label_names, keys, max_cached: int = 1 << 16, namespaces: Mapping[str, str] | None = None):
         self._example = tfrecord.ExampleEncoder(label_names, keys)
         self._max = max_cached
         self._cache: dict[tuple[str, str], tuple[int, int]] = {}
+        self._namespaces = dict(namespaces or {})
 
     def _miss(self, field: str, key: str) -> tuple[int, int]:
         if len(self._cache) >= self._max:
             self._cache.clear()
-        h = self._cache[(field, key)] = (feature_hash(field, key), field_hash(field))
+        h = self._cache[(field, key)] = (feature_hash(self._namespaces.get(field, field), key), field_hash(field))
         return h
 
     def lists(self, features) -> tuple[list[int], list[float], list[int]]:
@@ -288,7 +332,8 @@ def _spec(name, fid, s, offset, size):
     return FieldSpec(name=name, id=fid, kind=s["kind"], offset=offset, vocab_size=size, rare_id=offset,
                      linear_only=s["linear_only"], min_count=s["min_count"], bin_boundaries=s.get("bin_boundaries"),
                      source=s["source"], multi_hot=s["multi_hot"], value_stats=s.get("value_stats"),
-                     transform=s.get("transform", "none"))
+                     transform=s.get("transform", "none"), sequence=s.get("sequence", False),
+                     max_length=s.get("max_length", 0), vocabulary_of=s.get("vocabulary_of", ""))
 
 
 def _kept_by_field(counts, field_settings, names) -> dict[str, list[tuple[str, int]]]:
@@ -296,6 +341,8 @@ def _kept_by_field(counts, field_settings, names) -> dict[str, list[tuple[str, i
     for (field, key), count in counts:
         if field not in by_field:
             raise ValueError(f"count for unknown field {field!r}")
+        if field_settings[field].get("vocabulary_of"):
+            continue  # its keys use another field's rows: its own block is its rare row
         if count >= field_settings[field]["min_count"]:
             by_field[field].append((key, count))
     for kept in by_field.values():
@@ -420,7 +467,7 @@ def single_row_warnings(specs: Sequence[FieldSpec], usage: Mapping[str, dict], t
     out = []
     for s in specs:
         u = usage.get(s.name)
-        if u is None:
+        if u is None or s.vocabulary_of:  # a sequence of another field's keys uses that field's rows
             continue
         missing = train_lines - u["lines"]
         rare = u["occurrences"] - u["rows_count"]

@@ -42,7 +42,7 @@ from etl import features as feat
 from etl.config import EtlConfig, fields_from_tsv, load_config
 from etl.plan import load_base_schema, plan_job, read_text
 from feature_schema import (HASH_FUNCTION, SCHEMA_FILENAME, VOCAB_FILENAME, EntityTableSpec, ExampleKeys,
-                            FieldSpec, LabelSpec, Schema, configs)
+                            FieldSpec, LabelSpec, Schema, VectorFieldSpec, configs)
 
 SPLITS = ("train", "eval", "valid")
 SHARD_SUFFIX = transforms.SHARD_SUFFIX
@@ -61,9 +61,18 @@ def _inputs(cfg: EtlConfig):
     return out
 
 
+VECTOR_FIELDS_META = "vector_fields.json"
+
+
 def build_pipeline(p: beam.Pipeline, cfg: EtlConfig, keys: ExampleKeys = ExampleKeys()) -> None:
-    """Adds the whole job to pipeline ``p`` (outputs under ``cfg.out``)."""
+    """Adds the whole job to pipeline ``p`` (outputs under ``cfg.out``).
+
+    The vector fields' tables are validated while the plan is made, before the graph exists; their
+    specs go to ``_meta/vector_fields.json`` for ``write_schema``.
+    """
     plan = plan_job(cfg)
+    transforms.write_text(FileSystems.join(cfg.out, META, VECTOR_FIELDS_META),
+                          json.dumps([dataclasses.asdict(v) for v in plan.vectors]))
     field_map = None
     if cfg.format == "libfm":
         field_map = dictionaries.read_field_map(p, cfg.field_map)
@@ -81,7 +90,8 @@ def build_pipeline(p: beam.Pipeline, cfg: EtlConfig, keys: ExampleKeys = Example
     records = tuple(x["records"] for x in parsed)
     _ = records | "Statistics" >> transforms.Statistics(plan, cfg.out)
     written = records | "WriteRecords" >> transforms.WriteRecords(
-        cfg.out, plan.splits, cfg.num_shards, cfg.labels, keys, multi_hot=bool(plan.spec.multi_hot))
+        cfg.out, plan.splits, cfg.num_shards, cfg.labels, keys, multi_hot=bool(plan.spec.multi_hot),
+        namespaces=plan.namespaces)
     _ = tuple(d for x in parsed for d in x["dead"]) | "WriteDeadLetters" >> transforms.WriteDeadLetters(
         cfg.out, plan.splits)
     _ = (*(s for x in parsed for s in x["stats"]), written["stats"]) | "Report" >> transforms.Report(cfg.out)
@@ -91,6 +101,11 @@ def _split_counts(stats: dict, split: str) -> dict:
     c = {k: int(stats.get(f"{split}.{k}", 0)) for k in ("read", "written", "dead_lettered")}
     prefix = f"{split}.dead."
     c["dead_letter_reasons"] = {k[len(prefix):]: int(v) for k, v in sorted(stats.items()) if k.startswith(prefix)}
+    prefix = f"{split}.truncated."
+    truncated = {k[len(prefix):]: {"lines": int(v), "keys": int(stats.get(f"{split}.truncated_keys.{k[len(prefix):]}", 0))}
+                 for k, v in sorted(stats.items()) if k.startswith(prefix)}
+    if truncated:  # sequence field -> lines with more than max_length keys, keys dropped
+        c["truncated"] = truncated
     return c
 
 
@@ -135,6 +150,7 @@ def write_schema(cfg: EtlConfig, keys: ExampleKeys = ExampleKeys(), out_dir: str
     splits = cfg.split_names
     counts = {s: _split_counts(stats, s) for s in splits}
     base = load_base_schema(cfg.vocabulary) if cfg.vocabulary else None
+    vectors = tuple(VectorFieldSpec(**v) for v in json.loads(read_text(os.path.join(out, META, VECTOR_FIELDS_META))))
     schema = Schema(
         fields=tuple(specs), labels=tuple(labels), num_features=sum(s.num_rows for s in specs),
         max_features_per_example=_max_features(specs, stats, splits, cfg.fill_missing),
@@ -148,20 +164,39 @@ def write_schema(cfg: EtlConfig, keys: ExampleKeys = ExampleKeys(), out_dir: str
         base_num_features=base.num_features if base else 0, fill_missing=cfg.fill_missing,
         entity_tables=entity_table_specs(cfg),
         field_index=tuple(f.name for f in cfg.fields) if cfg.field_ids == "index" else (),
-        warnings=tuple(feat.single_row_warnings(specs, usage, int(written_train))))
+        vector_fields=vectors,
+        warnings=tuple(feat.single_row_warnings(specs, usage, int(written_train))) + _vector_warnings(vectors))
     with FileSystems.create(os.path.join(out, SCHEMA_FILENAME)) as f:
         f.write(schema.to_json().encode("utf-8"))
     return dataclasses.replace(schema, base_dir=out if "://" in out else os.path.abspath(out))
 
 
+# Above this many floats in all vector tables the graph constants get large (4 bytes each; a
+# SavedModel's graph must stay under 2 GB): a warning in the schema.
+VECTOR_FLOATS_WARN = 1 << 27
+
+
+def _vector_warnings(vectors) -> tuple[str, ...]:
+    total = sum((v.rows + 1) * v.dim for v in vectors)
+    if total <= VECTOR_FLOATS_WARN:
+        return ()
+    return (f"vector fields hold {total} floats ({total * 4 / 2 ** 20:.0f} MiB) that the featurization layer keeps "
+            f"as graph constants in every export; a SavedModel's graph must stay under 2 GB",)
+
+
 def entity_table_specs(cfg: EtlConfig) -> tuple[EntityTableSpec, ...]:
-    """The joined tables as the schema records them (absolute paths where the paths are local)."""
+    """The tables joined into records as the schema records them (absolute paths where the paths are
+    local); vector columns are left out (``Schema.vector_fields`` has them), and so is a table of
+    vectors only."""
+    vector_names = {f.name for f in cfg.fields if f.kind == "vector"}
     specs = []
     for t in cfg.entity_tables:
+        columns = tuple(c for c in dictionaries.table_columns(t) if c not in vector_names)
+        if not columns:
+            continue
         path = t.path if "://" in t.path else os.path.abspath(t.path)
         specs.append(EntityTableSpec(name=t.name, path=path, key_field=t.key_field,
-                                     key_column=t.key_column or t.key_field,
-                                     columns=tuple(dictionaries.table_columns(t))))
+                                     key_column=t.key_column or t.key_field, columns=columns))
     return tuple(specs)
 
 
@@ -289,6 +324,12 @@ def _print_summary(cfg, schema, result, elapsed) -> None:
     print(f"etl: {len(schema.fields)} fields ({', '.join(f.name for f in schema.fields)}), "
           f"{schema.num_features} feature rows, labels "
           + ", ".join(f"{lab.name} (train positive rate {lab.positive_rate:.4f})" for lab in schema.labels))
+    for s in schema.counts:
+        for field, t in schema.counts[s].get("truncated", {}).items():
+            print(f"etl: {s}: {t['lines']} lines had more than max_length keys of sequence {field!r}: "
+                  f"kept the first, dropped {t['keys']}")
+    for v in schema.vector_fields:
+        print(f"etl: vector field {v.name!r}: {v.rows} keys of {v.key_field!r}, dim {v.dim}, from {v.path}")
     for w in schema.warnings:
         print(f"etl: warning: {w}")
     rate = lines / elapsed if elapsed else 0.0

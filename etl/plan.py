@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from apache_beam.io.filesystems import FileSystems
 
 from etl import dictionaries
 from etl import features as feat
 from etl.config import EtlConfig
-from feature_schema import SCHEMA_FILENAME, Schema
+from feature_schema import SCHEMA_FILENAME, Schema, VectorFieldSpec, tables as table_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +28,17 @@ class JobPlan:
       field_names: fields known before reading the logs, in schema order:
         base fields, declared fields, field-map order, table columns (fields
         first seen in the data, in any split, follow sorted when the layout is built).
-      settings: field -> dict(kind, min_count, linear_only, source, multi_hot, transform).
+      settings: field -> dict(kind, min_count, linear_only, source, multi_hot, transform, sequence,
+        max_length, vocabulary_of).
       default_min_count: min_count of fields first seen in the data.
       binned, numeric: value fields by kind.
       num_bins: binned fields whose edges this run computes -> number of bins.
       base_bounds: binned fields whose edges come from the base schema.
       transforms: numeric field -> ``transform`` (the statistics are of transformed values).
       field_map_keyed: the field map is joined by key (else as a side input).
-      tables: (table config, columns, value columns, joined by key) per entity table.
+      tables: (table config, columns, value columns, joined by key) per entity table joined into
+        records (columns: those that are not vector fields).
+      vectors: the vector fields (``VectorFieldSpec``), their tables validated.
       splits: the split names written (``train``, ``eval`` and maybe ``valid``).
       mode: ``build``, ``fixed`` or ``extend`` (vocabulary).
       base: the base schema for fixed/extend.
@@ -56,10 +60,16 @@ class JobPlan:
     mode: str = "build"
     base: Schema | None = None
     base_vocabulary: str = ""
+    vectors: tuple = ()
 
     @property
     def min_counts(self) -> dict[str, int]:
         return {n: s["min_count"] for n, s in self.settings.items()}
+
+    @property
+    def namespaces(self) -> dict[str, str]:
+        """Sequence field -> the field its keys are hashed as (``vocabulary_of``), for those that have one."""
+        return {n: s["vocabulary_of"] for n, s in self.settings.items() if s.get("vocabulary_of")}
 
 
 def read_text(path: str) -> str:
@@ -83,11 +93,70 @@ def _split_mode(cfg: EtlConfig) -> str:
     return "key" if cfg.split_key else "line"
 
 
+def _field_settings(cfg: EtlConfig, name: str, base_spec, sources: dict) -> dict:
+    """The settings of one field: the base vocabulary's when it has the field, else the config's."""
+    if base_spec is not None:
+        fc = cfg.field_config(name)
+        if any(f.name == name for f in cfg.fields) and fc.kind != base_spec.kind:
+            raise ValueError(f"field {name!r}: kind {fc.kind!r} differs from the base vocabulary's {base_spec.kind!r}")
+        b = base_spec
+        return dict(kind=b.kind, min_count=cfg.min_count_of(name), linear_only=b.linear_only, source=b.source,
+                    multi_hot=b.multi_hot, transform=b.transform, sequence=b.sequence, max_length=b.max_length,
+                    vocabulary_of=b.vocabulary_of)
+    fc = cfg.field_config(name)
+    return dict(kind=fc.kind, min_count=cfg.min_count_of(name), linear_only=fc.linear_only,
+                source=sources.get(name, "log"), multi_hot=fc.is_multi_hot, transform=fc.transform,
+                sequence=fc.sequence, max_length=fc.max_length, vocabulary_of=fc.vocabulary_of)
+
+
+def _check_sequences(settings: dict) -> None:
+    """A sequence's ``vocabulary_of`` names a categorical field that uses its own vocabulary."""
+    for name, s in settings.items():
+        of = s.get("vocabulary_of")
+        if not of:
+            continue
+        target = settings.get(of)
+        if target is None or target["kind"] != "categorical" or target.get("vocabulary_of"):
+            raise ValueError(f"field {name!r}: vocabulary_of {of!r} must name a categorical field of the job that "
+                             f"uses its own vocabulary")
+
+
+def _vector_fields(cfg: EtlConfig, table_cols: list, settings: dict) -> tuple[VectorFieldSpec, ...]:
+    """The vector fields, each table read and checked row by row (``feature_schema.tables.read_vectors``).
+
+    Raises:
+      ValueError: a declared vector field that no entity table holds, a key field that is not a
+        single-valued categorical field, or a bad row (naming the file and row).
+    """
+    declared = {f.name: f for f in cfg.fields if f.kind == "vector"}
+    specs, found = [], set()
+    for t, cols in table_cols:
+        for c in cols:
+            if c not in declared:
+                continue
+            key = settings.get(t.key_field)
+            if key is None or key["kind"] != "categorical" or key.get("sequence"):
+                raise ValueError(f"vector field {c!r}: key field {t.key_field!r} of table {t.name!r} must be a "
+                                 f"categorical field that is not a sequence")
+            key_column = t.key_column or t.key_field
+            keys, _ = table_files.read_vectors(t.path, key_column, c, declared[c].dim,
+                                               opener=lambda path, mode: FileSystems.open(path))
+            path = t.path if "://" in t.path else os.path.abspath(t.path)
+            specs.append(VectorFieldSpec(name=c, dim=declared[c].dim, key_field=t.key_field, path=path,
+                                         key_column=key_column, rows=len(keys), source=f"dict:{t.name}"))
+            found.add(c)
+    missing = sorted(set(declared) - found)
+    if missing:
+        raise ValueError(f"vector fields {missing} are columns of no entity table (a vector comes from a table)")
+    return tuple(specs)
+
+
 def plan_job(cfg: EtlConfig) -> JobPlan:
     """Reads dictionary headers/sizes and the base schema; decides joins, fields and kinds."""
     base = load_base_schema(cfg.vocabulary) if cfg.vocabulary else None
     mode = cfg.vocabulary_mode if base else "build"
-    declared = {f.name for f in cfg.fields}
+    vector_names = {f.name for f in cfg.fields if f.kind == "vector"}
+    declared = {f.name for f in cfg.fields} - vector_names
     names: list[str] = []
 
     def add(name):
@@ -95,9 +164,13 @@ def plan_job(cfg: EtlConfig) -> JobPlan:
             names.append(name)
 
     sources: dict[str, str] = {}
-    tables = []
+    tables, table_cols = [], []
     for t in cfg.entity_tables:
-        cols = dictionaries.table_columns(t)
+        all_cols = dictionaries.table_columns(t)
+        table_cols.append((t, all_cols))
+        cols = [c for c in all_cols if c not in vector_names]
+        if not cols:  # a table of vectors only: validated below, never joined into records
+            continue
         for c in cols:
             sources.setdefault(c, f"dict:{t.name}")
         tables.append([t, tuple(cols), dictionaries.join_is_keyed(t.join, t.path, cfg.side_input_max_bytes)])
@@ -105,7 +178,8 @@ def plan_job(cfg: EtlConfig) -> JobPlan:
         add(s.name)
     if mode != "fixed":
         for f in cfg.fields:
-            add(f.name)
+            if f.name not in vector_names:
+                add(f.name)
     field_map_keyed = False
     if cfg.format == "libfm":
         dictionaries.check_field_map(cfg.field_map)
@@ -118,18 +192,9 @@ def plan_job(cfg: EtlConfig) -> JobPlan:
         for c in sources:
             add(c)
     base_specs = {s.name: s for s in base.fields} if base else {}
-    settings = {}
-    for name in names:
-        fc = cfg.field_config(name)
-        b = base_specs.get(name)
-        if b is not None:
-            if name in declared and fc.kind != b.kind:
-                raise ValueError(f"field {name!r}: kind {fc.kind!r} differs from the base vocabulary's {b.kind!r}")
-            settings[name] = dict(kind=b.kind, min_count=cfg.min_count_of(name), linear_only=b.linear_only,
-                                  source=b.source, multi_hot=b.multi_hot, transform=b.transform)
-        else:
-            settings[name] = dict(kind=fc.kind, min_count=cfg.min_count_of(name), linear_only=fc.linear_only,
-                                  source=sources.get(name, "log"), multi_hot=fc.multi_hot, transform=fc.transform)
+    settings = {name: _field_settings(cfg, name, base_specs.get(name), sources) for name in names}
+    _check_sequences(settings)
+    vectors = _vector_fields(cfg, table_cols, settings)
     # Value columns of the tables are known from the config even if a fixed base lacks them.
     kinds = {name: s["kind"] for name, s in settings.items()}
     for f in cfg.fields:
@@ -150,20 +215,23 @@ def plan_job(cfg: EtlConfig) -> JobPlan:
         fmt=cfg.format, num_labels=len(cfg.labels), max_features=cfg.max_features,
         field_index=tuple(f.name for f in cfg.fields) if cfg.field_ids == "index" else None,
         known_fields=known,
-        multi_hot=frozenset(n for n in names if settings[n]["multi_hot"]) | {f.name for f in cfg.fields if f.multi_hot},
+        multi_hot=frozenset(n for n in names if settings[n]["multi_hot"]) | {f.name for f in cfg.fields
+                                                                             if f.is_multi_hot},
         value_fields=binned | numeric, table_keys=tuple(t.key_field for t, *_ in tables),
         table_columns=tuple(cols for _, cols, *_ in tables),
         split=_split_mode(cfg), split_key=cfg.split_key, eval_percent=cfg.eval_percent,
-        valid_per_10k=round(cfg.valid_fraction * 10000))
+        valid_per_10k=round(cfg.valid_fraction * 10000),
+        sequences=tuple((n, settings[n]["max_length"]) for n in names if settings[n]["sequence"]),
+        vector_fields=frozenset(vector_names))
     return JobPlan(spec=spec, field_names=tuple(names), settings=settings, default_min_count=cfg.min_count,
                    binned=binned, numeric=numeric, num_bins=num_bins, base_bounds=base_bounds, transforms=transforms,
                    field_map_keyed=field_map_keyed, tables=tables, splits=cfg.split_names, mode=mode, base=base,
-                   base_vocabulary=base.vocabulary_file() if base else "")
+                   base_vocabulary=base.vocabulary_file() if base else "", vectors=vectors)
 
 
 def _default_settings(plan: JobPlan) -> dict:
     return dict(kind="categorical", min_count=plan.default_min_count, linear_only=False, source="log",
-                multi_hot=False, transform="none")
+                multi_hot=False, transform="none", sequence=False, max_length=0, vocabulary_of="")
 
 
 def make_layout(kept, plan: JobPlan, bounds: dict, stats: dict, fields_seen, base_vocab, totals: dict) -> dict:

@@ -263,7 +263,9 @@ class LinesDoFn(beam.DoFn):
                     s += 1
                 elif mode == "found":
                     features = proc.join(features, i, _FoundTable(found, i))
+            dropped = None
             if self._final:
+                features, dropped = proc.truncate(features)
                 features = proc.finish(features)
         except ParseError as e:
             if split < 0:
@@ -280,6 +282,10 @@ class LinesDoFn(beam.DoFn):
         if split < 0:
             split = proc.split_of(raw, features)
             _add(stats, f"{SPLIT_NAMES[split]}.read")
+        if dropped:
+            for field, n in dropped.items():
+                _add(stats, f"{SPLIT_NAMES[split]}.truncated.{field}")
+                _add(stats, f"{SPLIT_NAMES[split]}.truncated_keys.{field}", n)
         batch = self._batches.get(split)
         if batch is None:
             batch = self._batches[split] = []
@@ -428,15 +434,17 @@ class SumFeaturesFn(beam.DoFn):
     split; ``values`` ((field, float32 value), n) of its binned and numeric features;
     ``totals`` ((what, field), n): ``occurrences`` (training features of the field),
     ``lines`` (training lines holding a multi-hot field) and ``seen`` (0, for every field of
-    any split). The feature tuples themselves are counted (``Counter.update``, a C loop) and
+    any split). Sequences of another field's keys (``shared``: their ``vocabulary_of``) count only
+    as occurrences: their keys get no rows. The feature tuples themselves are counted (``Counter.update``, a C loop) and
     turned into counts and values when the bundle's sums are emitted; a key may come out more
     than once (a categorical feature with several values, a flush), the combiners add them up.
     """
 
-    def __init__(self, binned, numeric, multi_hot):
+    def __init__(self, binned, numeric, multi_hot, shared=()):
         self._binned = frozenset(binned)
         self._value_fields = frozenset(binned) | frozenset(numeric)
         self._multi_hot = frozenset(multi_hot)
+        self._shared = frozenset(shared)
 
     def start_bundle(self):
         self._tuples, self._totals, self._seen = collections.Counter(), {}, set()
@@ -458,9 +466,11 @@ class SumFeaturesFn(beam.DoFn):
     def _drain(self, wrap):
         # Streamed, not folded into dicts first: the combiners downstream merge equal keys.
         totals = self._totals
-        value_fields, binned = self._value_fields, self._binned
+        value_fields, binned, shared = self._value_fields, self._binned, self._shared
         for (field, key, value), n in self._tuples.items():
             _add(totals, ("occurrences", field), n)
+            if field in shared:
+                continue
             if field in value_fields:
                 yield beam.pvalue.TaggedOutput(VALUES, wrap(((field, to_float32(value)), n)))
                 if field in binned:
@@ -651,9 +661,11 @@ def _has_row(kv, mode, min_counts, default, known):
     return mode != "fixed" and kv[1] >= min_counts.get(kv[0][0], default)
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` on any Beam filesystem."""
     with FileSystems.create(path) as f:
         f.write(text.encode("utf-8"))
+
 
 
 def _spec_dict(s) -> dict:
@@ -670,8 +682,8 @@ def write_layout(layout: dict, out: str) -> int:
         lines = write_vocabulary_lines(layout["vocab"])
         for chunk in iter(lambda: "".join(f"{line}\n" for line in itertools.islice(lines, 10000)), ""):
             f.write(chunk.encode("utf-8"))
-    _write_text(FileSystems.join(out, META, "fields.json"), json.dumps([_spec_dict(s) for s in layout["specs"]]))
-    _write_text(FileSystems.join(out, META, "usage.json"), json.dumps(layout["usage"], sort_keys=True))
+    write_text(FileSystems.join(out, META, "fields.json"), json.dumps([_spec_dict(s) for s in layout["specs"]]))
+    write_text(FileSystems.join(out, META, "usage.json"), json.dumps(layout["usage"], sort_keys=True))
     return len(layout["vocab"])
 
 
@@ -698,7 +710,8 @@ class Statistics(beam.PTransform):
     def expand(self, records):
         plan = self._plan
         p = records[0].pipeline
-        sums = [r | f"SumFeatures{i}" >> beam.ParDo(SumFeaturesFn(plan.binned, plan.numeric, plan.spec.multi_hot))
+        sums = [r | f"SumFeatures{i}" >> beam.ParDo(SumFeaturesFn(plan.binned, plan.numeric, plan.spec.multi_hot,
+                                                                            plan.namespaces))
                 .with_outputs(COUNTS, VALUES, TOTALS) for i, r in enumerate(records)]
         # Only sums[0] counts training features: its counts and values need no Flatten, which would
         # make the runner buffer them before the combiner.
@@ -765,15 +778,16 @@ class _ShardWriterFn(beam.DoFn):
     bundle: written, positives per label, most features and most repeated fields in a record.
     """
 
-    def __init__(self, tmp_dir: str, num_shards: int, label_names, keys, multi_hot: bool):
+    def __init__(self, tmp_dir: str, num_shards: int, label_names, keys, multi_hot: bool, namespaces=None):
         self._tmp = tmp_dir
         self._shards = num_shards
         self._labels = tuple(label_names)
         self._keys = keys
         self._multi_hot = multi_hot
+        self._namespaces = dict(namespaces or {})
 
     def setup(self):
-        self._encoder = feat.RecordEncoder(self._labels, self._keys)
+        self._encoder = feat.RecordEncoder(self._labels, self._keys, namespaces=self._namespaces)
 
     def start_bundle(self):
         self._files = {}  # split -> [(path, open file)]
@@ -908,7 +922,8 @@ class WriteRecords(beam.PTransform):
     {"files": the final paths (one list), "stats": per-bundle stats}.
     """
 
-    def __init__(self, out: str, splits, num_shards: int, label_names, keys, multi_hot: bool = False):
+    def __init__(self, out: str, splits, num_shards: int, label_names, keys, multi_hot: bool = False,
+                 namespaces=None):
         super().__init__()
         self._out = out
         self._splits = tuple(splits)
@@ -916,11 +931,13 @@ class WriteRecords(beam.PTransform):
         self._labels = tuple(label_names)
         self._keys = keys
         self._multi_hot = multi_hot
+        self._namespaces = dict(namespaces or {})
 
     def expand(self, records):
         tmp = FileSystems.join(self._out, f"{TMP}-records")
         written = [r | f"Write{i}" >> beam.ParDo(_ShardWriterFn(tmp, self._shards, self._labels, self._keys,
-                                                               self._multi_hot)).with_outputs(STATS, main="files")
+                                                               self._multi_hot, self._namespaces))
+                   .with_outputs(STATS, main="files")
                    for i, r in enumerate(records)]
         files = ([w.files for w in written] | "FlattenFiles" >> beam.Flatten()
                  | "FileList" >> Gather()
@@ -987,7 +1004,7 @@ class PublishCounters(beam.DoFn):
 
 
 def _write_stats(stats, out):
-    _write_text(FileSystems.join(out, META, "stats.json"), json.dumps(stats, sort_keys=True))
+    write_text(FileSystems.join(out, META, "stats.json"), json.dumps(stats, sort_keys=True))
     return stats
 
 

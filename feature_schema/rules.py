@@ -19,6 +19,12 @@ The ETL uses these to count and describe what it writes; the featurization layer
 * **Scaling.** A ``numeric`` field's value becomes ``(t(v) - mean) / std`` with ``t`` its
   ``transform`` (``none``: identity; ``log1p``: ``sign(v) * log(1 + |v|)``, for heavy tails), and
   mean and std of ``t(v)`` over the training split (``FieldSpec.value_stats``; std 0 counts as 1).
+* **Sequences.** A ``sequence`` field holds an ordered list of keys (the user's last clicked items,
+  most recent first); its entries keep their order, and only the first ``max_length`` count (the ETL
+  truncates longer lists, the featurization layer drops what lies beyond in any request). A
+  sequence with ``vocabulary_of`` (``item``) hashes its keys as that field's features
+  (``key_namespace``), so they map to that field's rows; keys without one map to the sequence's
+  own rare row, and the sequence's keys are not counted into that field's vocabulary.
 * **Missing fields.** A field absent from a line gets its rare row with value 1 (categorical and
   binned fields: a learned "missing" weight); for a ``numeric`` field that row carries value 0,
   the training mean after scaling, so a dense input reads a missing number as the mean.
@@ -37,6 +43,11 @@ FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32
 def value_key(field: str) -> str:
     """Key of the one feature of a ``binned`` or ``numeric`` field: the field name."""
     return field
+
+
+def key_namespace(field: str, vocabulary_of: str = "") -> str:
+    """The field name a key of ``field`` is hashed with: ``vocabulary_of`` when set, else the field."""
+    return vocabulary_of or field
 
 
 def bin_key(index: int) -> str:

@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Iterator
 
+from feature_schema import rules
 from feature_schema.rules import VALUE_TRANSFORMS
 
 SCHEMA_FILENAME = "schema.json"
@@ -79,6 +80,13 @@ class FieldSpec:
         "std", "min", "max"}`` of the training split's values after ``transform``.
       transform: ``none`` or ``log1p``, applied to a ``numeric`` field's value
         before standardisation (``rules.scale_value``).
+      sequence: the field is an ordered list of keys (e.g. the user's last clicked items, most
+        recent first): multi-hot, its entries keep their order through the featurization layer.
+      max_length: a sequence's longest list; the ETL and the featurization layer keep the first
+        ``max_length`` keys of a longer one.
+      vocabulary_of: a sequence whose keys are keys of another field (``item``): they are hashed as
+        that field's features (``feature_hash(vocabulary_of, key)``), so they map to its rows; the
+        field's own block is its rare row alone (keys without a row of the other field).
     """
 
     name: str
@@ -95,6 +103,14 @@ class FieldSpec:
     extra_ranges: tuple[tuple[int, int], ...] = ()
     value_stats: dict[str, float] | None = None
     transform: str = "none"
+    sequence: bool = False
+    max_length: int = 0
+    vocabulary_of: str = ""
+
+    @property
+    def key_namespace(self) -> str:
+        """The field whose name prefixes this field's keys when they are hashed (``rules.key_namespace``)."""
+        return rules.key_namespace(self.name, self.vocabulary_of)
 
     @property
     def num_rows(self) -> int:
@@ -113,6 +129,10 @@ class FieldSpec:
         edges = self.bin_boundaries or ()
         if any(b <= a for a, b in zip(edges, edges[1:])):
             raise ValueError(f"field {self.name!r}: bin_boundaries {list(edges)} are not strictly increasing")
+        if self.sequence and (self.kind != "categorical" or not self.multi_hot or self.max_length < 1):
+            raise ValueError(f"field {self.name!r}: a sequence is categorical and multi-hot with max_length >= 1")
+        if (self.max_length or self.vocabulary_of) and not self.sequence:
+            raise ValueError(f"field {self.name!r}: max_length and vocabulary_of are for sequence fields")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +171,37 @@ class EntityTableSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class VectorFieldSpec:
+    """A field of kind ``vector``: a fixed-size float vector per key of another field (an item's image
+    or text embedding), from a table the ETL validated. Records do not carry it: the featurization
+    layer joins it in the graph by the key field's hash, for training and serving alike.
+
+    Attributes:
+      name: the field name, also the table's vector column.
+      dim: d, floats per vector.
+      key_field: the field whose keys look the table up (``item``); a sequence field whose
+        ``vocabulary_of`` is this field gets the vectors of its keys too.
+      path: the table: TSV with a header row and ``d`` comma-separated floats in the column, or
+        Parquet with a list column; relative to the schema's directory or absolute.
+      key_column: the table column holding the keys.
+      rows: keys in the table (the graph holds ``(rows + 1) x dim`` floats: a zero row for unknown keys).
+      source: ``dict:<table name>``.
+    """
+
+    name: str
+    dim: int
+    key_field: str
+    path: str
+    key_column: str
+    rows: int
+    source: str = ""
+
+    def __post_init__(self):
+        if self.dim < 1 or self.rows < 0:
+            raise ValueError(f"vector field {self.name!r}: dim must be >= 1 and rows >= 0 (got {self.dim}, {self.rows})")
+
+
+@dataclasses.dataclass(frozen=True)
 class Schema:
     """The whole contract between ETL, trainer and exporter.
 
@@ -181,6 +232,8 @@ class Schema:
         serving graph joins again for clients that send only the log's fields.
       field_index: libffm input with integer field tokens: field names by index
         (empty: field tokens are names). How a client parses lines as the ETL did.
+      vector_fields: fields of kind ``vector`` (``VectorFieldSpec``); they own no rows and are not in
+        ``fields``: the featurization layer adds them to the batch as dense vectors.
       warnings: what the ETL found suspicious (e.g. a field left with one used row).
     """
 
@@ -202,6 +255,7 @@ class Schema:
     fill_missing: bool = True
     entity_tables: tuple[EntityTableSpec, ...] = ()
     field_index: tuple[str, ...] = ()
+    vector_fields: tuple[VectorFieldSpec, ...] = ()
     warnings: tuple[str, ...] = ()
     version: int = SCHEMA_VERSION
     # Directory the schema was loaded from; not serialized.
@@ -224,6 +278,22 @@ class Schema:
             raise ValueError(f"num_features {self.num_features} != sum of vocab sizes {end}")
         if not self.labels:
             raise ValueError("schema needs at least one label")
+        kinds = {f.name: f for f in self.fields}
+        for f in self.fields:
+            if f.vocabulary_of:
+                of = kinds.get(f.vocabulary_of)
+                if of is None or of.kind != "categorical" or of.vocabulary_of:
+                    raise ValueError(f"field {f.name!r}: vocabulary_of {f.vocabulary_of!r} must name a categorical "
+                                     f"field that uses its own vocabulary")
+        for v in self.vector_fields:
+            key = kinds.get(v.key_field)
+            if key is None or key.kind != "categorical" or key.sequence or v.name in kinds:
+                raise ValueError(f"vector field {v.name!r}: key_field {v.key_field!r} must be a categorical field that "
+                                 f"is not a sequence, and the name must not be a field's")
+
+    @property
+    def sequence_fields(self) -> tuple[FieldSpec, ...]:
+        return tuple(f for f in self.fields if f.sequence)
 
     @property
     def num_fields(self) -> int:
@@ -257,8 +327,8 @@ class Schema:
     def vocabulary_file(self) -> str:
         return _resolve(self.base_dir, self.vocabulary_path)
 
-    def table_file(self, table: EntityTableSpec) -> str:
-        """Absolute path of an entity table's file."""
+    def table_file(self, table: EntityTableSpec | VectorFieldSpec) -> str:
+        """Absolute path of an entity table's (or a vector field's table's) file."""
         return _resolve(self.base_dir, table.path)
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -294,6 +364,7 @@ class Schema:
                 d[key] = tuple(d[key])
         d["entity_tables"] = tuple(EntityTableSpec(**{**t, "columns": tuple(t["columns"])})
                                    for t in d.get("entity_tables", ()))
+        d["vector_fields"] = tuple(VectorFieldSpec(**v) for v in d.get("vector_fields", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

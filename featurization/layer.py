@@ -12,11 +12,22 @@ For each feature ``(field f, hash h, value v)`` (``feature_schema.rules`` states
   value 1;
 * numeric: ``row = vocabulary[h]`` (or ``rare[f]``); value ``(t_f(v) - mean_f) / std_f``;
 * a field absent from an example (``schema.fill_missing``): ``rare[f]`` with value 1 (0 for a
-  numeric field), appended after the example's own features in field order.
+  numeric field), appended after the example's own features in field order;
+* a sequence field: its features keep their order; those after its first ``max_length`` in an
+  example are dropped (the ETL's truncation, applied to any request); a sequence with
+  ``vocabulary_of`` arrives hashed as that field's features, so its keys find that field's rows.
 
 Multi-hot fields simply hold several features. The output is the sparse batch every model reads:
 ``{"ids", "values", "fields"}``, ``tf.SparseTensor``s of dense shape ``[batch, width]`` whose
 entries are, per example, its features in input order and then its missing fields.
+
+With vector fields (``schema.vector_fields``: e.g. ``item_vec``, d floats per item) the batch also
+holds ``"vectors"``: ``vectors[key_field][v]`` is ``[batch, d]``, the vector of the example's key
+(``item``; zeros for a key the table lacks or a missing field), and for a sequence field whose
+``vocabulary_of`` is the key field, ``vectors[sequence][v]`` is ``[batch, max_length, d]``, the
+vectors of its keys by position (zeros where the table lacks a key and after the sequence's end).
+The table is a graph constant (``[rows + 1, d]``, the last row zeros) looked up by
+``feature_hash(key_field, key)``: a key needs no vocabulary row to have a vector.
 """
 from __future__ import annotations
 
@@ -24,13 +35,15 @@ import numpy as np
 import tensorflow as tf
 
 from feature_schema import Schema, feature_hash, field_hash, read_vocabulary
-from feature_schema import rules
-from featurization import raw
+from feature_schema import rules, tables
+from featurization import raw, sequence
 
 CATEGORICAL, BINNED, NUMERIC = 0, 1, 2
 # Straight-line TF code: AutoGraph's conversion only costs tracing time (most of an export's save).
 _no_autograph = tf.autograph.experimental.do_not_convert
 _KINDS = {"categorical": CATEGORICAL, "binned": BINNED, "numeric": NUMERIC}
+VECTORS = "vectors"
+_NO_LIMIT = np.iinfo(np.int64).max
 
 
 def fingerprint_int64(strings: tf.Tensor) -> tf.Tensor:
@@ -76,7 +89,23 @@ class Featurizer(tf.Module):
             self._edges, self._bin_rows = _bin_tables(fields, row_of)
         if self.has_numeric:
             self._mean, self._inv_std, self._log1p = _scaling_tables(fields)
+        self.sequences = {f.id: f.max_length for f in fields if f.sequence}
+        self._max_length = tf.constant([f.max_length if f.sequence else _NO_LIMIT for f in fields], tf.int64)
+        self.vector_tables = [_VectorTable(schema, v) for v in schema.vector_fields]
         self.raw = raw.RawParser(schema, extra_features=extra_features) if raw_examples else None
+
+    def output_signature(self) -> dict:
+        """The ``tf.TypeSpec`` structure of the featurized batch (what a model's traced call takes)."""
+        sig = {k: tf.SparseTensorSpec([None, None], dt) for k, dt in (("ids", tf.int64), ("values", tf.float32),
+                                                                       ("fields", tf.int64))}
+        if self.vector_tables:
+            out: dict = {}
+            for t in self.vector_tables:
+                out.setdefault(t.key_field, {})[t.field] = tf.TensorSpec([None, t.dim], tf.float32)
+                for s, length in t.sequences:
+                    out.setdefault(s, {})[t.field] = tf.TensorSpec([None, length, t.dim], tf.float32)
+            sig[VECTORS] = out
+        return sig
 
     # ------------------------------------------------------------------ front ends
 
@@ -107,6 +136,9 @@ class Featurizer(tf.Module):
         """
         ctx, _ = self.raw.entries(tf.reshape(context, [1]))
         cand, n = self.raw.entries(examples)
+        if self.sequences:
+            ctx = ctx.gather(tf.where(self._within_max_length(ctx.ex, ctx.fids))[:, 0])
+            cand = cand.gather(tf.where(self._within_max_length(cand.ex, cand.fids))[:, 0])
         ctx_rows, ctx_values = self.rows_and_values(ctx.hashes, ctx.values, ctx.fids)
         rows, values = self.rows_and_values(cand.hashes, cand.values, cand.fids)
         nf = tf.constant(self.num_fields, tf.int64)
@@ -119,8 +151,10 @@ class Featurizer(tf.Module):
         take = tf.where(~tf.gather(has, ctx.fids, axis=1) & ~via_has)
         ex = tf.concat([cand.ex, take[:, 0]], axis=0)
         order, indices, shape = raw.sparse_layout(ex, n)
-        merged = [tf.gather(tf.concat([a, tf.gather(b, take[:, 1])], axis=0), order)
-                  for a, b in ((rows, ctx_rows), (values, ctx_values), (cand.fids, ctx.fids))]
+        pairs = [(rows, ctx_rows), (values, ctx_values), (cand.fids, ctx.fids)]
+        if self.vector_tables:
+            pairs.append((self.vector_rows(cand.hashes, cand.fids), self.vector_rows(ctx.hashes, ctx.fids)))
+        merged = [tf.gather(tf.concat([a, tf.gather(b, take[:, 1])], axis=0), order) for a, b in pairs]
         return self.assemble(indices, shape, *merged)
 
     @_no_autograph
@@ -162,14 +196,49 @@ class Featurizer(tf.Module):
         Returns:
           ``{"ids", "values", "fields"}`` sparse tensors (see the module docstring).
         """
-        rows, values = self.rows_and_values(hashes, tf.cast(values, tf.float32), fids)
-        return self.assemble(indices, dense_shape, rows, values, fids)
+        values = tf.cast(values, tf.float32)
+        if self.sequences:
+            keep = tf.where(self._within_max_length(indices[:, 0], fids))[:, 0]
+            hashes, values, fids = (tf.gather(t, keep) for t in (hashes, values, fids))
+            order, indices, dense_shape = raw.sparse_layout(tf.gather(indices[:, 0], keep), dense_shape[0])
+            hashes, values, fids = (tf.gather(t, order) for t in (hashes, values, fids))
+        rows, values = self.rows_and_values(hashes, values, fids)
+        vrows = self.vector_rows(hashes, fids) if self.vector_tables else None
+        return self.assemble(indices, dense_shape, rows, values, fids, vrows)
 
-    def assemble(self, indices, dense_shape, rows, values, fids) -> dict:
-        """The sparse batch of mapped features, with the missing fields' rows when the schema says so."""
-        if not self.fill_missing:
-            return _sparse(indices, dense_shape, rows, values, fids)
-        return self._with_missing(indices, dense_shape[0], rows, values, fids)
+    def assemble(self, indices, dense_shape, rows, values, fids, vrows=None) -> dict:
+        """The sparse batch of mapped features, with the missing fields' rows when the schema says so,
+        and the vectors of the vector fields (``vrows``: ``vector_rows`` of the features)."""
+        if self.fill_missing:
+            indices, dense_shape, rows, values, fids, vrows = self._with_missing(indices, dense_shape[0], rows,
+                                                                                 values, fids, vrows)
+        out = _sparse(indices, dense_shape, rows, values, fids)
+        if self.vector_tables:
+            out[VECTORS] = self._vectors(indices, dense_shape[0], fids, vrows)
+        return out
+
+    def _within_max_length(self, ex, fids):
+        """Which entries to keep: a sequence field's first ``max_length`` per example, every other entry."""
+        return sequence.within_max_length(ex, fids, self._max_length, self.num_fields)
+
+    def vector_rows(self, hashes, fids):
+        """``[n, V]`` int64: per vector table, the table row of each feature's key (its zero row for a
+        key the table lacks or a feature of another field)."""
+        return tf.stack([t.rows(hashes, fids) for t in self.vector_tables], axis=1)
+
+    def _vectors(self, indices, batch, fids, vrows) -> dict:
+        """``{field: {vector field: [batch, d] or [batch, L, d]}}`` (module docstring)."""
+        out: dict = {}
+        ex = indices[:, 0]
+        for j, t in enumerate(self.vector_tables):
+            vec = tf.gather(t.table, vrows[:, j])
+            own = tf.cast(tf.equal(fids, t.key_fid), tf.float32)[:, None]
+            pooled = tf.math.unsorted_segment_sum(vec * own, ex, batch)
+            out.setdefault(t.key_field, {})[t.field] = tf.reshape(pooled, [-1, t.dim])
+            for (name, length), sid in zip(t.sequences, t.sequence_fids):
+                dense, _ = sequence.dense_sequence(vec, indices, fids, batch, sid, length)
+                out.setdefault(name, {})[t.field] = tf.reshape(dense, [-1, length, t.dim])
+        return out
 
     def rows_and_values(self, hashes, values, fids):
         """Vocabulary rows and model values of flat features (no missing fields)."""
@@ -192,8 +261,12 @@ class Featurizer(tf.Module):
             values = tf.where(tf.equal(kind, NUMERIC), scaled, values)
         return rows, values
 
-    def _with_missing(self, indices, batch, rows, values, fids) -> dict:
-        """Appends each example's missing fields (rare row) after its own features, in field order."""
+    def _with_missing(self, indices, batch, rows, values, fids, vrows=None):
+        """Appends each example's missing fields (rare row) after its own features, in field order.
+
+        Returns:
+          (indices, dense_shape, rows, values, fids, vrows) of the filled batch (vrows: None without).
+        """
         ex = indices[:, 0]
         nf = tf.constant(self.num_fields, tf.int64)
         present = tf.math.unsorted_segment_max(tf.ones_like(ex, tf.int32), ex * nf + fids, batch * nf)
@@ -209,12 +282,46 @@ class Featurizer(tf.Module):
         m_col = tf.gather(own, m_ex) + k
         pos = [tf.cast(tf.gather(start, ex) + indices[:, 1], tf.int32), tf.cast(tf.gather(start, m_ex) + m_col, tf.int32)]
         out_idx = tf.dynamic_stitch(pos, [indices, tf.stack([m_ex, m_col], axis=1)])
-        out = [tf.dynamic_stitch(pos, pair) for pair in (
-            [rows, tf.gather(self._rare, m_field)],
-            [values, tf.gather(self._missing_value, m_field)],
-            [fids, m_field])]
+        pairs = [[rows, tf.gather(self._rare, m_field)],
+                 [values, tf.gather(self._missing_value, m_field)],
+                 [fids, m_field]]
+        if vrows is not None:  # a missing field has no key: every table's zero row
+            zero = tf.constant([t.size for t in self.vector_tables], tf.int64)
+            pairs.append([vrows, tf.tile(zero[None, :], tf.stack([tf.shape(m_field)[0], 1]))])
+        out = [tf.dynamic_stitch(pos, pair) for pair in pairs]
         shape = tf.stack([batch, tf.reduce_max(tf.concat([width, [0]], axis=0))])
-        return _sparse(tf.reshape(out_idx, [-1, 2]), shape, *out)
+        return (tf.reshape(out_idx, [-1, 2]), shape, *out[:3], out[3] if vrows is not None else None)
+
+
+class _VectorTable(tf.Module):
+    """One vector field in the graph: the table ``[rows + 1, d]`` (last row zeros) and key hash -> row.
+
+    Keys are hashed as the key field's features, ``feature_hash(key_field, key)``: what the records and
+    raw Examples carry for the key field and for a sequence with ``vocabulary_of`` = the key field.
+    """
+
+    def __init__(self, schema: Schema, spec):
+        super().__init__(name=f"vectors_{spec.name}")
+        keys, vectors = tables.read_vectors(schema.table_file(spec), spec.key_column, spec.name, spec.dim)
+        self.field, self.dim, self.key_field = spec.name, spec.dim, spec.key_field
+        self.key_fid = schema.field(spec.key_field).id
+        self.size = len(keys)
+        seqs = [f for f in schema.fields if f.sequence and f.vocabulary_of == spec.key_field]
+        self.sequences = tuple((f.name, f.max_length) for f in seqs)
+        self.sequence_fids = tuple(f.id for f in seqs)
+        table = np.zeros([len(keys) + 1, spec.dim], np.float32)
+        if keys:
+            table[:-1] = np.asarray(vectors, np.float32)
+        self.table = tf.constant(table)
+        self.index = _static_table([feature_hash(spec.key_field, k) for k in keys] or [0],
+                                   list(range(len(keys))) or [-1])
+        self._fids = tf.constant([self.key_fid, *self.sequence_fids], tf.int64)
+
+    def rows(self, hashes, fids):
+        """``[n]`` table row of each feature: its key's row for the key field and its sequences, else zeros."""
+        row = self.index.lookup(hashes)
+        mine = tf.reduce_any(tf.equal(fids[:, None], self._fids[None, :]), axis=1)
+        return tf.where(mine & (row >= 0), row, tf.constant(self.size, tf.int64))
 
 
 def _sparse(indices, dense_shape, rows, values, fids) -> dict:

@@ -5,13 +5,18 @@ The Example contract (docs/SERVING.md gives it as proto fields):
 * a categorical field ``f``: ``bytes_list`` of its keys exactly as the log writes them (several
   keys: multi-hot); if a key's value in the log is not 1, the parallel ``float_list`` feature
   ``f:value`` holds one value per key (no ``f:value``: every value is 1);
+* a sequence field (``hist``): ``bytes_list`` of its keys in order (most recent first), keys of the
+  field named by its ``vocabulary_of`` (``item`` keys); the graph keeps the first ``max_length``;
 * a ``binned`` or ``numeric`` field: ``float_list`` with the raw number;
 * an absent field is missing, as in the ETL;
+* a vector field (``schema.vector_fields``, e.g. ``item_vec``) is not sent: the graph joins its
+  vectors from the export's copy of its table by the key field's keys (the featurization layer);
 * columns of an entity table (``schema.entity_tables``) that the Example lacks are joined in the
   graph from the export's copy of the table, by the keys of the table's key field;
 * any other feature key is refused: ``InvalidArgumentError`` naming the key.
 
-Keys are hashed in the graph (``feature_hash(f, key)`` as ``Fingerprint64("f=" + key)``), so the
+Keys are hashed in the graph (``feature_hash(f, key)`` as ``Fingerprint64("f=" + key)``; a
+sequence's keys with its ``vocabulary_of`` field's name, ``Fingerprint64("item=" + key)``), so the
 entries this module produces are exactly the ETL's record entries ``(hash, value, field id)``; the
 featurizer then maps them to rows. Within an example, entries come in this order: the categorical
 fields (schema order), the binned and numeric fields, then the joined columns.
@@ -174,7 +179,8 @@ class RawParser(tf.Module):
         vals, vslot, vcol = _concat([parsed[value_feature(f.name)] for f in fields])
         ex = keys.indices[:, 0]
         fids = tf.gather(tf.constant([f.id for f in fields], tf.int64), slot)
-        prefixes = tf.constant([f.name + "=" for f in fields])
+        # A sequence of another field's keys (vocabulary_of) hashes them as that field's features.
+        prefixes = tf.constant([f.key_namespace + "=" for f in fields])
         hashes = _fingerprint(tf.strings.join([tf.gather(prefixes, slot), keys.values]))
         # Values: the f:value entry at the same (example, field, position), 1 without one.
         n = len(fields)

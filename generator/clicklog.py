@@ -35,6 +35,7 @@ import os
 import numpy as np
 
 from feature_schema import metrics
+from generator import behaviour
 
 LOG_FIELDS = ("user", "item", "position", "hour", "device", "query")
 ITEM_FIELDS = ("category", "brand", "price")
@@ -63,6 +64,13 @@ class GeneratorConfig:
         that attract clicks also tend to convert, the shared structure that lets a model trained on
         all impressions (ESMM) learn conversion from click data; position stays out of conversions.
       seed: random seed; equal seeds give byte-identical files.
+      history_length: N > 0: impressions in time order, each with the user's last N clicked items
+        (field ``hist``) and a planted effect of them on the click (``generator.behaviour``); 0: none.
+      behaviour_dim, behaviour_beta, behaviour_temperature: k, beta and tau of the behaviour term.
+      burn_in: impressions played (not written) before the training split, to fill the histories.
+      vector_dim: d > 0: also write ``item_vectors.tsv``, each item's planted vector seen through a
+        random d x k map plus noise of standard deviation ``vector_noise``.
+      item_quality: scale of an item appeal that the planted vectors carry (``generator.behaviour``).
 
     The defaults are what ``make etl`` generates and what the README figures and most tests use;
     ``PRESETS`` holds named overrides for the quality measurements (``GeneratorConfig.preset``).
@@ -85,6 +93,14 @@ class GeneratorConfig:
     ctr: float = 0.12
     cvr: float = 0.2
     seed: int = 7
+    history_length: int = 0
+    behaviour_dim: int = 8
+    behaviour_beta: float = 1.0
+    behaviour_temperature: float = 0.25
+    burn_in: int = 50_000
+    vector_dim: int = 0
+    vector_noise: float = 0.3
+    item_quality: float = 0.0
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GeneratorConfig":
@@ -111,6 +127,12 @@ PRESETS: dict[str, dict] = {
     # tests/test_training_quality.py::test_esmm_beats_clicked_only_cvr_over_all_impressions.
     "esmm": {"n_train": 300_000, "n_eval": 50_000, "n_users": 200, "n_items": 120, "n_queries": 60,
              "n_brands": 40, "conversion_click_share": 1.0, "cvr": 0.05},
+    # DIN against DeepFM with mean-pooled histories (tests/test_sequence_quality.py): the user's last 20
+    # clicks and a soft-maximum similarity effect (generator.behaviour); weak field-aware pairs, so that
+    # 200k impressions teach the rest of the model, and a burn-in that fills the histories.
+    "behaviour": {"n_train": 200_000, "n_eval": 50_000, "n_users": 200, "n_items": 120, "n_queries": 60,
+                  "n_brands": 40, "interaction_scale": 0.3, "history_length": 20, "behaviour_beta": 1.5,
+                  "behaviour_temperature": 0.25, "vector_dim": 16},
 }
 
 
@@ -193,6 +215,12 @@ class PlantedModel:
         self._rng = rng
 
     def sample(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``n`` independent impressions: features, planted probabilities, clicks and conversions."""
+        x = self.draw(n, rng)
+        return self.label(x, self.click_logit(x), rng.random(n), rng)
+
+    def draw(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """The features of ``n`` impressions (the log's fields and the item's category and brand)."""
         cfg = self.cfg
         x = {f: rng.choice(self.card[f], size=n, p=self.freq[f]) for f in ("user", "item", "query", "hour", "device")}
         # Lower slots are shown less often.
@@ -200,13 +228,29 @@ class PlantedModel:
         x["position"] = rng.choice(cfg.n_positions, size=n, p=pos_p / pos_p.sum())
         x["category"] = self.item_category[x["item"]]
         x["brand"] = self.item_brand[x["item"]]
-        logit = np.full(n, self.b_click)
+        return x
+
+    def click_logit(self, x: dict[str, np.ndarray]) -> np.ndarray:
+        """The planted click logit of every impression of ``x`` (the module docstring's formula)."""
+        logit = np.full(len(x["item"]), self.b_click)
         for f, w in self.w.items():
             logit += w[x[f]]
         logit += self.position_bias[x["position"]]
         logit += self.price_w[np.searchsorted(self.price_edges, self.item_price[x["item"]], side="right")]
         for f, g in PAIRS:
             logit += np.sum(self.v[(f, g)][x[f]] * self.v[(g, f)][x[g]], axis=1)
+        return logit
+
+    def label(self, x: dict[str, np.ndarray], logit: np.ndarray, u_click: np.ndarray,
+              rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``x`` with its click logit, conversion logit, probabilities and labels.
+
+        Args:
+          x: the impressions' features.
+          logit: their click logits.
+          u_click: one uniform number per impression: a click is ``u_click < P(click)``.
+          rng: draws the conversions.
+        """
         conv_logit = (self.b_conv + self.cv_user[x["user"]] + self.cv_item[x["item"]]
                       + self.cv_brand[x["brand"]] - 0.4 * self.z_price[x["item"]]
                       + np.sum(self.cv_u[x["user"]] * self.cv_b[x["brand"]], axis=1))
@@ -214,11 +258,10 @@ class PlantedModel:
         x["conv_logit"] = conv_logit
         x["p_click"] = _sigmoid(logit)
         x["p_cvr"] = _sigmoid(conv_logit)
-        x["click"] = (rng.random(n) < x["p_click"]).astype(np.int64)
+        x["click"] = (u_click < x["p_click"]).astype(np.int64)
         # A conversion can only follow a click.
-        x["conversion"] = x["click"] * (rng.random(n) < x["p_cvr"]).astype(np.int64)
+        x["conversion"] = x["click"] * (rng.random(len(logit)) < x["p_cvr"]).astype(np.int64)
         return x
-
 
     def item_click_logits(self, context: dict[str, np.ndarray], items=None, position: int = 0) -> np.ndarray:
         """Planted click logits of every (context row, item) pair, as ``sample`` computes them.
@@ -276,9 +319,15 @@ def _format_lines(x: dict[str, np.ndarray], with_fields: bool) -> list[str]:
         keys = np.char.add(prefix, x[f].astype(str))
         cols.append(np.char.add(f + ":", keys) if with_fields else keys)
     labels = np.char.add(np.char.add(x["click"].astype(str), ","), x["conversion"].astype(str))
+    hist = [""] * n
+    if behaviour.HIST_FIELD in x:
+        if not with_fields:
+            raise ValueError("libfm lines cannot carry the hist field: its keys are item keys, which a libfm "
+                             "field map assigns to item (generate libffm)")
+        hist = behaviour.hist_tokens(x[behaviour.HIST_FIELD], KEY_PREFIX["item"])
     out = []
     for i in range(n):
-        out.append(labels[i] + " " + " ".join(c[i] + ":1" for c in cols))
+        out.append(labels[i] + " " + " ".join(c[i] + ":1" for c in cols) + hist[i])
     return out
 
 
@@ -297,8 +346,27 @@ def generate(out_dir: str, cfg: GeneratorConfig = GeneratorConfig(), formats=("l
     """Writes the log files, dictionaries and ``truth.json``; returns the truth dict."""
     model = PlantedModel(cfg)
     rng = model._rng
-    splits = {"train": model.sample(cfg.n_train, rng), "eval": model.sample(cfg.n_eval, rng)}
-    return write_dataset(out_dir, model, splits, formats)
+    if not cfg.history_length:
+        splits = {"train": model.sample(cfg.n_train, rng), "eval": model.sample(cfg.n_eval, rng)}
+        return write_dataset(out_dir, model, splits, formats)
+    beh = behaviour.Behaviour(cfg, cfg.n_users, cfg.n_items)
+    behaviour.calibrate(model, beh, cfg.ctr, np.random.default_rng(cfg.seed + 201))
+    splits = behaviour.sample_in_time_order(model, beh, {"train": cfg.n_train, "eval": cfg.n_eval}, rng)
+    extra = {"behaviour": {
+        "field": behaviour.HIST_FIELD, "vocabulary_of": "item", "tick": behaviour.TICK,
+        "mean_history_length": float(np.mean((splits["train"][behaviour.HIST_FIELD] >= 0).sum(axis=1))),
+        "empty_history_share": float(np.mean((splits["train"][behaviour.HIST_FIELD] < 0).all(axis=1))),
+        "bayes_mean_pooled_surrogate": behaviour.surrogate_metrics(beh, splits)}}
+    if beh.vectors is not None:
+        path = os.path.join(out_dir, "item_vectors.tsv")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"item\t{behaviour.VECTOR_FIELD}\n")
+            for i, v in enumerate(beh.vectors):
+                f.write(f"{KEY_PREFIX['item']}{i}\t" + ",".join(f"{x:.5f}" for x in v) + "\n")
+        extra["behaviour"]["vectors"] = {"file": "item_vectors.tsv", "field": behaviour.VECTOR_FIELD,
+                                         "dim": cfg.vector_dim}
+    return write_dataset(out_dir, model, splits, formats, extra)
 
 
 def write_dataset(out_dir: str, model: PlantedModel, splits: dict, formats=("libffm",), extra_truth=None) -> dict:
