@@ -39,10 +39,9 @@ class ServingModule(tf.Module):
         self.outputs = tuple(model.serving_outputs)
         # The model traced once; every signature calls this one function after its own front end
         # (tracing the model per signature made saving several times slower).
-        sparse = {"ids": tf.SparseTensorSpec([None, None], tf.int64),
-                  "values": tf.SparseTensorSpec([None, None], tf.float32),
-                  "fields": tf.SparseTensorSpec([None, None], tf.int64)}
-        self._model_fn = tf.function(self._forward, input_signature=[sparse], autograph=False)
+        # The featurized batch: the sparse features, and the vectors of vector fields when the schema has them.
+        self._model_fn = tf.function(self._forward, input_signature=[self.featurizer.output_signature()],
+                                     autograph=False)
 
     def _forward(self, features: dict) -> dict:
         out = self.model(features, training=False)

@@ -27,7 +27,9 @@ def synthetic_features(schema: Schema, vocabulary, n: int) -> list[list[tuple[st
 
     Keys cycle through each field's vocabulary (most frequent first); every 7th (example, field)
     is left out (a missing field) and every 5th key is unseen; binned and numeric fields take
-    values spread over their training range.
+    values spread over their training range. A sequence field gets ``0..max_length + 2`` keys of its
+    ``vocabulary_of`` field (lengths cycling, so some requests are truncated by the graph), every 5th
+    unseen, repeats included.
     """
     by_field: dict[str, list[str]] = {}
     for e in sorted(vocabulary, key=lambda e: (-e.count, e.index)):
@@ -39,7 +41,12 @@ def synthetic_features(schema: Schema, vocabulary, n: int) -> list[list[tuple[st
         for j, f in enumerate(log_fields):
             if (i + j) % 7 == 6:
                 continue
-            if f.kind == "categorical":
+            if f.sequence:
+                keys = by_field.get(f.key_namespace, [])
+                for p in range((i * 3 + j) % (f.max_length + 3)):
+                    unseen = (i + p) % 5 == 4 or not keys
+                    feats.append((f.name, UNSEEN_KEY if unseen else keys[(i + p * p) % len(keys)], 1.0))
+            elif f.kind == "categorical":
                 keys = by_field.get(f.name, [])
                 key = UNSEEN_KEY if (i + j) % 5 == 4 or not keys else keys[(i * (j + 1)) % len(keys)]
                 feats.append((f.name, key, 1.0))

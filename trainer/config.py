@@ -79,6 +79,9 @@ class ModelConfig:
         share of training impressions (the vocabulary's counts).
       temperature: ``two_tower``'s in-batch logits are ``<u, v> / temperature``.
       normalize_towers: L2-normalise both towers' vectors (the score is then a cosine).
+      attention_units: hidden layer sizes of the local activation unit of ``din`` and ``dicm``.
+      attention_activation: its activation, ``dice`` or ``prelu`` (Zhou et al. 2018).
+      vector_projection: size of ``dicm``'s projection of the item vectors (0: ``embedding_dim``).
     """
 
     name: str = "fm"
@@ -109,6 +112,10 @@ class ModelConfig:
     logq_correction: bool = True
     temperature: float = 1.0
     normalize_towers: bool = False
+    # din and dicm (trainer/sequence.py)
+    attention_units: tuple[int, ...] = (36,)
+    attention_activation: str = "dice"
+    vector_projection: int = 0
 
     def __post_init__(self):
         if self.embedding_init not in ("normal", "uniform"):
@@ -118,6 +125,9 @@ class ModelConfig:
         if self.num_experts < 1 or not self.expert_units:
             raise ValueError(f"model.num_experts ({self.num_experts}) must be >= 1 and model.expert_units "
                              f"({list(self.expert_units)}) not empty")
+        if self.attention_activation not in ("dice", "prelu") or not self.attention_units or self.vector_projection < 0:
+            raise ValueError(f"model.attention_activation {self.attention_activation!r} not in dice/prelu, or "
+                             f"model.attention_units empty, or model.vector_projection < 0")
         if self.num_regions < 1 or self.tower_dim < 1 or self.temperature <= 0:
             raise ValueError(f"model.num_regions ({self.num_regions}) and model.tower_dim ({self.tower_dim}) must be "
                              f">= 1 and model.temperature ({self.temperature}) > 0")

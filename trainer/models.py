@@ -332,4 +332,4 @@ class ESMM(_SharedBottomBase):
 # ESMM's derived outputs: pCTR, pCVR = P(conversion | click), pCTCVR = P(click and conversion).
 ESMM_OUTPUTS = ("ctr", "cvr", "ctcvr")
 
-from trainer import mlr, retrieval  # noqa: E402,F401  (register mlr and two_tower)
+from trainer import mlr, retrieval, sequence  # noqa: E402,F401  (register mlr, two_tower, din and dicm)
