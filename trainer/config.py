@@ -7,6 +7,7 @@ resolved config is written to ``<run_dir>/config.yaml`` and into every export.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Callable
 
@@ -79,6 +80,9 @@ class ModelConfig:
         share of training impressions (the vocabulary's counts).
       temperature: ``two_tower``'s in-batch logits are ``<u, v> / temperature``.
       normalize_towers: L2-normalise both towers' vectors (the score is then a cosine).
+      loss_weighting: how multi-task losses combine: ``fixed`` (``train.loss_weights``) or ``uncertainty``
+        (learned log-variances s_t, ``sum_t exp(-s_t) L_t + s_t / 2``; Kendall et al. 2018;
+        ``trainer/weighting.py``). A model setting: the s_t are model variables.
     """
 
     name: str = "fm"
@@ -109,10 +113,13 @@ class ModelConfig:
     logq_correction: bool = True
     temperature: float = 1.0
     normalize_towers: bool = False
+    loss_weighting: str = "fixed"
 
     def __post_init__(self):
         if self.embedding_init not in ("normal", "uniform"):
             raise ValueError(f"model.embedding_init {self.embedding_init!r} not in normal/uniform")
+        if self.loss_weighting not in ("fixed", "uncertainty"):
+            raise ValueError(f"model.loss_weighting {self.loss_weighting!r} not in fixed/uncertainty")
         if self.embedding_combiner not in ("sum", "mean"):
             raise ValueError(f"model.embedding_combiner {self.embedding_combiner!r} not in sum/mean")
         if self.num_experts < 1 or not self.expert_units:
@@ -189,6 +196,33 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FusionConfig:
+    """The ``fusion`` output of a multi-task export: ``ctr^a * cvr^b * bid`` (ESM^2-style ranking score).
+
+    Only the raw Predict signatures (``serving_default``, ``rank``) serve it; every request Example
+    (in ``rank``: each candidate, else the context) carries its bid (docs/SERVING.md).
+
+    Attributes:
+      a, b: the exponents of pCTR and pCVR (>= 0; a = b = 1 ranks by expected revenue per impression).
+      ctr_output, cvr_output: the model outputs used as pCTR and pCVR (``esmm``: ``ctr``/``cvr``;
+        ``mtl``/``mmoe``: task names such as ``click``/``conversion``).
+      bid_feature: the float feature of each raw Example holding the bid (not a schema field).
+    """
+
+    a: float = 1.0
+    b: float = 1.0
+    ctr_output: str = "ctr"
+    cvr_output: str = "cvr"
+    bid_feature: str = "bid"
+
+    def __post_init__(self):
+        if not (math.isfinite(self.a) and math.isfinite(self.b) and self.a >= 0 and self.b >= 0):
+            raise ValueError(f"fusion.a ({self.a}) and fusion.b ({self.b}) must be finite and >= 0")
+        if not (self.ctr_output and self.cvr_output and self.bid_feature):
+            raise ValueError("fusion.ctr_output, fusion.cvr_output and fusion.bid_feature must be non-empty")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """One training run.
 
@@ -197,6 +231,7 @@ class ExperimentConfig:
       run_dir: checkpoints, TensorBoard logs, metrics.json, config.yaml.
       export_base: TF Serving base path; exports go to ``<export_base>/<model_name>/<version>``.
       model_name: served model name (default: ``model.name``).
+      fusion: the export's ``fusion`` output (``FusionConfig``), or None (the default) for none.
     """
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -206,6 +241,12 @@ class ExperimentConfig:
     run_dir: str = "runs/default"
     export_base: str = "runs/export"
     model_name: str = ""
+    fusion: FusionConfig | None = None
+
+    def __post_init__(self):
+        if self.model.loss_weighting == "uncertainty" and self.train.loss_weights:
+            raise ValueError(f"train.loss_weights {self.train.loss_weights} and model.loss_weighting=uncertainty "
+                             f"both weigh the task losses; set one")
 
     @property
     def served_name(self) -> str:

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from feature_schema import Schema, configs
-from trainer import layers
+from trainer import layers, weighting
 from trainer.config import ModelConfig
 
 MODELS: dict[str, Callable] = {}
@@ -59,7 +59,12 @@ def build_model(cfg: ModelConfig, schema: Schema) -> keras.Model:
 
 
 class RankingModel(keras.Model):
-    """Base class: holds the config, schema sizes, task names and resolved field sets."""
+    """Base class: holds the config, schema sizes, task names and resolved field sets.
+
+    With ``model.loss_weighting=uncertainty`` its ``compute_loss`` (run by Keras' own ``train_step``
+    and ``test_step``) weighs the task losses with learned log-variances (``trainer.weighting``);
+    Keras' ``loss`` then reports that objective and ``<task>_loss_weight`` each ``exp(-s_t)``.
+    """
 
     def __init__(self, cfg: ModelConfig, schema: Schema, tasks: tuple[str, ...], **kwargs):
         super().__init__(name=cfg.name, **kwargs)
@@ -79,6 +84,39 @@ class RankingModel(keras.Model):
         self.shared_fields = tuple(f.id for f in schema.fields
                                    if f.id not in self.bias_fields and f.id not in private)
         self.numeric_fields = tuple(f.id for f in schema.fields if f.kind == "numeric")
+        self.loss_weighting = None
+        if cfg.loss_weighting == "uncertainty":
+            if len(self.tasks) < 2:
+                raise ValueError(f"model.loss_weighting=uncertainty weighs the losses of several tasks; model "
+                                 f"{cfg.name!r} has tasks {list(self.tasks)}")
+            self.loss_weighting = weighting.UncertaintyWeighting(self.tasks, name="loss_weighting")
+            self.weighted_loss = keras.metrics.Mean(name="weighted_loss")
+
+    @property
+    def metrics(self):
+        extra = [self.weighted_loss] if self.loss_weighting is not None else []
+        return super().metrics + extra
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        """Keras' compiled loss, or with uncertainty weighting ``sum_t exp(-s_t) L_t + s_t / 2`` plus the
+        regularisation terms (``L_t``: each task's compiled loss; ``trainer.weighting``)."""
+        fixed = super().compute_loss(x, y, y_pred, sample_weight)  # also Keras' per-task loss metrics
+        if self.loss_weighting is None or y is None:
+            return fixed
+        total = self.loss_weighting(weighting.task_losses(self.tasks, y, y_pred, sample_weight))
+        if self.losses:
+            total += tf.add_n(self.losses)
+        self.weighted_loss.update_state(total, sample_weight=tf.shape(y_pred[self.tasks[0]])[0])
+        # As Keras scales its compiled loss: gradients are summed over replicas.
+        return total / tf.distribute.get_strategy().num_replicas_in_sync
+
+    def compute_metrics(self, x, y, y_pred, sample_weight):
+        out = super().compute_metrics(x, y, y_pred, sample_weight)
+        if self.loss_weighting is not None:
+            # Keras' "loss" tracks the compiled (fixed-weight) loss; report the optimised objective.
+            out["loss"] = out.pop(self.weighted_loss.name)
+            out.update({f"{t}_loss_weight": w for t, w in self.loss_weighting.task_weights().items()})
+        return out
 
     def field_ids(self, names) -> tuple[int, ...]:
         """Field ids of field names (KeyError for a name not in the schema)."""
