@@ -1,4 +1,4 @@
-"""The fusion output against ranking by pCTR alone: share of the planted expected value the top of each ranking recovers.
+"""The fusion output against ranking by pCTR alone: the planted expected value the top of each ranking recovers.
 
     python -m bench.quality_fusion [--seeds 1,2,3] [--contexts 1000] [--candidates 20] [--out runs/bench/fusion.json]
 

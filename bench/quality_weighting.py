@@ -1,4 +1,4 @@
-"""Uncertainty loss weighting (Kendall et al. 2018) against fixed weights: click and conversion AUC, mean and sd over seeds.
+"""Uncertainty loss weighting (Kendall et al. 2018) against fixed weights: click and conversion AUC over seeds.
 
     python -m bench.quality_weighting [--seeds 1,2,3] [--models mtl,esmm] [--out runs/bench/weighting.json]
 

@@ -162,7 +162,8 @@ def test_warmup_and_verification_send_bids(served):
             ctx = example_bids([protocol.to_ndarray(req.inputs["context"]).item()], "bid")[0]
             assert ctx > 0 and list(np.flatnonzero(np.isnan(bids))) == list(range(1, len(examples), 3))
         # Replayed through the loader, as TF Serving does before the version takes traffic.
-        out = served["sm"].run(req.model_spec.signature_name, {k: protocol.to_ndarray(t) for k, t in req.inputs.items()})
+        feeds = {k: protocol.to_ndarray(t) for k, t in req.inputs.items()}
+        out = served["sm"].run(req.model_spec.signature_name, feeds)
         assert np.all(np.isfinite(out["fusion"])) and np.all(out["fusion"] >= 0)
     # The flat twin of the synthesized rank request gives each candidate its own bid, else the context's.
     feats = warmup.with_bids([[("user", "u1", 1.0), ("item", "i1", 1.0)]] * 4, "bid")

@@ -94,7 +94,7 @@ class RankingModel(keras.Model):
 
     @property
     def metrics(self):
-        extra = [self.weighted_loss] if self.loss_weighting is not None else []
+        extra = [self.weighted_loss] if getattr(self, "loss_weighting", None) is not None else []
         return super().metrics + extra
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
