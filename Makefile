@@ -9,8 +9,12 @@ export PYTHONWARNINGS ?= ignore
 # make etl
 INPUT ?=
 EVAL_INPUT ?=
+# VALID_INPUT=<glob>: a valid split for model selection (or ARGS='--set valid_fraction=0.1')
+VALID_INPUT ?=
 FORMAT ?=
 FIELD_MAP ?=
+# FIELDS=<tsv>: field<TAB>name<TAB>kind rows (libffm integer field ids, continuous fields; docs/ETL.md)
+FIELDS ?=
 LABELS ?=
 CONFIG ?=
 OUT ?= data/etl
@@ -39,11 +43,14 @@ ARGS ?=
 
 help:
 	@echo "make install                 virtualenv in $(VENV) with pinned dependencies"
-	@echo "make etl [INPUT=<glob>] [EVAL_INPUT=<glob>] [FORMAT=libfm|libffm] [FIELD_MAP=<tsv>] [LABELS=a,b] [OUT=<dir>] [CONFIG=<yaml>]"
+	@echo "make etl [INPUT=<glob>] [EVAL_INPUT=<glob>] [VALID_INPUT=<glob>] [FORMAT=libfm|libffm] [FIELD_MAP=<tsv>]"
+	@echo "         [FIELDS=<tsv>] [LABELS=a,b] [OUT=<dir>] [CONFIG=<yaml>] [ARGS='--set valid_fraction=0.1']"
 	@echo "                             no INPUT: generate the default click log into $(RAW) first"
 	@echo "                             [GEN_ARGS='--preset quality|esmm --n-train N ...'] generator flags (no INPUT)"
 	@echo "make train [DATA=<etl out>] [MODEL=<name>] [EXPERIMENT=<name>] [RUN_DIR=<dir>] [EXPORT_BASE=<dir>]"
 	@echo "           [DISTRIBUTE=ps WORKERS=2 PS=2] [WARM_START=<run dir or export>]"
+	@echo "make tune [DATA=<etl out>] [MODEL=<name>] [EXPERIMENT=<name>] [OUT=<dir>] ARGS='--grid KEY=V1,V2 [--seeds 42,1,2] ...'"
+	@echo "                             without OUT the trials go to a new temporary directory"
 	@echo "make serve [EXPORT_BASE=<dir>] [MODEL=<name>] [PORT=8500] [SERVING_CONFIG=<models.config>]"
 	@echo "                             gRPC server (TF Serving's protocol) over what make train exported"
 	@echo "make test                    default test suite (slow suites: make test-all)"
@@ -57,15 +64,19 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+ETL_FLAGS = $(if $(VALID_INPUT),--valid_input '$(VALID_INPUT)') $(if $(FIELDS),--fields_tsv $(FIELDS)) \
+  --out $(OUT) $(ARGS)
+
+# configs/etl_generated.yaml joins {input_dir}/items.tsv: the table next to the input, so RAW=<dir> works.
 etl: install
 ifeq ($(INPUT),)
 	$(PY) -m generator.clicklog --out $(RAW) --formats libffm,libfm $(GEN_ARGS)
 	$(PY) -m etl.pipeline --config $(or $(CONFIG),configs/etl_generated.yaml) --input $(RAW)/train.libffm \
-	  --eval_input $(RAW)/eval.libffm --out $(OUT) $(ARGS)
+	  --eval_input $(RAW)/eval.libffm $(ETL_FLAGS)
 else
 	$(PY) -m etl.pipeline $(if $(CONFIG),--config $(CONFIG)) --input '$(INPUT)' \
 	  $(if $(EVAL_INPUT),--eval_input '$(EVAL_INPUT)') $(if $(FORMAT),--format $(FORMAT)) \
-	  $(if $(FIELD_MAP),--field_map $(FIELD_MAP)) $(if $(LABELS),--labels $(LABELS)) --out $(OUT) $(ARGS)
+	  $(if $(FIELD_MAP),--field_map $(FIELD_MAP)) $(if $(LABELS),--labels $(LABELS)) $(ETL_FLAGS)
 endif
 
 TRAIN_FLAGS = --data $(DATA) --run_dir $(RUN_DIR) --export_base $(EXPORT_BASE) \
@@ -80,11 +91,14 @@ else ifeq ($(DISTRIBUTE),)
 else
 	@echo "DISTRIBUTE=$(DISTRIBUTE): expected ps or nothing" && exit 2
 endif
-	$(PY) -m export.exporter --run_dir $(RUN_DIR)
+	$(PY) -m trainer.quiet export.exporter --run_dir $(RUN_DIR)
 
-# Hyper-parameter search (trainer/tune.py), e.g. make tune DATA=data/frappe MODEL=ffm ARGS='--grid ...'
+# Hyper-parameter search (trainer/tune.py), e.g. make tune DATA=data/frappe MODEL=ffm ARGS='--grid ...';
+# trials go to OUT only when OUT is given (make tune OUT=runs/tune/x), else to a new temporary directory.
+TUNE_OUT = $(if $(filter command line environment environment override,$(origin OUT)),--out $(OUT))
 tune: install
-	$(PY) -m trainer.tune --data $(DATA) $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
+	$(PY) -m trainer.tune --data $(DATA) $(if $(MODEL),--model $(MODEL)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) \
+	  $(TUNE_OUT) $(ARGS)
 
 # Local TF-Serving-protocol gRPC server (serving/server.py): every model under EXPORT_BASE, or MODEL=
 # (what `make train` exported), on PORT; SERVING_CONFIG=serving_configs/models.config serves a TF Serving

@@ -6,6 +6,11 @@ PCollections of ``(key, value)``, joined as a side input when the file is at
 most ``side_input_max_bytes`` (or ``join: side_input``) and by key
 (CoGroupByKey, ``etl.transforms.KeyedLookup``) otherwise, so a dictionary never
 has to fit into one worker's memory.
+
+A side-input dictionary travels as one element, the pickled dict (``transforms.pack``),
+which each line DoFn unpickles once (``transforms.Unpacked``). As an ``AsDict`` of its entries, the SDK's state
+cache measured every object of it (``objsize``) and held the entries and the dict: a
+100,000-row item table cost 260 MB of peak memory and seconds of CPU.
 """
 from __future__ import annotations
 
@@ -129,12 +134,13 @@ def read_field_map(p: beam.Pipeline, path: str, label: str = "FieldMap"):
 
 
 def read_entity_table(p: beam.Pipeline, t: EntityTableConfig, columns: list[str], value_columns=frozenset()):
-    """PCollection of (key, features of the row) of an entity table (``features.row_features``)."""
+    """PCollection of (key, cells of the row) of an entity table (``features.table_row``, ``columns`` order)."""
     key_column = t.key_column or t.key_field
     label = f"Entity_{t.name}"
     value_columns = frozenset(value_columns)
 
     def keyed(r):
-        return str(r[key_column]), feat.row_features({c: r[c] for c in columns}, value_columns)
+        return str(r[key_column]), feat.table_row({c: r[c] for c in columns}, value_columns)
 
     return _read_rows(p, t.path, [key_column, *columns], label) | f"Key{label}" >> beam.Map(keyed)
+

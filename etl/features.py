@@ -4,65 +4,69 @@ No Beam import here: each function maps plain values to plain values, so it is
 unit-tested directly and reused unchanged inside DoFns (``etl/transforms.py``)
 and by ``bench/bench_etl.py``'s single-process conversion.
 
-A record moving through the job is ``(raw, labels, features)``: the raw line
-(kept for the dead-letter output), the labels and ``(field, key, value)``
-feature tuples. Binned and numeric fields carry their field name as key and the
-number as value until ``to_sparse_example`` turns a binned value into its bin.
+A record moving through the job is ``(labels, features)`` with ``(field, key, value)``
+feature tuples; binned and numeric fields carry their field name as key
+(``rules.value_key``) and the raw number as value. ``RecordEncoder`` turns a record into a
+version-2 `tf.train.Example` (hashes, values, field hashes, labels). Nothing here maps a
+key to a vocabulary row: the vocabulary is *built* here (``assign_vocabulary``,
+``extend_vocabulary``, ``bin_edges``) and *applied* by the featurization layer.
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
-from etl import parsing
-from etl.tfrecord import ExampleEncoder
+from etl import parsing, tfrecord
 from etl.parsing import ParseError
 from feature_schema import FieldSpec, VocabEntry, feature_hash, field_hash, string_hash
+from feature_schema.rules import singleton_edge, value_key
 
-# Key of the placeholder feature added for a field missing from a line. It is
-# never in the vocabulary, so it maps to the field's rare id here and in serving.
-MISSING_KEY = "__missing__"
-VALUE_KINDS = ("binned", "numeric")
-TRAIN, EVAL = 0, 1
+TRAIN, EVAL, VALID = 0, 1, 2
 
 
-def bin_key(index: int) -> str:
-    """Feature key of equal-frequency bin ``index`` of a binned field."""
-    return f"bin{index}"
+# ---------------------------------------------------------------- bins and value statistics
 
+def bin_edges(num_bins: int, lo: float, hi: float, heavy: Sequence[float], occupied_gaps,
+              quantiles: Callable[[int], Sequence[float]]) -> tuple[float, ...]:
+    """Bin edges of a field that survive ties: heavy values alone, the rest by equal frequency.
 
-def bin_index(value: float, boundaries) -> int:
-    """Bin of ``value``: number of boundaries <= value (0..len(boundaries))."""
-    return bisect.bisect_right(boundaries, value)
+    A *heavy* value holds at least ``1/num_bins`` of the field's training rows (0 in a
+    zero-inflated field). Heavy value ``v`` gets the bin ``[v, singleton_edge(v))``; its lower edge
+    is left out when nothing lies below it (the training minimum, or right after another heavy
+    value) and its upper edge when no other value lies between it and the next heavy value (or
+    above it), so no bin is empty in training. The other values are split at ``m - 1`` interior
+    quantiles into ``m`` bins, with ``m`` the largest count (from ``num_bins - len(heavy)`` down)
+    that keeps the total at most ``num_bins``. Edges are float32 numbers in ``(lo, hi]``, strictly
+    increasing; ``rules.bin_index`` (edges ``<= v``) places a value.
 
+    Args:
+      num_bins: bins wanted in total.
+      lo, hi: the smallest and largest training value.
+      heavy: the heavy values, sorted.
+      occupied_gaps: indices ``g`` of the gaps that hold non-heavy values: gap ``g`` lies below
+        ``heavy[g]`` (and above ``heavy[g-1]``), gap ``len(heavy)`` above the last heavy value.
+      quantiles: ``m -> [min, q_1, .., q_{m-1}, max]``, weighted quantiles of the non-heavy
+        values (``[]`` when there are none).
 
-def apply_bins(features: Iterable[tuple], boundaries: Mapping[str, tuple[float, ...]]) -> tuple[tuple, ...]:
-    """Replaces each binned field's value by its bin feature (value 1)."""
-    out = []
-    for f in features:
-        b = boundaries.get(f[0])
-        out.append(f if b is None else (f[0], bin_key(bisect.bisect_right(b, f[2])), 1.0))
-    return tuple(out)
-
-
-def boundaries_from_quantiles(quantiles, num_bins: int) -> tuple[float, ...]:
-    """Interior, strictly increasing bin edges from ``num_bins+1`` quantiles (min..max)."""
-    interior = list(quantiles)[1:-1] if len(quantiles) > 2 else []
-    edges = []
-    for q in interior:
-        q = float(q)
-        if not edges or q > edges[-1]:
-            edges.append(q)
+    Returns:
+      The edges (``len(edges) + 1`` bins).
+    """
+    gaps = set(occupied_gaps)
+    fixed = set()
+    for i, v in enumerate(heavy):
+        if i > 0 or 0 in gaps:
+            fixed.add(v)
+        if i + 1 in gaps:
+            fixed.add(singleton_edge(v))
+    edges: list[float] = []
+    for m in range(max(num_bins - len(heavy), 1), 0, -1):
+        qs = list(quantiles(m))
+        interior = {float(q) for q in qs[1:-1]} if len(qs) > 2 else set()
+        edges = sorted(e for e in interior | fixed if lo < e <= hi)
+        if len(edges) < num_bins:
+            break
     return tuple(edges)
-
-
-def resample_quantiles(qs, num_bins: int) -> list:
-    """``num_bins+1`` quantiles picked from a finer, evenly spaced quantile grid ``qs``."""
-    if len(qs) == num_bins + 1:
-        return list(qs)
-    return [qs[round(i * (len(qs) - 1) / num_bins)] for i in range(num_bins + 1)]
 
 
 def value_stats(count: float, total: float, total_sq: float, lo: float, hi: float) -> dict[str, float]:
@@ -74,37 +78,44 @@ def value_stats(count: float, total: float, total_sq: float, lo: float, hi: floa
 
 # ---------------------------------------------------------------- dictionaries
 
-def row_features(row: Mapping[str, str], value_columns=frozenset()) -> tuple[tuple, ...] | str:
-    """Features of one entity-table row, or an error detail if a number is malformed.
+def table_row(row: Mapping[str, str | None], value_columns=frozenset()) -> tuple | str:
+    """The compact form of one entity-table row, or an error detail if a number is malformed.
 
-    Categorical columns give ``(column, cell, 1.0)``; binned/numeric columns give
-    ``(column, column, number)``. Empty cells are skipped (the field is missing).
-    The job converts every row once, when it reads the table, not per line.
+    One cell per column, in ``row``'s order: ``None`` for an empty cell (the field is missing),
+    a float for a binned/numeric column, the string otherwise. Rows are a side input that every
+    worker holds for the whole job: a tuple of cells is a fifth of the memory of the features
+    themselves (three tuples and a copy of every column name per row); ``join_entity`` makes
+    the features of the rows a line matches. The job converts every row once, when it reads the
+    table, not per line.
     """
     out = []
     for col, val in row.items():
         if val is None or val == "":
-            continue
-        if col in value_columns:
+            out.append(None)
+        elif col in value_columns:
             try:
                 v = float(val)
             except ValueError:
                 return f"column {col!r}: {val!r} is not a number"
-            if not math.isfinite(v):
-                return f"column {col!r}: {val!r} is not finite"
-            out.append((col, col, v))
+            if not -parsing.FLOAT32_MAX <= v <= parsing.FLOAT32_MAX:
+                return f"column {col!r}: {val!r} is not finite in float32"
+            out.append(v)
         else:
-            out.append((col, str(val), 1.0))
+            out.append(str(val))
     return tuple(out)
 
 
-def join_entity(features, key_field: str, table) -> tuple[tuple, ...]:
+def join_entity(features, key_field: str, table, columns: Sequence[str]) -> tuple[tuple, ...]:
     """Adds the attributes of every entity named by ``key_field`` as features.
+
+    A string cell of column ``c`` becomes ``(c, cell, 1.0)``, a number ``(c, c, number)``
+    (``rules.value_key``); empty cells add nothing.
 
     Args:
       features: the line's features, fields assigned.
       key_field: field whose key looks up the table (``item``).
-      table: any ``.get(key)`` mapping from entity key to ``row_features``.
+      table: any ``.get(key)`` mapping from entity key to ``table_row``.
+      columns: the table's columns, in the order of its rows' cells.
 
     Raises:
       ParseError: ``bad_dictionary_value`` when the matched row has a malformed number.
@@ -118,7 +129,9 @@ def join_entity(features, key_field: str, table) -> tuple[tuple, ...]:
             continue
         if type(row) is str:
             raise ParseError(parsing.BAD_DICTIONARY_VALUE, f"{key_field} {f[1]!r}: {row}")
-        extra.extend(row)
+        for col, cell in zip(columns, row):
+            if cell is not None:
+                extra.append((col, col, cell) if type(cell) is float else (col, cell, 1.0))
     return tuple(features) + tuple(extra)
 
 
@@ -137,10 +150,12 @@ class LineSpec:
       multi_hot: fields that may repeat in a line.
       value_fields: binned and numeric fields (key becomes the field name).
       table_keys: key field of each entity table, in config order.
-      split: ``path`` (split given by the input), ``line`` (hash of the raw line)
+      table_columns: the columns of each entity table, in the order of its rows' cells.
+      split: ``path`` (eval given by the input), ``line`` (hash of the raw line)
         or ``key`` (hash of the ``split_key`` field's feature).
       split_key: field for ``split == "key"``.
-      eval_percent: share of lines hashed to eval.
+      eval_percent: share of lines hashed to eval (not for ``split == "path"``).
+      valid_per_10k: share, in 1/10000, of the non-eval lines of ``input`` carved into valid.
     """
 
     fmt: str = "libffm"
@@ -151,16 +166,37 @@ class LineSpec:
     multi_hot: frozenset[str] = frozenset()
     value_fields: frozenset[str] = frozenset()
     table_keys: tuple[str, ...] = ()
+    table_columns: tuple[tuple[str, ...], ...] = ()
     split: str = "line"
     split_key: str = ""
     eval_percent: int = 20
+    valid_per_10k: int = 0
 
 
-def line_split(raw: bytes | str, eval_percent: int) -> int:
-    """0 (train) or 1 (eval) from the hash of the raw line."""
+def line_hash(raw: bytes | str) -> int:
+    """The stable hash of a raw line that splits it (its bytes read as Latin-1)."""
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
-    return EVAL if string_hash(raw.decode("latin-1")) % 100 < eval_percent else TRAIN
+    return string_hash(raw.decode("latin-1"))
+
+
+def hash_split(h: int, eval_percent: int, valid_per_10k: int = 0) -> int:
+    """TRAIN, EVAL or VALID from a stable hash.
+
+    Eval takes ``h mod 100 < eval_percent``; of the rest, valid takes ``(h div 100) mod 10000 <
+    valid_per_10k``, digits the eval test does not read, so valid is a uniform share of the
+    non-eval lines, disjoint from train, and the same in every run.
+    """
+    if h % 100 < eval_percent:
+        return EVAL
+    if valid_per_10k and (h // 100) % 10000 < valid_per_10k:
+        return VALID
+    return TRAIN
+
+
+def line_split(raw: bytes | str, eval_percent: int, valid_per_10k: int = 0) -> int:
+    """The split of a raw line by its hash (``hash_split``)."""
+    return hash_split(line_hash(raw), eval_percent, valid_per_10k)
 
 
 class LineProcessor:
@@ -178,7 +214,7 @@ class LineProcessor:
         return parsing.assign_fields(features, field_map)
 
     def join(self, features, table_index: int, table) -> tuple[tuple, ...]:
-        return join_entity(features, self.spec.table_keys[table_index], table)
+        return join_entity(features, self.spec.table_keys[table_index], table, self.spec.table_columns[table_index])
 
     def finish(self, features) -> tuple[tuple, ...]:
         """Field checks after all joins; value fields get their field name as key."""
@@ -189,17 +225,61 @@ class LineProcessor:
         parsing.check_fields(features, s.known_fields, s.multi_hot)
         vf = s.value_fields
         if vf:
-            features = tuple((f[0], f[0], f[2]) if f[0] in vf else f for f in features)
+            features = tuple((f[0], value_key(f[0]), f[2]) if f[0] in vf else f for f in features)
         return tuple(features)
 
     def split_of(self, raw, features=None) -> int:
-        """The split of a line; without features (a bad line) the raw line decides."""
+        """The split of a line of ``input``; without features (a bad line) the raw line decides.
+
+        With ``split == "path"`` the input is the training input: only the valid carve applies.
+        """
         s = self.spec
+        eval_percent = 0 if s.split == "path" else s.eval_percent
         if s.split == "key" and features:
             for f in features:
                 if f[0] == s.split_key:
-                    return EVAL if feature_hash(f[0], f[1]) % 100 < s.eval_percent else TRAIN
-        return line_split(raw, s.eval_percent)
+                    return hash_split(feature_hash(f[0], f[1]), eval_percent, s.valid_per_10k)
+        return line_split(raw, eval_percent, s.valid_per_10k)
+
+
+# ------------------------------------------------------------------ records
+
+class RecordEncoder:
+    """Version-2 `tf.train.Example` bytes of a record: feature hashes, values, field hashes, labels.
+
+    ``feature_hash`` costs a string join and a FarmHash per feature; keys repeat (ids are
+    Zipf-distributed), so (feature hash, field hash) is cached per (field, key), up to
+    ``max_cached`` features (then the cache starts over, keeping its memory, about 16 MB at the
+    default, independent of the number of distinct keys). Not thread-safe: each DoFn instance
+    makes its own in ``setup``.
+    """
+
+    def __init__(self, label_names, keys, max_cached: int = 1 << 16):
+        self._example = tfrecord.ExampleEncoder(label_names, keys)
+        self._max = max_cached
+        self._cache: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def _miss(self, field: str, key: str) -> tuple[int, int]:
+        if len(self._cache) >= self._max:
+            self._cache.clear()
+        h = self._cache[(field, key)] = (feature_hash(field, key), field_hash(field))
+        return h
+
+    def lists(self, features) -> tuple[list[int], list[float], list[int]]:
+        """(feature hashes, values, field hashes) of ``(field, key, value)`` features, in their order."""
+        hashes, values, fields = [], [], []
+        get = self._cache.get
+        for field, key, value in features:
+            h = get((field, key)) or self._miss(field, key)
+            hashes.append(h[0])
+            values.append(value)
+            fields.append(h[1])
+        return hashes, values, fields
+
+    def encode(self, labels, features) -> bytes:
+        """The serialized record of ``labels`` and ``(field, key, value)`` features."""
+        hashes, values, fields = self.lists(features)
+        return self._example.encode(hashes, values, fields, labels)
 
 
 # ------------------------------------------------------------------ vocabulary
@@ -207,7 +287,8 @@ class LineProcessor:
 def _spec(name, fid, s, offset, size):
     return FieldSpec(name=name, id=fid, kind=s["kind"], offset=offset, vocab_size=size, rare_id=offset,
                      linear_only=s["linear_only"], min_count=s["min_count"], bin_boundaries=s.get("bin_boundaries"),
-                     source=s["source"], multi_hot=s["multi_hot"], value_stats=s.get("value_stats"))
+                     source=s["source"], multi_hot=s["multi_hot"], value_stats=s.get("value_stats"),
+                     transform=s.get("transform", "none"))
 
 
 def _kept_by_field(counts, field_settings, names) -> dict[str, list[tuple[str, int]]]:
@@ -215,7 +296,7 @@ def _kept_by_field(counts, field_settings, names) -> dict[str, list[tuple[str, i
     for (field, key), count in counts:
         if field not in by_field:
             raise ValueError(f"count for unknown field {field!r}")
-        if key != MISSING_KEY and count >= field_settings[field]["min_count"]:
+        if count >= field_settings[field]["min_count"]:
             by_field[field].append((key, count))
     for kept in by_field.values():
         kept.sort(key=lambda kc: (-kc[1], kc[0]))
@@ -234,7 +315,7 @@ def assign_vocabulary(counts: Iterable[tuple[tuple[str, str], int]], field_names
       counts: ((field, key), training count) pairs.
       field_names: all fields in schema order.
       field_settings: field -> dict(kind, min_count, linear_only, source,
-        multi_hot, and optionally bin_boundaries, value_stats).
+        multi_hot, and optionally bin_boundaries, value_stats, transform).
 
     Returns:
       (field specs in ``field_names`` order, vocabulary entries by index).
@@ -298,105 +379,68 @@ def extend_vocabulary(base_specs, base_vocab, counts, field_names: list[str],
     return specs, vocab
 
 
-def lookup_layout(specs: list[FieldSpec], vocab: list[VocabEntry]) -> dict:
-    """The compact lookup structure ``to_sparse_example`` reads (a Beam side input).
+# ------------------------------------------------------------------ warnings
 
-    Keys: ``fields`` {name: (field id, {key: (row, hash)}, bin edges or None,
-    rare row)}, ``num_fields`` and ``missing`` [(id, rare row, hash of the
-    missing placeholder)] by field id.
-    """
-    rows: dict[str, dict[str, tuple[int, int]]] = {s.name: {} for s in specs}
-    for e in vocab:
-        rows[e.field][e.key] = (e.index, e.hash)
-    fields = {}
-    for s in specs:
-        edges = tuple(s.bin_boundaries or ()) if s.kind == "binned" else None
-        fields[s.name] = (s.id, rows[s.name], edges, s.rare_id)
-    return {"fields": fields, "num_fields": len(specs),
-            "missing": [(s.id, s.rare_id, feature_hash(s.name, MISSING_KEY)) for s in specs]}
-
-
-# ------------------------------------------------------------------ examples
-
-@dataclasses.dataclass(frozen=True)
-class SparseExample:
-    """Aligned lists of one example, ready to serialize."""
-
-    labels: tuple[float, ...]
-    ids: tuple[int, ...]
-    values: tuple[float, ...]
-    fields: tuple[int, ...]
-    hashes: tuple[int, ...]
-
-
-def sparse_lists(features, layout: Mapping, fill_missing: bool = True):
-    """(ids, values, field ids, hashes) lists of one example; see ``to_sparse_example``."""
-    fields = layout["fields"]
-    ids, vals, fids, hashes = [], [], [], []
-    present = set()
-    for field, key, value in features:
-        info = fields.get(field)
-        if info is None:
-            raise ParseError(parsing.UNKNOWN_FIELD, f"field {field!r} is not in the schema")
-        fid, rows, edges, rare = info
-        if edges is not None:
-            key, value = bin_key(bisect.bisect_right(edges, value)), 1.0
-        hit = rows.get(key)
-        if hit is None:
-            ids.append(rare)
-            hashes.append(feature_hash(field, key))
-        else:
-            ids.append(hit[0])
-            hashes.append(hit[1])
-        vals.append(value)
-        fids.append(fid)
-        present.add(fid)
-    if fill_missing and len(present) < layout["num_fields"]:
-        for fid, rare, h in layout["missing"]:
-            if fid not in present:
-                ids.append(rare)
-                vals.append(1.0)
-                fids.append(fid)
-                hashes.append(h)
-    return ids, vals, fids, hashes
-
-
-def to_sparse_example(labels, features, layout: Mapping, fill_missing: bool = True) -> SparseExample:
-    """Maps features to vocabulary rows (unknown -> the field's rare id).
-
-    Binned values become their bin feature (value 1). Each feature carries its
-    stable hash, what a serving client sends.
+def field_usage(specs: Sequence[FieldSpec], vocab: Sequence[VocabEntry], counts: Mapping[tuple[str, str], int],
+                occurrences: Mapping[str, int], lines: Mapping[str, int]) -> dict[str, dict]:
+    """Per field, what the training split uses of its rows (for ``single_row_warnings``).
 
     Args:
-      labels: the line's labels.
-      features: ``(field, key, value)`` tuples, fields assigned.
-      layout: ``lookup_layout`` of the vocabulary.
-      fill_missing: add the rare row for every field absent from the line.
+      specs, vocab: the layout written.
+      counts: this run's training count of every feature with a row of its own.
+      occurrences: field -> training features of the field (rare ones included).
+      lines: field -> training lines holding the field, for multi-hot fields (else the
+        occurrences are the lines: a single-valued field occurs at most once per line).
 
-    Raises:
-      ParseError: ``unknown_field`` for a field not in the schema.
+    Returns:
+      field -> {"rows": own rows hit, "rows_count": their occurrences, "top": (key, n) of the
+      most frequent or None, "occurrences", "lines"}.
     """
-    ids, vals, fids, hashes = sparse_lists(features, layout, fill_missing)
-    return SparseExample(tuple(labels), tuple(ids), tuple(vals), tuple(fids), tuple(hashes))
+    hits_of: dict[str, list[tuple[int, str]]] = {s.name: [] for s in specs}
+    for e in vocab:
+        n = counts.get((e.field, e.key), 0)
+        if n > 0:
+            hits_of[e.field].append((n, e.key))
+    out = {}
+    for s in specs:
+        hits = sorted(hits_of[s.name], key=lambda nk: (-nk[0], nk[1]))
+        occ = int(occurrences.get(s.name, 0))
+        out[s.name] = {"rows": len(hits), "rows_count": sum(n for n, _ in hits), "top": [hits[0][1], hits[0][0]]
+                       if hits else None, "occurrences": occ, "lines": int(lines.get(s.name, occ))}
+    return out
 
 
-def record_lists(features, known_fields) -> tuple[list[int], list[float], list[int]]:
-    """(feature hashes, values, field hashes) of one line's record (``feature_schema.ExampleKeys``).
+def single_row_warnings(specs: Sequence[FieldSpec], usage: Mapping[str, dict], train_lines: int) -> list[str]:
+    """Fields the training split sees through one row only: a constant to the model.
 
-    Raises:
-      ParseError: ``unknown_field`` for a field not in ``known_fields``.
+    A field's training rows are its own rows hit, plus its rare row when a training feature
+    was rare or a training line lacked the field (the layer's missing row). A ``numeric``
+    field has one row; it is constant when it is never missing and its ``std`` is 0.
     """
-    hashes, vals, fhs = [], [], []
-    for field, key, value in features:
-        if field not in known_fields:
-            raise ParseError(parsing.UNKNOWN_FIELD, f"field {field!r} is not in the schema")
-        hashes.append(feature_hash(field, key))
-        vals.append(value)
-        fhs.append(field_hash(field))
-    return hashes, vals, fhs
-
-
-def serialize_example(labels, features, label_names, keys) -> bytes:
-    """Serializes one line's hashed record as `tf.train.Example` bytes (without importing TensorFlow)."""
-    h, v, f = record_lists(features, {feat[0] for feat in features})
-    return ExampleEncoder(label_names, keys).encode(h, v, f, labels)
+    out = []
+    for s in specs:
+        u = usage.get(s.name)
+        if u is None:
+            continue
+        missing = train_lines - u["lines"]
+        rare = u["occurrences"] - u["rows_count"]
+        if s.kind == "numeric":
+            std = (s.value_stats or {}).get("std", 0.0)
+            if missing <= 0 and std == 0 and u["occurrences"]:
+                out.append(f"field {s.name!r}: every training line has the same value "
+                           f"{(s.value_stats or {}).get('min')}; the field is a constant to the model")
+            continue
+        used = u["rows"] + (1 if rare > 0 or missing > 0 else 0)
+        if used > 1:
+            continue
+        if u["rows"]:
+            key, n = u["top"]
+            what = f"all {n} training values in {key}" if s.kind == "binned" else f"every training line has key {key!r}"
+        elif u["occurrences"]:
+            what = f"all {u['occurrences']} training features are rare (< min_count {s.min_count})"
+        elif train_lines:
+            what = "missing from every training line"
+        else:
+            what = "no training lines"
+        out.append(f"field {s.name!r}: one used row in training ({what}); the field is a constant to the model")
+    return out

@@ -18,7 +18,7 @@ raw line, to its dead-letter output.
 """
 from __future__ import annotations
 
-import math
+from sys import intern
 from typing import NamedTuple
 
 # Reasons a line is dead-lettered; docs/ETL.md lists exactly these.
@@ -41,7 +41,8 @@ REASONS = (EMPTY, NON_UTF8, BAD_LABEL, LABEL_COUNT, BAD_TOKEN, BAD_VALUE, NON_FI
            BAD_DICTIONARY_VALUE)
 
 _LABEL_VALUES = {"1": 1.0, "0": 0.0, "-1": 0.0, "+1": 1.0, "1.0": 1.0, "0.0": 0.0, "-1.0": 0.0}
-_isfinite = math.isfinite
+# Records hold float32 values (a tf.train.FloatList): a larger magnitude would become inf there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ParseError(ValueError):
@@ -76,16 +77,6 @@ def decode(raw: bytes | str) -> str:
     return raw.rstrip("\r\n")
 
 
-def parse_value(text: str, token: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise ParseError(BAD_VALUE, f"value {text!r} of token {token!r} is not a number") from None
-    if not _isfinite(v):
-        raise ParseError(NON_FINITE, f"value {text!r} of token {token!r} is not finite")
-    return v
-
-
 def parse_labels(text: str, num_labels: int) -> tuple[float, ...]:
     parts = text.split(",")
     if len(parts) != num_labels:
@@ -106,6 +97,17 @@ def _field_by_index(token: str, part: str, field_names: tuple[str, ...]) -> str:
     if i >= len(field_names):
         raise ParseError(FIELD_OUT_OF_RANGE, f"field index {i} of token {token!r} >= {len(field_names)} fields")
     return field_names[i]
+
+
+def _number(text: str, token: str) -> float:
+    """A feature value: a number that is finite in float32 (``bad_value``, ``non_finite_value``)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise ParseError(BAD_VALUE, f"value {text!r} of token {token!r} is not a number") from None
+    if not -FLOAT32_MAX <= v <= FLOAT32_MAX:  # also false for NaN
+        raise ParseError(NON_FINITE, f"value {text!r} of token {token!r} is not finite in float32")
+    return v
 
 
 def parse_record(raw: bytes | str, fmt: str, num_labels: int = 1, max_features: int = 1000,
@@ -142,19 +144,16 @@ def parse_record(raw: bytes | str, fmt: str, num_labels: int = 1, max_features: 
     for i in range(1, n + 1):
         tok = tokens[i]
         parts = tok.split(":")
-        if len(parts) != nparts or not all(parts):
+        if len(parts) != nparts or "" in parts:
             raise ParseError(BAD_TOKEN, f"token {tok!r} is not {'key:value' if nparts == 2 else 'field:key:value'}")
         text = parts[-1]
-        try:
-            v = float(text)
-        except ValueError:
-            raise ParseError(BAD_VALUE, f"value {text!r} of token {tok!r} is not a number") from None
-        if not _isfinite(v):
-            raise ParseError(NON_FINITE, f"value {text!r} of token {tok!r} is not finite")
+        v = 1.0 if text == "1" else _number(text, tok)  # "1": most values of one-hot logs
         if nparts == 2:
             append((None, parts[0], v))
         elif field_names is None:
-            append((parts[0], parts[1], v))
+            # One string object per field name, not one per token: every distinct key counted
+            # downstream would otherwise hold its own copy.
+            append((intern(parts[0]), parts[1], v))
         else:
             append((_field_by_index(tok, parts[0], field_names), parts[1], v))
     return labels, out

@@ -82,11 +82,11 @@ def frame(data: bytes) -> bytes:
 
 
 class ExampleEncoder:
-    """Serializes sparse examples by refilling one reused `Example` message.
+    """Serializes version-2 records (``feature_schema.ExampleKeys``) by refilling one reused `Example`.
 
-    Refilling the six lists of one message is about twice as fast as building
-    a new message (and its map entries) per example. Not thread-safe: each
-    DoFn instance makes its own in ``setup``.
+    Refilling the lists of one message is about twice as fast as building a new message (and
+    its map entries) per example; it was also as fast as writing the wire format by hand.
+    Not thread-safe: each DoFn instance makes its own in ``setup``.
     """
 
     def __init__(self, label_names, keys):
@@ -97,7 +97,7 @@ class ExampleEncoder:
         self._labels = tuple(feature[name].float_list.value for name in label_names)
 
     def encode(self, hashes, values, field_hashes, labels) -> bytes:
-        """One hashed record (``feature_schema.ExampleKeys``): aligned lists and the labels."""
+        """One record: aligned feature hashes, values (stored as float32), field hashes; labels."""
         for lst, data in zip(self._lists, (hashes, values, field_hashes)):
             del lst[:]
             lst.extend(data)

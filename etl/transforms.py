@@ -1,44 +1,68 @@
-"""Composite Beam transforms of the ETL job.
+"""Composite Beam transforms of the ETL job: ``ParseAndJoin``, ``Statistics``, ``WriteRecords``,
+``WriteDeadLetters`` and ``Report`` (``etl.pipeline.build_pipeline`` wires them).
 
-Each DoFn wraps the pure functions of ``etl.parsing`` and ``etl.features``.
-Two rules keep the job fast on the Python runners:
+Records stream: each input file is read, parsed, joined, checked, split, encoded and written
+by DoFns that Beam fuses into one stage, with no GroupByKey and no side input computed from
+the data on the way (side inputs are dictionaries only). What the job learns from the data,
+feature counts, bin edges and value statistics, comes from combiners whose outputs feed only
+``vocabulary.tsv``, ``_meta/`` and ``schema.json``. The one exception: a dictionary larger
+than ``side_input_max_bytes`` is joined by key (``KeyedLookup``, two CoGroupByKeys), which
+shuffles the records of that input.
 
-* Records are plain tuples of str/float/bytes, which Beam's default coder
-  encodes without pickling (frozen dataclasses cost ~20x more per element).
-* Per-line work is fused into one DoFn per pass where the joins allow, and
-  what is summed over lines (feature counts, binned values, line counts) is
-  summed per bundle inside that DoFn and emitted once per bundle, instead of
-  one element per feature or per line through extra transforms.
-* Between the passes records travel in batches (lists of ``BATCH_SIZE``), and
-  pass 2 emits one blob of framed TFRecords per batch, so the per-element
-  costs of the runner (encoding at fusion breaks, side-input lookup, the
-  shuffle into shards) are paid per batch, not per line.
+Rules that keep the job fast on the Python runners:
+
+* Records are plain tuples of str/float/bytes, which Beam's default coder encodes without
+  pickling, and travel in lists of up to ``BATCH_SIZE`` (one element per input batch), so
+  per-element runner costs are paid per batch.
+* What is summed over lines (feature counts, values, line counts) is summed per bundle in a
+  dict and emitted once per bundle (or when the dict grows past ``_FLUSH_AT`` keys).
+* Files are written by the DoFns themselves: no shuffle into shards.
 
 Bad lines leave through the ``dead`` output as ``(split, JSON record)``.
 """
 from __future__ import annotations
 
 import base64
+import bisect
+import collections
+import dataclasses
+import heapq
+import itertools
 import json
-import random
+import pickle
 import uuid
+import zlib
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.stats import ApproximateQuantilesCombineFn
 from apache_beam.transforms.window import GlobalWindows
 
 from etl import features as feat
-from etl import tfrecord
+from etl import sources, tfrecord
+from etl.config import SPLIT_NAMES
 from etl.parsing import ParseError
+from etl.plan import JobPlan, make_layout
+from feature_schema import VOCAB_FILENAME, parse_vocabulary_line, write_vocabulary_lines
+from feature_schema.rules import bin_index, bin_key, to_float32, transform_value
 
 NAMESPACE = "etl"
-SPLIT_NAMES = ("train", "eval")
-# Output tags of the line DoFns.
-TRAIN, EVAL, PENDING, DEAD, COUNTS, VALUES, STATS = "train", "eval", "pending", "dead", "counts", "values", "stats"
-# Distinct keys summed in memory per bundle before they are emitted early.
-_FLUSH_AT = 200_000
-# Records per batch between pass 1 and pass 2.
+META = "_meta"
+SHARD_SUFFIX = ".tfrecord.gz"
+DEAD_SUFFIX = ".jsonl"
+TMP = "_tmp"
+# Output tags.
+RECORDS, PENDING, DEAD, STATS = "records", "pending", "dead", "stats"
+COUNTS, VALUES, TOTALS = "counts", "values", "totals"
+# Distinct feature tuples counted in memory per bundle before they are emitted early.
+_FLUSH_AT = 100_000
+# Records per element between the DoFns.
 BATCH_SIZE = 500
+# gzip level of the TFRecord shards: on the generated records level 3 wrote 8% more bytes than
+# level 6 in half the time; decompression costs the same.
+GZIP_LEVEL = 3
 
 
 def dead_letter(split: str, raw: bytes | str, reason: str, detail: str) -> str:
@@ -53,31 +77,89 @@ def dead_letter(split: str, raw: bytes | str, reason: str, detail: str) -> str:
     }, ensure_ascii=False)
 
 
+def shard_path(out: str, split: str, index: int, total: int) -> str:
+    return FileSystems.join(out, split, f"part-{index:05d}-of-{total:05d}{SHARD_SUFFIX}")
+
+
+def dead_letter_path(out: str, split: str, index: int, total: int) -> str:
+    return FileSystems.join(out, "dead_letter", f"{split}-{index:05d}-of-{total:05d}{DEAD_SUFFIX}")
+
+
 def _add(d: dict, key, n=1) -> None:
     d[key] = d.get(key, 0) + n
 
 
-class _BundleSums:
-    """Sums kept per bundle and emitted, per output tag, at the bundle's end."""
+def _windowed(value):
+    return GlobalWindows.windowed_value(value)
 
-    def __init__(self, tags):
-        self._tags = tags
-        self.sums = {t: {} for t in tags}
 
-    def drain(self, tag):
-        items, self.sums[tag] = self.sums[tag], {}
-        return items
+# ---------------------------------------------------------------- plumbing
 
-    def emit_all(self):
-        for tag in self._tags:
-            items = self.drain(tag)
-            if tag == STATS:
-                if items:
-                    yield beam.pvalue.TaggedOutput(tag, GlobalWindows.windowed_value(items))
-            else:
-                for kv in items.items():
-                    yield beam.pvalue.TaggedOutput(tag, GlobalWindows.windowed_value(kv))
+class _ConcatFn(beam.CombineFn):
+    def create_accumulator(self):
+        return []
 
+    def add_input(self, acc, items):
+        acc.extend(items)
+        return acc
+
+    def merge_accumulators(self, accs):
+        return list(itertools.chain.from_iterable(accs))
+
+    def extract_output(self, acc):
+        return acc
+
+
+class Gather(beam.PTransform):
+    """All elements of a (small) PCollection as one list, an empty list when there are none.
+
+    ``beam.combiners.ToList()`` makes its empty default through a side input of the result,
+    which the SDK's state cache then measures object by object; a keyed combine with a seed
+    element makes the same list on the main path.
+    """
+
+    def expand(self, pcoll):
+        seed = pcoll.pipeline | "Seed" >> beam.Create([(0, ())])
+        return ((pcoll | "Key" >> beam.Map(lambda x: (0, (x,))), seed) | "WithSeed" >> beam.Flatten()
+                | "Concat" >> beam.CombinePerKey(_ConcatFn()) | "List" >> beam.Map(lambda kv: kv[1]))
+
+
+def pack(pairs, label: str):
+    """One element: (token, the pickled dict of a PCollection of (key, value) pairs), a side input.
+
+    Keys should be unique; with duplicates one of them wins. The token names this pack so that
+    every DoFn of a worker process shares one unpickled dict (``Unpacked``).
+    """
+    return (pairs | f"Gather{label}" >> Gather()
+            | f"Pack{label}" >> beam.Map(lambda kv: (uuid.uuid4().hex,
+                                                     pickle.dumps(dict(kv), protocol=pickle.HIGHEST_PROTOCOL))))
+
+
+# Token -> dict of the packs unpickled in this process, the latest few (a job has one per dictionary).
+_UNPACKED: collections.OrderedDict = collections.OrderedDict()
+_UNPACKED_KEEP = 8
+
+
+class Unpacked:
+    """The dicts of packed side inputs: unpickled once per worker process, shared by its DoFns.
+
+    Each input's line DoFn runs in its own stage; without sharing, every stage's DoFn held its
+    own copy of the item table.
+    """
+
+    def __call__(self, packed) -> tuple:
+        out = []
+        for token, blob in packed:
+            d = _UNPACKED.get(token)
+            if d is None:
+                d = _UNPACKED[token] = pickle.loads(blob)
+                while len(_UNPACKED) > _UNPACKED_KEEP:
+                    _UNPACKED.popitem(last=False)
+            out.append(d)
+        return tuple(out)
+
+
+# ---------------------------------------------------------------- ParseAndJoin
 
 class _FoundTable:
     """``.get(key)`` view of one table's rows in a KeyedLookup result keyed by (table, key)."""
@@ -92,71 +174,80 @@ class _FoundTable:
 
 
 class LinesDoFn(beam.DoFn):
-    """Pass 1 over lines: parse, join dictionaries, check, split, and sum for the vocabulary.
+    """Lines -> records: parse, join dictionaries, check, split.
 
-    Input: batches (lists) of raw lines (``sources.ReadLineBatches``), or
-    ``(record, found)`` pairs after a ``KeyedLookup``. A keyed join splits the work into several instances: one that parses and
-    emits ``pending`` records ``(line id, (raw, split, labels, features))``
-    for ``KeyedLookup``, and one per lookup that takes ``(record, found)``.
-    The last (``final``) instance emits lists of records ``(raw, labels,
-    features)`` to ``train``/``eval``, and per bundle: ``counts`` ((field,
-    key), n) and ``values`` ((field, value), n) of the training split, and
-    ``stats``.
+    Input: batches (lists) of raw lines (``sources.ReadLineBatches``), or ``(record, found)``
+    pairs after a ``KeyedLookup``. A keyed join splits the work into several instances: one
+    that parses and emits ``pending`` records ``(line id, (raw, split, labels, features))`` for
+    ``KeyedLookup``, and one per lookup that takes ``(record, found)``. The last (``final``)
+    instance emits ``records``: ``(split, [(labels, features), ...])`` batches. Every instance
+    emits ``dead`` letters ``(split, JSON)`` and per bundle ``stats`` (lines read and
+    dead-lettered per split and reason).
 
     Args:
       spec: the ``features.LineSpec``.
-      source_split: 0/1 when the input file decides the split, else None.
+      source_split: TRAIN/EVAL/VALID when the input file decides (TRAIN: up to the valid
+        carve), else None.
       parse: input elements are raw lines (else ``(record, found)`` pairs).
       field_map: ``None``, ``"side"`` (first side input) or ``"found"``.
-      tables: per entity table ``None`` (not in this step), ``"side"`` (next
-        side input) or ``"found"``.
+      tables: per entity table ``None`` (not in this step), ``"side"`` (next side input) or
+        ``"found"``.
       final: run the checks and emit records by split (else ``pending``).
-      binned, numeric: value fields; their values are summed for bins/stats.
-      count: sum counts and values (False when a fixed vocabulary is reused).
+
+    Side inputs are ``pack``ed dicts (``AsSingleton``).
     """
 
-    def __init__(self, spec, source_split=None, parse=True, field_map=None, tables=(), final=True,
-                 binned=frozenset(), numeric=frozenset(), count=True):
+    def __init__(self, spec, source_split=None, parse=True, field_map=None, tables=(), final=True):
         self._spec = spec
         self._source_split = source_split
         self._parse = parse
         self._field_map = field_map
         self._tables = tuple(tables)
         self._final = final
-        self._binned = frozenset(binned)
-        self._numeric = frozenset(numeric)
-        self._count = count
 
     def setup(self):
         self._proc = feat.LineProcessor(self._spec)
-        # Split known at read time: by input file, or by the hash of the raw line.
-        self._early_split = self._parse and (self._source_split is not None or self._spec.split == "line")
+        self._unpacked = Unpacked()
+        src, spec = self._source_split, self._spec
+        # The split is known at read time from the input file, or from the raw line's hash.
+        self._fixed = src if src in (feat.EVAL, feat.VALID) or (src == feat.TRAIN and not spec.valid_per_10k) else None
+        self._early = self._parse and (self._fixed is not None or spec.split in ("line", "path"))
 
     def start_bundle(self):
-        self._sums = _BundleSums((COUNTS, VALUES, STATS))
-        self._batches = [[], []]
+        self._stats = {}
+        self._batches = {}
         self._id_prefix = uuid.uuid4().hex[:16]
         self._next_id = 0
 
-    def process(self, element, *side):
+    def process(self, element, *packed):
+        side = self._unpacked(packed)
         out = []
         if self._parse:  # a batch of raw lines
+            _add(self._stats, "input.read", len(element))
+            if self._fixed is not None:
+                _add(self._stats, f"{SPLIT_NAMES[self._fixed]}.read", len(element))
             for raw in element:
-                self._line(raw, -1, None, None, None, side, out)
+                self._line(raw, self._fixed if self._fixed is not None else -1, None, None, None, side, out)
         else:  # (pending record, found dictionary values)
             (raw, split, labels, features), found = element
             self._line(raw, split, labels, features, found, side, out)
+        for split, batch in self._batches.items():
+            if len(batch) >= BATCH_SIZE:
+                out.append(beam.pvalue.TaggedOutput(RECORDS, (split, batch)))
+                self._batches[split] = []
         return out
+
+    def _read_split(self, raw):
+        split = self._proc.split_of(raw)
+        _add(self._stats, f"{SPLIT_NAMES[split]}.read")
+        return split
 
     def _line(self, raw, split, labels, features, found, side, out):
         """Processes one line; appends what it emits to ``out``."""
-        stats = self._sums.sums[STATS]
+        stats = self._stats
         proc = self._proc
-        if self._parse:
-            stats["input.read"] = stats.get("input.read", 0) + 1
-            if self._early_split:
-                split = self._source_split if self._source_split is not None else proc.split_of(raw)
-                _add(stats, f"{SPLIT_NAMES[split]}.read")
+        if split < 0 and self._early:  # a hash split known at read time
+            split = self._read_split(raw)
         try:
             if self._parse:
                 labels, features = proc.parse(raw)
@@ -176,8 +267,7 @@ class LinesDoFn(beam.DoFn):
                 features = proc.finish(features)
         except ParseError as e:
             if split < 0:
-                split = proc.split_of(raw)
-                _add(stats, f"{SPLIT_NAMES[split]}.read")
+                split = self._read_split(raw)
             name = SPLIT_NAMES[split]
             _add(stats, f"{name}.dead_lettered")
             _add(stats, f"{name}.dead.{e.reason}")
@@ -190,43 +280,23 @@ class LinesDoFn(beam.DoFn):
         if split < 0:
             split = proc.split_of(raw, features)
             _add(stats, f"{SPLIT_NAMES[split]}.read")
-        if split == feat.TRAIN and self._count:
-            self._sum(features)
-            if len(self._sums.sums[COUNTS]) >= _FLUSH_AT or len(self._sums.sums[VALUES]) >= _FLUSH_AT:
-                for tag in (COUNTS, VALUES):  # bound the memory of huge bundles
-                    out.extend(beam.pvalue.TaggedOutput(tag, kv) for kv in self._sums.drain(tag).items())
-        batch = self._batches[split]
-        batch.append((raw, labels, features))
-        if len(batch) >= BATCH_SIZE:
-            out.append(beam.pvalue.TaggedOutput(SPLIT_NAMES[split], batch))
-            self._batches[split] = []
-
-    def _sum(self, features):
-        counts, values = self._sums.sums[COUNTS], self._sums.sums[VALUES]
-        binned, numeric = self._binned, self._numeric
-        for f in features:
-            field = f[0]
-            if field in binned:
-                k = (field, f[2])
-                values[k] = values.get(k, 0) + 1
-                continue
-            if field in numeric:
-                k = (field, f[2])
-                values[k] = values.get(k, 0) + 1
-            k = (field, f[1])
-            counts[k] = counts.get(k, 0) + 1
+        batch = self._batches.get(split)
+        if batch is None:
+            batch = self._batches[split] = []
+        batch.append((labels, features))
 
     def finish_bundle(self):
-        for split, batch in enumerate(self._batches):
+        for split, batch in self._batches.items():
             if batch:
-                yield beam.pvalue.TaggedOutput(SPLIT_NAMES[split], GlobalWindows.windowed_value(batch))
-        yield from self._sums.emit_all()
+                yield beam.pvalue.TaggedOutput(RECORDS, _windowed((split, batch)))
+        self._batches = {}
+        if self._stats:
+            yield beam.pvalue.TaggedOutput(STATS, _windowed(self._stats))
 
 
 def run_lines(lines, label, dofn, side_inputs=()):
     """Applies a ``LinesDoFn``; returns its tagged outputs."""
-    return lines | label >> beam.ParDo(dofn, *side_inputs).with_outputs(
-        TRAIN, EVAL, DEAD, COUNTS, VALUES, STATS, main=PENDING)
+    return lines | label >> beam.ParDo(dofn, *side_inputs).with_outputs(RECORDS, DEAD, STATS, main=PENDING)
 
 
 class FeatureKeys:
@@ -271,6 +341,7 @@ class KeyedLookup(beam.PTransform):
     ``request(record)``; a first CoGroupByKey meets requests and dictionary
     entries by key, a second one gathers the answers by line id. Output:
     ``(record, {key: value})`` with the keys found (missing keys are absent).
+    This is the one step of the job that shuffles records.
     """
 
     def __init__(self, request, label):
@@ -287,11 +358,229 @@ class KeyedLookup(beam.PTransform):
                 | "Reassemble" >> beam.FlatMap(_reassemble))
 
 
-class ComputeBinBoundaries(beam.PTransform):
-    """Equal-frequency bin edges per field from weighted approximate quantiles.
+class ParseAndJoin(beam.PTransform):
+    """One input glob -> records, dead letters and stats (apply to the pipeline).
 
-    Input: ((field, value), count) of the training split (per-bundle sums, any
-    multiplicity). Output: (field, edges) for the fields in ``num_bins``.
+    parse -> field map -> entity tables -> checks -> split in one fused ``LinesDoFn`` when the
+    dictionaries are side inputs; a dictionary joined by key adds a ``KeyedLookup`` and a
+    ``LinesDoFn`` after it.
+
+    Args:
+      plan: the job plan.
+      pattern: the input glob.
+      source_split: TRAIN/EVAL/VALID when the input file decides the split, None for a hash split.
+      field_map: for libfm input, the field map: a PCollection of (feature key, field) when it
+        is joined by key, else its ``pack``; None for libffm.
+      tables: per entity table, in ``plan.tables`` order, likewise: (key, ``table_row``) pairs
+        or their pack.
+
+    Returns (from ``expand``):
+      {"records": (split, [(labels, features)]) batches, "dead": tuple of (split, JSON)
+      PCollections, "stats": tuple of per-bundle stats PCollections}.
+    """
+
+    def __init__(self, plan: JobPlan, pattern: str, source_split=None, field_map=None, tables=()):
+        super().__init__()
+        self._plan = plan
+        self._pattern = pattern
+        self._source_split = source_split
+        self._field_map = field_map
+        self._table_pcs = tuple(tables)
+
+    def expand(self, pbegin):
+        plan, spec, field_map = self._plan, self._plan.spec, self._field_map
+        keyed_tables = [i for i, (*_, keyed) in enumerate(plan.tables) if keyed]
+        side_tables = [beam.pvalue.AsSingleton(pc) for pc, (*_, keyed) in zip(self._table_pcs, plan.tables)
+                       if not keyed]
+        table_modes_side = tuple(None if keyed else "side" for *_, keyed in plan.tables)
+        fm_mode = None if field_map is None else ("found" if plan.field_map_keyed else "side")
+
+        lines = pbegin | "Read" >> sources.ReadLineBatches(self._pattern)
+        side = [beam.pvalue.AsSingleton(field_map)] if fm_mode == "side" else []
+        tables_here = () if fm_mode == "found" else table_modes_side
+        if tables_here:
+            side += side_tables
+        outputs = [run_lines(lines, "Lines", LinesDoFn(
+            spec, self._source_split, parse=True, field_map="side" if fm_mode == "side" else None,
+            tables=tables_here, final=fm_mode != "found" and not keyed_tables), side)]
+        if fm_mode == "found":
+            found = (outputs[-1][PENDING], field_map) | "KeyedFieldMap" >> KeyedLookup(FeatureKeys(), "KeyedFieldMap")
+            outputs.append(run_lines(found, "LinesAfterFieldMap", LinesDoFn(
+                spec, parse=False, field_map="found", tables=table_modes_side, final=not keyed_tables), side_tables))
+        if keyed_tables:
+            entries = [self._table_pcs[i] | f"TableKey{i}" >> beam.Map(lambda kv, i: ((i, kv[0]), kv[1]), i)
+                       for i in keyed_tables]
+            table_dict = entries | "FlattenKeyedTables" >> beam.Flatten()
+            request = EntityKeys([(i, plan.tables[i][0].key_field) for i in keyed_tables])
+            found = (outputs[-1][PENDING], table_dict) | "KeyedTables" >> KeyedLookup(request, "KeyedTables")
+            modes = tuple("found" if i in keyed_tables else None for i in range(len(plan.tables)))
+            outputs.append(run_lines(found, "LinesAfterTables", LinesDoFn(spec, parse=False, tables=modes, final=True)))
+        return {"records": outputs[-1][RECORDS], "dead": tuple(o[DEAD] for o in outputs),
+                "stats": tuple(o[STATS] for o in outputs)}
+
+
+# ---------------------------------------------------------------- Statistics
+
+class SumFeaturesFn(beam.DoFn):
+    """Record batches -> per-bundle training sums, and the fields of every split.
+
+    Outputs: ``counts`` ((field, key), n) of categorical and numeric features of the training
+    split; ``values`` ((field, float32 value), n) of its binned and numeric features;
+    ``totals`` ((what, field), n): ``occurrences`` (training features of the field),
+    ``lines`` (training lines holding a multi-hot field) and ``seen`` (0, for every field of
+    any split). The feature tuples themselves are counted (``Counter.update``, a C loop) and
+    turned into counts and values when the bundle's sums are emitted; a key may come out more
+    than once (a categorical feature with several values, a flush), the combiners add them up.
+    """
+
+    def __init__(self, binned, numeric, multi_hot):
+        self._binned = frozenset(binned)
+        self._value_fields = frozenset(binned) | frozenset(numeric)
+        self._multi_hot = frozenset(multi_hot)
+
+    def start_bundle(self):
+        self._tuples, self._totals, self._seen = collections.Counter(), {}, set()
+
+    def process(self, element):
+        split, records = element
+        features = itertools.chain.from_iterable(f for _, f in records)
+        if split != feat.TRAIN:
+            self._seen.update(f[0] for f in features)
+            return
+        self._tuples.update(features)
+        if self._multi_hot:
+            for _, fs in records:
+                for field in {f[0] for f in fs if f[0] in self._multi_hot}:
+                    _add(self._totals, ("lines", field))
+        if len(self._tuples) >= _FLUSH_AT:  # bound the memory of huge bundles
+            yield from self._drain(lambda x: x)
+
+    def _drain(self, wrap):
+        # Streamed, not folded into dicts first: the combiners downstream merge equal keys.
+        totals = self._totals
+        value_fields, binned = self._value_fields, self._binned
+        for (field, key, value), n in self._tuples.items():
+            _add(totals, ("occurrences", field), n)
+            if field in value_fields:
+                yield beam.pvalue.TaggedOutput(VALUES, wrap(((field, to_float32(value)), n)))
+                if field in binned:
+                    continue
+            yield beam.pvalue.TaggedOutput(COUNTS, wrap(((field, key), n)))
+        for kv in totals.items():
+            yield beam.pvalue.TaggedOutput(TOTALS, wrap(kv))
+        self._tuples, self._totals = collections.Counter(), {}
+
+    def finish_bundle(self):
+        yield from self._drain(_windowed)
+        for field in self._seen:
+            yield beam.pvalue.TaggedOutput(TOTALS, _windowed((("seen", field), 0)))
+        self._seen = set()
+
+
+class _ValueSummaryFn(beam.CombineFn):
+    """(value, weight) of distinct values -> (total, min, max, the ``top`` heaviest as (w, v), heaviest first)."""
+
+    def __init__(self, top: int):
+        self._top = top
+
+    def create_accumulator(self):
+        return [0, float("inf"), float("-inf"), []]
+
+    def add_input(self, acc, vw):
+        v, w = vw
+        acc[0] += w
+        acc[1] = min(acc[1], v)
+        acc[2] = max(acc[2], v)
+        heap = acc[3]
+        if len(heap) < self._top:
+            heapq.heappush(heap, (w, v))
+        elif (w, v) > heap[0]:
+            heapq.heapreplace(heap, (w, v))
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = self.create_accumulator()
+        for a in accs:
+            out[0] += a[0]
+            out[1] = min(out[1], a[1])
+            out[2] = max(out[2], a[2])
+            out[3].extend(a[3])
+        out[3] = heapq.nlargest(self._top, out[3])
+        heapq.heapify(out[3])
+        return out
+
+    def extract_output(self, acc):
+        return acc[0], acc[1], acc[2], sorted(acc[3], reverse=True)
+
+
+def _quantile_fn(max_bins: int) -> ApproximateQuantilesCombineFn:
+    return ApproximateQuantilesCombineFn.create(num_quantiles=max_bins + 1, weighted=True)
+
+
+class _QuantileSketchFn(beam.CombineFn):
+    """(value, weight, gap) -> (Beam's weighted quantile state, gaps seen).
+
+    The state is Beam's ``ApproximateQuantilesCombineFn`` accumulator (Manku et al. 1998,
+    weighted); it is returned as such so that ``_edges`` can read ``m + 1`` quantiles for the
+    ``m`` it settles on.
+    """
+
+    def __init__(self, max_bins: int):
+        self._max_bins = max_bins
+        self._fn = _quantile_fn(max_bins)
+
+    def create_accumulator(self):
+        return self._fn.create_accumulator(), set()
+
+    def add_input(self, acc, vwg):
+        v, w, gap = vwg
+        self._fn.add_input(acc[0], (v, w))
+        acc[1].add(gap)
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return self._fn.merge_accumulators([a[0] for a in accs]), set().union(*(a[1] for a in accs))
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _heavy(summary, num_bins: int) -> list[float]:
+    """Values holding at least 1/num_bins of the rows, sorted."""
+    total, _, _, top = summary
+    return sorted(v for w, v in top if w * num_bins >= total)
+
+
+def _with_gap(kv, heavy):
+    """(field, (v, w)) -> [(field, (v, w, gap))] unless v is heavy; gap: heavy values below v."""
+    field, (v, w) = kv
+    h = heavy.get(field, ())
+    i = bisect.bisect_left(h, v)
+    if i < len(h) and h[i] == v:
+        return []
+    return [(field, (v, w, i))]
+
+
+def _edges(kv, num_bins: dict, max_bins: int, sketches: dict):
+    field, summary = kv
+    total, lo, hi, _ = summary
+    state, gaps = sketches.get(field, (None, set()))
+    cls, args = _quantile_fn(max_bins).__reduce__()
+
+    def quantiles(m):
+        return [] if state is None else cls(m + 1, *args[1:]).extract_output(state)
+
+    return field, feat.bin_edges(num_bins[field], lo, hi, _heavy(summary, num_bins[field]), gaps, quantiles)
+
+
+class ComputeBins(beam.PTransform):
+    """Bin edges that survive ties (``features.bin_edges``), from exact per-value training counts.
+
+    Input: ((field, float32 value), n), one element per distinct value. Output: (field, edges)
+    for the fields of ``num_bins``. A combiner finds each field's total and heaviest values; the
+    values that are not heavy (a side input of the few heavy ones filters them) go into Beam's
+    weighted approximate quantiles; one step per field assembles the edges.
     """
 
     def __init__(self, num_bins: dict[str, int]):
@@ -305,11 +594,11 @@ class ComputeBinBoundaries(beam.PTransform):
         max_bins = max(num_bins.values())
         weighted = values | "Weighted" >> beam.FlatMap(
             lambda kv: [(kv[0][0], (kv[0][1], kv[1]))] if kv[0][0] in num_bins else [])
-        quantiles = weighted | "Quantiles" >> beam.transforms.stats.ApproximateQuantiles.PerKey(
-            num_quantiles=max_bins + 1, weighted=True)
-        return quantiles | "Edges" >> beam.Map(
-            lambda kv: (kv[0], feat.boundaries_from_quantiles(feat.resample_quantiles(kv[1], num_bins[kv[0]]),
-                                                               num_bins[kv[0]])))
+        summary = weighted | "Summary" >> beam.CombinePerKey(_ValueSummaryFn(max_bins))
+        heavy = summary | "Heavy" >> beam.Map(lambda kv: (kv[0], _heavy(kv[1], num_bins[kv[0]])))
+        sketches = (weighted | "NotHeavy" >> beam.FlatMap(_with_gap, beam.pvalue.AsDict(heavy))
+                    | "Quantiles" >> beam.CombinePerKey(_QuantileSketchFn(max_bins)))
+        return summary | "Edges" >> beam.Map(_edges, num_bins, max_bins, beam.pvalue.AsDict(sketches))
 
 
 class _ValueStatsFn(beam.CombineFn):
@@ -330,22 +619,345 @@ class _ValueStatsFn(beam.CombineFn):
 
 
 class ValueStats(beam.PTransform):
-    """((field, value), count) -> (field, {count, mean, std, min, max})."""
+    """((field, value), count) -> (field, {count, mean, std, min, max}) of the transformed values.
+
+    ``transforms`` maps numeric fields to their ``transform`` (others: none).
+    """
+
+    def __init__(self, transforms: dict[str, str] | None = None):
+        super().__init__()
+        self._transforms = dict(transforms or {})
 
     def expand(self, values):
-        return (values | "ByField" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
+        transforms = self._transforms
+        return (values | "Transformed" >> beam.Map(
+                    lambda kv: (kv[0][0], (transform_value(kv[0][1], transforms.get(kv[0][0], "none")), kv[1])))
                 | "Stats" >> beam.CombinePerKey(_ValueStatsFn()))
 
 
+def _bin_count(kv, binned, base_bounds, bounds):
+    """((field, value), n) of a binned field -> [((field, bin key), n)]."""
+    (field, value), n = kv
+    if field not in binned:
+        return []
+    edges = base_bounds.get(field, bounds.get(field, ()))
+    return [((field, bin_key(bin_index(value, edges))), n)]
+
+
+def _has_row(kv, mode, min_counts, default, known):
+    """Whether a (feature, count) keeps (build, extend) or has (fixed, extend) a row of its own."""
+    if kv[0] in known:
+        return True
+    return mode != "fixed" and kv[1] >= min_counts.get(kv[0][0], default)
+
+
+def _write_text(path: str, text: str) -> None:
+    with FileSystems.create(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def _spec_dict(s) -> dict:
+    d = dataclasses.asdict(s)
+    if d["bin_boundaries"] is not None:
+        d["bin_boundaries"] = list(d["bin_boundaries"])
+    d["extra_ranges"] = [list(r) for r in d["extra_ranges"]]
+    return d
+
+
+def write_layout(layout: dict, out: str) -> int:
+    """vocabulary.tsv, _meta/fields.json and _meta/usage.json of a layout; returns the vocabulary size."""
+    with FileSystems.create(FileSystems.join(out, VOCAB_FILENAME)) as f:
+        lines = write_vocabulary_lines(layout["vocab"])
+        for chunk in iter(lambda: "".join(f"{line}\n" for line in itertools.islice(lines, 10000)), ""):
+            f.write(chunk.encode("utf-8"))
+    _write_text(FileSystems.join(out, META, "fields.json"), json.dumps([_spec_dict(s) for s in layout["specs"]]))
+    _write_text(FileSystems.join(out, META, "usage.json"), json.dumps(layout["usage"], sort_keys=True))
+    return len(layout["vocab"])
+
+
+class Statistics(beam.PTransform):
+    """Record batches (a tuple of PCollections) -> the vocabulary, bins and value statistics.
+
+    The first PCollection holds the training input's records (train, and the eval/valid lines
+    hashed off it); the others (eval/valid inputs) only add the fields they show. Per-bundle
+    sums (``SumFeaturesFn``) of the training input feed combiners that Beam lifts into that
+    input's stage: counts per feature, counts per distinct value (-> ``ComputeBins``,
+    ``ValueStats``, bin counts), per-field totals (occurrences, lines of multi-hot fields,
+    fields seen). The features that keep a row reach one worker, which builds the layout
+    (``plan.make_layout``) and writes ``vocabulary.tsv`` and ``_meta/{fields,usage}.json``.
+    Records do not wait for any of it.
+
+    Returns (from ``expand``): the layout, one dict {"specs", "vocab", "usage"}.
+    """
+
+    def __init__(self, plan: JobPlan, out: str):
+        super().__init__()
+        self._plan = plan
+        self._out = out
+
+    def expand(self, records):
+        plan = self._plan
+        p = records[0].pipeline
+        sums = [r | f"SumFeatures{i}" >> beam.ParDo(SumFeaturesFn(plan.binned, plan.numeric, plan.spec.multi_hot))
+                .with_outputs(COUNTS, VALUES, TOTALS) for i, r in enumerate(records)]
+        # Only sums[0] counts training features: its counts and values need no Flatten, which would
+        # make the runner buffer them before the combiner.
+        totals = [s[TOTALS] for s in sums] | "Totals" >> beam.Flatten() | "SumTotals" >> beam.CombinePerKey(sum)
+        side = {"totals": beam.pvalue.AsDict(totals)}  # side inputs of the layout step
+        if plan.binned or plan.numeric:
+            values = sums[0][VALUES] | "SumValues" >> beam.CombinePerKey(sum)
+            bounds = values | "Bins" >> ComputeBins(plan.num_bins)
+            side["bounds"] = beam.pvalue.AsDict(bounds)
+            side["stats"] = beam.pvalue.AsDict(values | "ValueStats" >> ValueStats(plan.transforms))
+            if plan.binned:
+                side["bin_counts"] = beam.pvalue.AsDict(
+                    values | "BinCounts" >> beam.FlatMap(_bin_count, plan.binned, plan.base_bounds,
+                                                         beam.pvalue.AsDict(bounds))
+                    | "SumBinCounts" >> beam.CombinePerKey(sum))
+        known = {}
+        if plan.mode != "build":
+            base_vocab = (p | "ReadBaseVocabulary" >> beam.io.ReadFromText(plan.base_vocabulary, skip_header_lines=1)
+                          | "ParseBaseVocabulary" >> beam.Map(parse_vocabulary_line))
+            side["base_vocab"] = beam.pvalue.AsList(base_vocab)
+            known = beam.pvalue.AsDict(base_vocab | "BaseKeys" >> beam.Map(lambda e: ((e.field, e.key), None)))
+        # Only features with a row reach the one worker that builds the layout; when extending,
+        # those already in the base vocabulary too (their counts add up).
+        kept = (sums[0][COUNTS] | "SumCounts" >> beam.CombinePerKey(sum)
+                | "HasRow" >> beam.Filter(_has_row, plan.mode, plan.min_counts, plan.default_min_count, known))
+        layout = kept | "GatherCounts" >> Gather() | "Layout" >> beam.Map(_layout, plan, **side)
+        _ = layout | "WriteLayout" >> beam.Map(write_layout, self._out)
+        return layout
+
+
+def _layout(kept, plan, totals, bounds=None, stats=None, base_vocab=(), bin_counts=None):
+    """``make_layout`` of the gathered features, with the bins that keep a row added."""
+    known = {(e.field, e.key): None for e in base_vocab}
+    kept = kept + [kv for kv in (bin_counts or {}).items()
+                   if _has_row(kv, plan.mode, plan.min_counts, plan.default_min_count, known)]
+    seen = {f for _, f in totals}  # occurrences (training) or seen (any split)
+    return make_layout(kept, plan, bounds or {}, stats or {}, seen, base_vocab, totals)
+
+
+# ---------------------------------------------------------------- writing
+
+class GzipWriter:
+    """A gzip file at ``GZIP_LEVEL`` on any Beam filesystem (Beam's own gzip writer uses level 6)."""
+
+    def __init__(self, path: str):
+        self._file = FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
+        self._zip = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+
+    def write(self, data: bytes) -> None:
+        out = self._zip.compress(data)
+        if out:
+            self._file.write(out)
+
+    def close(self) -> None:
+        self._file.write(self._zip.flush())
+        self._file.close()
+
+
+class _ShardWriterFn(beam.DoFn):
+    """Record batches -> gzip TFRecord files: each bundle deals its records round-robin to
+    ``num_shards`` open files per split, under temporary names.
+
+    Outputs: main (split, temporary path) per file, at the end of the bundle; ``stats`` per
+    bundle: written, positives per label, most features and most repeated fields in a record.
+    """
+
+    def __init__(self, tmp_dir: str, num_shards: int, label_names, keys, multi_hot: bool):
+        self._tmp = tmp_dir
+        self._shards = num_shards
+        self._labels = tuple(label_names)
+        self._keys = keys
+        self._multi_hot = multi_hot
+
+    def setup(self):
+        self._encoder = feat.RecordEncoder(self._labels, self._keys)
+
+    def start_bundle(self):
+        self._files = {}  # split -> [(path, open file)]
+        self._next = {}
+        self._stats = {}
+
+    def _open(self, split):
+        stamp = uuid.uuid4().hex
+        files = []
+        for i in range(self._shards):
+            path = FileSystems.join(self._tmp, f"{SPLIT_NAMES[split]}-{stamp}-{i:05d}{SHARD_SUFFIX}")
+            files.append((path, GzipWriter(path)))
+        self._files[split] = files
+        self._next[split] = 0
+        return files
+
+    def process(self, element):
+        split, records = element
+        files = self._files.get(split) or self._open(split)
+        n = self._shards
+        parts = [[] for _ in range(n)]
+        i = self._next[split]
+        name = SPLIT_NAMES[split]
+        stats = self._stats
+        positives = [0.0] * len(self._labels)
+        most = stats.get(f"{name}.max_features", 0)
+        repeats = stats.get(f"{name}.max_repeats", 0)
+        encode, frame = self._encoder.encode, tfrecord.frame
+        for labels, features in records:
+            parts[i].append(frame(encode(labels, features)))
+            i = i + 1 if i + 1 < n else 0
+            for j, v in enumerate(labels):
+                positives[j] += v
+            nf = len(features)
+            if nf > most:
+                most = nf
+            if self._multi_hot and nf - 1 > repeats:
+                repeats = max(repeats, nf - len({f[0] for f in features}))
+        self._next[split] = i
+        for (_, f), part in zip(files, parts):
+            if part:
+                f.write(b"".join(part))
+        _add(stats, f"{name}.written", len(records))
+        for j, v in enumerate(positives):
+            _add(stats, f"{name}.positives.{j}", v)
+        stats[f"{name}.max_features"] = most
+        stats[f"{name}.max_repeats"] = repeats
+
+    def finish_bundle(self):
+        for split, files in self._files.items():
+            for path, f in files:
+                f.close()
+                yield _windowed((split, path))
+        self._files = {}
+        if self._stats:
+            yield beam.pvalue.TaggedOutput(STATS, _windowed(self._stats))
+
+
+class _DeadLetterWriterFn(beam.DoFn):
+    """(split, JSON) -> one JSON-lines file per split and bundle, under a temporary name."""
+
+    def __init__(self, tmp_dir: str):
+        self._tmp = tmp_dir
+
+    def start_bundle(self):
+        self._files = {}
+
+    def process(self, element):
+        split, line = element
+        entry = self._files.get(split)
+        if entry is None:
+            path = FileSystems.join(self._tmp, f"{SPLIT_NAMES[split]}-{uuid.uuid4().hex}{DEAD_SUFFIX}")
+            entry = self._files[split] = (path, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED))
+        entry[1].write(line.encode("utf-8") + b"\n")
+
+    def finish_bundle(self):
+        for split, (path, f) in self._files.items():
+            f.close()
+            yield _windowed((split, path))
+        self._files = {}
+
+
+def finalize_files(written, out: str, tmp_dir: str, splits, path_of, empty_files: int, gzip: bool) -> list[str]:
+    """Renames the temporary files of every split to their final names; runs once, on one worker.
+
+    Args:
+      written: (split id, temporary path) of every file the writers finished.
+      out: the output directory.
+      tmp_dir: the writers' temporary directory, deleted at the end (with what failed
+        attempts left there).
+      splits: names of the splits the job writes.
+      path_of: ``(out, split, index, total) -> final path``.
+      empty_files: empty files written for a split that got no file (so every split exists).
+      gzip: the files are gzip-compressed (empty ones too).
+
+    Returns:
+      The final paths, sorted.
+    """
+    by_split = {name: [] for name in splits}
+    for split, path in written:
+        by_split[SPLIT_NAMES[split]].append(path)
+    src, dst, final = [], [], []
+    for name, paths in by_split.items():
+        paths.sort()
+        if not paths:
+            for i in range(empty_files):
+                path = path_of(out, name, i, empty_files)
+                (GzipWriter(path) if gzip else FileSystems.create(path)).close()
+                final.append(path)
+            continue
+        for i, path in enumerate(paths):
+            src.append(path)
+            dst.append(path_of(out, name, i, len(paths)))
+    for d in {p.rsplit("/", 1)[0] for p in dst}:
+        if not FileSystems.exists(d):
+            FileSystems.mkdirs(d)
+    # A retried step finds some files renamed already.
+    todo = [(a, b) for a, b in zip(src, dst) if FileSystems.exists(a) or not FileSystems.exists(b)]
+    if todo:
+        FileSystems.rename([a for a, _ in todo], [b for _, b in todo])
+    if FileSystems.exists(tmp_dir):
+        FileSystems.delete([tmp_dir])
+    return sorted(final + dst)
+
+
+class WriteRecords(beam.PTransform):
+    """Record batches (a tuple of PCollections) -> ``<split>/part-SSSSS-of-NNNNN.tfrecord.gz``.
+
+    ``_ShardWriterFn`` writes while the records stream; then one step sees only the list of
+    file names and renames them (``finalize_files``): with one bundle per split, as on the
+    DirectRunner here, a split gets exactly ``num_shards`` files. Returns (from ``expand``)
+    {"files": the final paths (one list), "stats": per-bundle stats}.
+    """
+
+    def __init__(self, out: str, splits, num_shards: int, label_names, keys, multi_hot: bool = False):
+        super().__init__()
+        self._out = out
+        self._splits = tuple(splits)
+        self._shards = num_shards
+        self._labels = tuple(label_names)
+        self._keys = keys
+        self._multi_hot = multi_hot
+
+    def expand(self, records):
+        tmp = FileSystems.join(self._out, f"{TMP}-records")
+        written = [r | f"Write{i}" >> beam.ParDo(_ShardWriterFn(tmp, self._shards, self._labels, self._keys,
+                                                               self._multi_hot)).with_outputs(STATS, main="files")
+                   for i, r in enumerate(records)]
+        files = ([w.files for w in written] | "FlattenFiles" >> beam.Flatten()
+                 | "FileList" >> Gather()
+                 | "Finalize" >> beam.Map(finalize_files, self._out, tmp, self._splits, shard_path, self._shards, True))
+        return {"files": files, "stats": [w[STATS] for w in written] | "FlattenStats" >> beam.Flatten()}
+
+
+class WriteDeadLetters(beam.PTransform):
+    """(split, JSON) dead letters (a tuple of PCollections) -> ``dead_letter/<split>-SSSSS-of-NNNNN.jsonl``.
+
+    Same scheme as ``WriteRecords``: one file per split and bundle, renamed at the end; a split
+    without dead letters gets one empty file. Returns the final paths (one list).
+    """
+
+    def __init__(self, out: str, splits):
+        super().__init__()
+        self._out = out
+        self._splits = tuple(splits)
+
+    def expand(self, dead):
+        tmp = FileSystems.join(self._out, f"{TMP}-dead_letter")
+        files = [d | f"Write{i}" >> beam.ParDo(_DeadLetterWriterFn(tmp)) for i, d in enumerate(dead)]
+        return (files | "FlattenFiles" >> beam.Flatten() | "FileList" >> Gather()
+                | "Finalize" >> beam.Map(finalize_files, self._out, tmp, self._splits, dead_letter_path, 1, False))
+
+
+# ---------------------------------------------------------------- Report
+
 class MergeStats(beam.CombineFn):
-    """Per-bundle stats dicts -> one dict (``*.max_features`` by max, the rest summed)."""
+    """Per-bundle stats dicts -> one dict (``*.max_*`` by max, the rest summed)."""
 
     def create_accumulator(self):
         return {}
 
     def add_input(self, acc, d):
         for k, v in d.items():
-            acc[k] = max(acc.get(k, 0), v) if k.endswith(".max_features") else acc.get(k, 0) + v
+            acc[k] = max(acc.get(k, 0), v) if ".max_" in k else acc.get(k, 0) + v
         return acc
 
     def merge_accumulators(self, accs):
@@ -356,111 +968,6 @@ class MergeStats(beam.CombineFn):
 
     def extract_output(self, acc):
         return acc
-
-
-class ExamplesDoFn(beam.DoFn):
-    """Pass 2: batches of records -> framed `tf.train.Example`s through the vocabulary (a side input).
-
-    Outputs ``((split name, shard), blob)``: one blob of concatenated
-    TFRecords per batch, dealt to the shards round-robin from a random shard
-    per bundle; ``dead`` (a field the schema does not have) and per bundle
-    ``stats`` (written, positives per label, max features).
-    """
-
-    def __init__(self, split: int, label_names, keys, fill_missing: bool, num_shards: int):
-        self._split = split
-        self._name = SPLIT_NAMES[split]
-        self._labels = tuple(label_names)
-        self._keys = keys
-        self._fill = fill_missing
-        self._shards = num_shards
-
-    def setup(self):
-        self._encoder = tfrecord.ExampleEncoder(self._labels, self._keys)
-
-    def start_bundle(self):
-        self._stats = {}
-        self._max = 0
-        self._positives = [0.0] * len(self._labels)
-        self._shard = random.randrange(self._shards)
-
-    def process(self, batch, layout):
-        out = []
-        positives, encode, frame = self._positives, self._encoder.encode, tfrecord.frame
-        for raw, labels, features in batch:
-            try:
-                hashes, vals, fhs = feat.record_lists(features, layout["fields"])
-            except ParseError as e:
-                _add(self._stats, f"{self._name}.dead_lettered")
-                _add(self._stats, f"{self._name}.dead.{e.reason}")
-                yield beam.pvalue.TaggedOutput(DEAD, (self._split, dead_letter(self._name, raw, e.reason, e.detail)))
-                continue
-            if len(hashes) > self._max:
-                self._max = len(hashes)
-            for i, v in enumerate(labels):
-                positives[i] += v
-            out.append(frame(encode(hashes, vals, fhs, labels)))
-        if out:
-            _add(self._stats, f"{self._name}.written", len(out))
-            self._shard = (self._shard + 1) % self._shards
-            yield (self._name, self._shard), b"".join(out)
-
-    def finish_bundle(self):
-        stats = self._stats
-        if stats:
-            stats[f"{self._name}.max_features"] = self._max
-            for i, v in enumerate(self._positives):
-                stats[f"{self._name}.positives.{i}"] = v
-            yield beam.pvalue.TaggedOutput(STATS, GlobalWindows.windowed_value(stats))
-
-
-def to_examples(records, label, split, cfg, layout, keys):
-    """Applies ``ExamplesDoFn`` with the lookup layout as a singleton side input."""
-    return records | label >> beam.ParDo(
-        ExamplesDoFn(split, cfg.labels, keys, cfg.fill_missing, cfg.num_shards),
-        beam.pvalue.AsSingleton(layout)).with_outputs(DEAD, STATS, main="examples")
-
-
-class _WriteFileFn(beam.DoFn):
-    def __init__(self, files):
-        self._files = files
-
-    def process(self, kv):
-        from apache_beam.io.filesystem import CompressionTypes
-        from apache_beam.io.filesystems import FileSystems
-
-        key, parts = kv
-        path, gzip, lines = self._files[key]
-        # Written under a temporary name and renamed: a retried or crashed
-        # attempt never leaves a partial file under the final name.
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        compression = CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED
-        with FileSystems.create(tmp, compression_type=compression) as f:
-            for part in parts:
-                if part is None:  # the seed that makes every file exist
-                    continue
-                f.write(part.encode("utf-8") + b"\n" if lines else part)
-        FileSystems.rename([tmp], [path])
-        yield path
-
-
-class WriteFiles(beam.PTransform):
-    """``(file key, part)`` -> one file per key of ``files``, all through one GroupByKey.
-
-    ``files`` maps a key to ``(path, gzip, lines)``: the parts of a key are
-    written to ``path``, gzip-compressed or not, as raw bytes or as text lines.
-    Every key gets its file, empty if no part arrived (a seed ``None`` per
-    key), as Beam's file sinks do for a fixed number of shards.
-    """
-
-    def __init__(self, files: dict):
-        super().__init__()
-        self._files = dict(files)
-
-    def expand(self, parts):
-        seeds = parts.pipeline | "Seeds" >> beam.Create([(k, None) for k in self._files])
-        return ((parts, seeds) | "WithSeeds" >> beam.Flatten() | "ByFile" >> beam.GroupByKey()
-                | "Write" >> beam.ParDo(_WriteFileFn(self._files)))
 
 
 class PublishCounters(beam.DoFn):
@@ -474,6 +981,25 @@ class PublishCounters(beam.DoFn):
 
     def process(self, stats):
         for name, value in sorted(stats.items()):
-            if not name.endswith(".max_features"):
+            if ".max_" not in name:
                 Metrics.counter(NAMESPACE, name).inc(int(value))
         yield stats
+
+
+def _write_stats(stats, out):
+    _write_text(FileSystems.join(out, META, "stats.json"), json.dumps(stats, sort_keys=True))
+    return stats
+
+
+class Report(beam.PTransform):
+    """Per-bundle stats (a tuple of PCollections) -> ``_meta/stats.json`` and Beam counters."""
+
+    def __init__(self, out: str):
+        super().__init__()
+        self._out = out
+
+    def expand(self, stats):
+        return (stats | "FlattenStats" >> beam.Flatten()
+                | "MergeStats" >> beam.CombineGlobally(MergeStats())
+                | "WriteStats" >> beam.Map(_write_stats, self._out)
+                | "PublishCounters" >> beam.ParDo(PublishCounters()))

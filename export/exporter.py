@@ -155,8 +155,8 @@ def eval_examples(schema: Schema, n: int) -> list[bytes]:
     files = []
     for pattern in schema.split_files("eval"):
         files.extend(sorted(tf.io.gfile.glob(pattern)))
-    ds = tf.data.TFRecordDataset(files, compression_type=schema.compression or None).take(n)
-    return [r.numpy() for r in ds]
+    ds = tf.data.TFRecordDataset(files, compression_type=schema.compression or None).take(n).batch(4096)
+    return [r for batch in ds for r in batch.numpy().tolist()]
 
 
 def _reference_metrics(path: str, schema: Schema) -> dict:

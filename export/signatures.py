@@ -100,16 +100,25 @@ class ServingModule(tf.Module):
         self._fusion = fusion
         self.featurizer = Featurizer(schema, raw_examples=True,
                                      extra_features=(fusion.bid_feature,) if fusion else ())
+        # The model traced once; every signature calls this one function after its own front end
+        # (tracing the model per signature made saving several times slower).
+        sparse = {"ids": tf.SparseTensorSpec([None, None], tf.int64),
+                  "values": tf.SparseTensorSpec([None, None], tf.float32),
+                  "fields": tf.SparseTensorSpec([None, None], tf.int64)}
+        self._model_fn = tf.function(self._forward, input_signature=[sparse], autograph=False)
 
-    def run(self, features: dict) -> dict:
+    def _forward(self, features: dict) -> dict:
         out = self.model(features, training=False)
         return {t: out[t] for t in self.outputs}
+
+    def run(self, features: dict) -> dict:
+        return self._model_fn(features)
 
     def _fuse(self, out: dict, bid) -> dict:
         f = self._fusion
         return {**out, FUSION_OUTPUT: fusion_score(out[f.ctr_output], out[f.cvr_output], bid, f.a, f.b)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_examples(self, examples):
         out = self.run(self.featurizer.from_examples(examples))
         if self._fusion is None:
@@ -119,7 +128,7 @@ class ServingModule(tf.Module):
         with tf.control_dependencies([_require_bids(has, name, "serving_default: request Examples")]):
             return self._fuse(out, tf.identity(bid))
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name=CONTEXT_INPUT),
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.string, name=CONTEXT_INPUT),
                                   tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def rank(self, context, examples):
         out = self.run(self.featurizer.from_context(context, examples))
@@ -132,7 +141,7 @@ class ServingModule(tf.Module):
         with tf.control_dependencies([_require_bids(has_any, name, "rank: candidates (and the context)")]):
             return self._fuse(out, tf.where(has, bid, ctx_bid[0]))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_hashed(self, examples):
         k = self._keys
         parsed = tf.io.parse_example(examples, {k.hashes: tf.io.VarLenFeature(tf.int64),
@@ -140,7 +149,7 @@ class ServingModule(tf.Module):
                                                 k.field_hashes: tf.io.VarLenFeature(tf.int64)})
         return self.run(self.featurizer.from_records(parsed[k.hashes], parsed[k.values], parsed[k.field_hashes]))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int64, name=IDS_INPUT),
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, None], tf.int64, name=IDS_INPUT),
                                   tf.TensorSpec([None, None], tf.float32, name=VALUES_INPUT),
                                   tf.TensorSpec([None, None], tf.int64, name=FIELDS_INPUT)])
     def serve_ids(self, ids, values, fields):
@@ -155,15 +164,15 @@ class ServingModule(tf.Module):
         return self.run(self.featurizer.from_field_ids(*sparse))
 
     def _primary(self, examples):
-        return self.run(self.featurizer.from_examples(examples))[self.outputs[0]]
+        return self.serve_examples(examples)[self.outputs[0]]
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS)])
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS)])
     def classify(self, inputs):
         p = self._primary(inputs)
         classes = tf.tile(tf.constant([list(protocol.CLASS_LABELS)]), [tf.shape(p)[0], 1])
         return {CLASSIFY_SCORES: tf.stack([1.0 - p, p], axis=1), CLASSIFY_CLASSES: classes}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=REGRESS_INPUTS)])
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=REGRESS_INPUTS)])
     def regress(self, inputs):
         return {REGRESS_OUTPUTS: self._primary(inputs)}
 

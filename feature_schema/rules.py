@@ -11,9 +11,11 @@ The ETL uses these to count and describe what it writes; the featurization layer
 * **Bins.** ``bin_index(v, edges)`` is the number of edges ``<= v``: bin ``i`` holds
   ``edges[i-1] <= v < edges[i]`` (lower edge inclusive, upper exclusive); bin 0 holds everything
   below the first edge and bin ``len(edges)`` everything from the last edge up. Edges are strictly
-  increasing. A value that carries a large share of a field's rows (0 in a zero-inflated field)
-  gets a bin of its own, ``[v, singleton_edge(v))``, which holds no other float32 number. Edges
-  are float32 numbers, never subnormal. Bin ``i`` is the vocabulary feature ``bin_key(i)``.
+  increasing float32 numbers, never subnormal. A value that carries at least ``1/num_bins`` of a
+  field's training rows (0 in a zero-inflated field) gets a bin of its own,
+  ``[v, singleton_edge(v))``, which holds no other float32 number; the rest of the rows is split
+  into roughly equal-frequency bins, ``num_bins`` bins in all (``etl.features.bin_edges``). Bin
+  ``i`` is the vocabulary feature ``bin_key(i)``.
 * **Scaling.** A ``numeric`` field's value becomes ``(t(v) - mean) / std`` with ``t`` its
   ``transform`` (``none``: identity; ``log1p``: ``sign(v) * log(1 + |v|)``, for heavy tails), and
   mean and std of ``t(v)`` over the training split (``FieldSpec.value_stats``; std 0 counts as 1).

@@ -4,9 +4,10 @@ Feature rows live in one global index space. Field ``f`` owns the contiguous row
 ``[offset, offset + vocab_size)``; row ``offset`` is the field's *rare* id, which
 stands for features seen fewer than ``min_count`` times in training, for
 features never seen, and for a field missing from an example. Trainer layers
-size their tables from ``num_features`` and ``num_fields``; the exporter builds
-the in-graph lookup (stable hash -> row, unknown -> rare id) from the
-vocabulary file named here. Nothing downstream hard-codes any of it.
+size their tables from ``num_features`` and ``num_fields``; the featurization
+layer builds the in-graph lookup (stable hash -> row, unknown -> rare id) from
+the vocabulary file named here. The ETL's records (version 2) hold hashes and
+raw values only (``ExampleKeys``). Nothing downstream hard-codes any of it.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class ExampleKeys:
         numeric), aligned with ``hashes``.
       field_hashes: int64 list, ``field_hash(field)`` of each feature's field, aligned with ``hashes``.
       weight: optional float, the sample weight (1.0 when absent).
+    Labels are float features named by ``Schema.labels``.
     """
 
     hashes: str = "feat_hashes"
@@ -156,12 +158,14 @@ class Schema:
       fields: all fields, ordered by id.
       labels: all labels, in the order of the input lines.
       num_features: total rows of the global vocabulary (sum of vocab sizes).
-      max_features_per_example: largest number of features in one example.
+      max_features_per_example: largest number of features in one example after the
+        featurization layer added the rows of missing fields (``fill_missing``).
       example_keys: names of the `tf.train.Example` features.
       hash_function: how feature hashes were computed (see ``hashing``).
       vocabulary_path: vocabulary TSV, relative to the schema's directory.
-      splits: split name -> {"files": [glob relative to the schema dir], "examples": n}.
-      counts: split name -> {"read", "written", "dead_lettered"} line counts.
+      splits: split name (``train``, ``eval``, and ``valid`` when the ETL made one) ->
+        {"files": [glob relative to the schema dir], "examples": n}.
+      counts: split name -> {"read", "written", "dead_lettered", "dead_letter_reasons"} line counts.
       sources: input files and dictionaries the job read.
       compression: compression of the TFRecord shards (``GZIP``).
       format: input format the ETL parsed (``libfm`` or ``libffm``).
@@ -313,9 +317,9 @@ def load_schema(path: str) -> Schema:
         return Schema.from_json_dict(json.load(f), base_dir=os.path.dirname(os.path.abspath(path)))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class VocabEntry:
-    """One vocabulary row: a feature that kept its own id."""
+    """One vocabulary row: a feature that kept its own id (slots: vocabularies have millions of rows)."""
 
     field: str
     key: str

@@ -28,6 +28,8 @@ from feature_schema import rules
 from featurization import raw
 
 CATEGORICAL, BINNED, NUMERIC = 0, 1, 2
+# Straight-line TF code: AutoGraph's conversion only costs tracing time (most of an export's save).
+_no_autograph = tf.autograph.experimental.do_not_convert
 _KINDS = {"categorical": CATEGORICAL, "binned": BINNED, "numeric": NUMERIC}
 
 
@@ -78,6 +80,7 @@ class Featurizer(tf.Module):
 
     # ------------------------------------------------------------------ front ends
 
+    @_no_autograph
     def from_examples(self, serialized: tf.Tensor) -> dict:
         """Featurizes serialized raw tf.Examples ``[batch]`` (``featurization.raw``'s contract).
 
@@ -89,6 +92,7 @@ class Featurizer(tf.Module):
         e = e.gather(order)
         return self.featurize(indices, shape, e.hashes, e.values, e.fids)
 
+    @_no_autograph
     def from_context(self, context: tf.Tensor, examples: tf.Tensor) -> dict:
         """Featurizes N candidates that share one context Example (TF Ranking's ExampleListWithContext).
 
@@ -119,6 +123,7 @@ class Featurizer(tf.Module):
                   for a, b in ((rows, ctx_rows), (values, ctx_values), (cand.fids, ctx.fids))]
         return self.assemble(indices, shape, *merged)
 
+    @_no_autograph
     def from_records(self, hashes: tf.SparseTensor, values: tf.SparseTensor,
                      field_hashes: tf.SparseTensor) -> dict:
         """Featurizes the ETL's hashed records (parsed ``feat_hashes``, ``feat_vals``, ``feat_field_hashes``).
@@ -134,6 +139,7 @@ class Featurizer(tf.Module):
             fids = tf.identity(fids)
         return self.featurize(hashes.indices, hashes.dense_shape, hashes.values, values.values, fids)
 
+    @_no_autograph
     def from_field_ids(self, hashes: tf.SparseTensor, values: tf.SparseTensor,
                        field_ids: tf.SparseTensor) -> dict:
         """Featurizes hashed features whose fields are given as schema field ids."""
@@ -141,6 +147,7 @@ class Featurizer(tf.Module):
 
     # ------------------------------------------------------------------ the rules
 
+    @_no_autograph
     def featurize(self, indices, dense_shape, hashes, values, fids) -> dict:
         """The whole mapping on flat features.
 

@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from trainer import metrics
+from feature_schema import metrics
 
 LOG_FIELDS = ("user", "item", "position", "hour", "device", "query")
 ITEM_FIELDS = ("category", "brand", "price")

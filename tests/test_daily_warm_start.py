@@ -18,12 +18,11 @@ import tensorflow as tf
 
 from etl import pipeline
 from export import exporter
-from feature_schema import feature_hash, load_schema
+from feature_schema import feature_hash, load_schema, metrics
 from generator.clicklog import GeneratorConfig
 from generator.daily import generate_days
 from tests.conftest import generated_etl_config
 from trainer import config as config_lib
-from trainer import metrics
 from trainer import train as trainer_lib
 
 DAYS = GeneratorConfig(n_train=30_000, n_eval=8_000, n_users=400, n_items=300, n_queries=80, n_categories=12,

@@ -48,7 +48,7 @@ def test_local_cluster_shards_tables_and_exports_an_ordinary_savedmodel(tiny_etl
     # the best epoch's (its eval logloss is the best one the stopper recorded).
     state = json.load(open(os.path.join(run_dir, "best", "state.json")))
     assert state["last_epoch"] == 2 and state["best_epoch"] in (1, 2)
-    assert len(re.findall(r"distributed: epoch \d eval logloss", out)) == 2
+    assert len(re.findall(r"distributed: epoch \d/2 - [\d,]+ examples/s .* - eval click AUC", out)) == 2
     assert abs(json.load(open(os.path.join(run_dir, "metrics.json")))["click"]["logloss"] - state["best"]) < 1e-6
     schema = load_schema(tiny_etl)
     # MinSizePartitioner split each table across the 2 parameter servers, rows adding up to the vocabulary.
@@ -143,3 +143,45 @@ def test_warm_start_on_the_cluster_carries_yesterdays_weights(tiny_etl, tmp_path
     assert "warm start" in out
     today = json.load(open(os.path.join(run_dir, "metrics.json")))["click"]
     assert abs(today["auc"] - yesterday["auc"]) < 1e-6 and abs(today["logloss"] - yesterday["logloss"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_pos_weight_and_task_condition_change_the_cluster_as_they_change_one_process(tiny_etl, tmp_path):
+    """The cluster trains on the single-process loss with its per-task weights and reports the same
+    metrics (``given_click`` included). Expected by hand: positives weighted x4 scale a calibrated model's odds by 4, so
+    the click calibration moves from ~1 to at most 4 / (1 + 3 r) (r = train CTR; the mean of the
+    concave 4p / (1 + 3p) is below its value at the mean); conversion trained on clicked
+    impressions only predicts P(conversion | click), calibrated on clicks (``given_click``) and
+    about P(conversion | click) / P(conversion) over all impressions."""
+    base = ("--set", "model.tasks=[click,conversion]", "--set", "model.hidden_units=[32]",
+            "--set", "model.tower_units=[16]", "--set", "optimizer.learning_rate=0.01",
+            "--set", "data.batch_size=256", "--set", "train.report=false")
+    weighted = (*base, "--set", "train.pos_weight={click: 4.0}", "--set", "train.task_condition={conversion: click}")
+    runs = {}
+    for name, extra in (("plain", base), ("weighted", weighted)):
+        runs[f"single-{name}"] = _single(tiny_etl, str(tmp_path / f"single-{name}"), "mtl", 2, extra)
+        proc = _launch(tiny_etl, str(tmp_path / f"ps-{name}"), "mtl", 2, extra, workers=1, ps=1)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        runs[f"ps-{name}"] = json.load(open(os.path.join(tmp_path, f"ps-{name}", "metrics.json")))
+    labels = {lab.name: lab for lab in load_schema(tiny_etl).labels}
+    ctr = labels["click"].positive_rate
+    cvr_given_click = labels["conversion"].positives / labels["click"].positives
+    bound = 4 / (1 + 3 * ctr)
+    for where in ("single", "ps"):
+        plain, weighted_run = runs[f"{where}-plain"], runs[f"{where}-weighted"]
+        assert 0.8 < plain["click"]["calibration"] < 1.25, (where, plain["click"])
+        assert 0.75 * bound < weighted_run["click"]["calibration"] <= 1.1 * bound, (where, weighted_run["click"])
+        assert 0.6 < plain["conversion"]["calibration"] < 1.6 and "given_click" not in plain["conversion"]
+        conv = weighted_run["conversion"]
+        assert 0.75 < conv["given_click"]["calibration"] < 1.3, (where, conv)
+        assert conv["calibration"] > 0.5 * cvr_given_click / labels["conversion"].positive_rate, (where, conv)
+    # With one worker the cluster runs the single-process loop step for step (same seed, same
+    # files, one step at a time): the same metrics, with the weights and without.
+    for name in ("plain", "weighted"):
+        for task in ("click", "conversion"):
+            single, ps = runs[f"single-{name}"][task], runs[f"ps-{name}"][task]
+            assert ps["auc"] == pytest.approx(single["auc"], rel=1e-3), (name, task, ps, single)
+            assert ps["calibration"] == pytest.approx(single["calibration"], rel=1e-3), (name, task, ps, single)
+    assert runs["ps-weighted"]["conversion"]["given_click"]["auc"] == pytest.approx(
+        runs["single-weighted"]["conversion"]["given_click"]["auc"], rel=1e-3)

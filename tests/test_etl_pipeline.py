@@ -1,10 +1,13 @@
-"""Beam ETL on the DirectRunner: transforms with TestPipeline/assert_that and whole jobs."""
+"""Beam ETL on the DirectRunner: composite transforms with TestPipeline/assert_that, and whole jobs."""
 from __future__ import annotations
 
 import base64
 import glob
 import json
+import math
 import os
+import subprocess
+import sys
 
 import apache_beam as beam
 import pytest
@@ -12,9 +15,11 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from etl import parsing, pipeline, transforms
-from etl.config import EtlConfig, FieldConfig
-from feature_schema import feature_hash, field_hash, load_schema, read_vocabulary
+from etl import features as feat
+from etl import parsing, pipeline, plan as plan_lib, transforms
+from etl.config import EntityTableConfig, EtlConfig, FieldConfig
+from feature_schema import ExampleKeys, feature_hash, field_hash, load_schema, read_vocabulary
+from feature_schema.rules import bin_index, singleton_edge, to_float32
 
 
 def _reasons(records):
@@ -26,25 +31,24 @@ def _write(path, lines):
         f.write(b"\n".join(lines) + b"\n")
 
 
-def _read_examples(out, split):
+def _examples(out, split):
     files = sorted(glob.glob(os.path.join(out, split, "part-*.tfrecord.gz")))
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
     return [tf.train.Example.FromString(r.numpy()) for r in ds]
 
 
-def _ids(out, split):
-    """Sorted per-record tuples of vocabulary rows, as the featurization layer maps the records
-    (a record's own features in order, then its missing fields' rare rows)."""
-    from trainer import data
+def _feats(ex):
+    """(field hash, feature hash, value) of an example, in record order."""
+    f = ex.features.feature
+    return list(zip(f["feat_field_hashes"].int64_list.value, f["feat_hashes"].int64_list.value,
+                    f["feat_vals"].float_list.value))
 
-    out_rows = []
-    for features, _, _ in data.make_dataset(load_schema(out), split, 1024):
-        ids = features["ids"]
-        per = [[] for _ in range(int(ids.dense_shape[0]))]
-        for (b, _), r in zip(ids.indices.numpy(), ids.values.numpy()):
-            per[b].append(int(r))
-        out_rows.extend(tuple(p) for p in per)
-    return sorted(out_rows)
+
+def _named(out, split, names):
+    """Every record of a split as a sorted tuple of (field, key, value), keys resolved through ``names``
+    ({(field, key) for every feature the test may see}); sorted over records."""
+    by_hash = {(field_hash(f), feature_hash(f, k)): (f, k) for f, k in names}
+    return sorted(tuple(by_hash[(fh, h)] + (v,) for fh, h, v in _feats(ex)) for ex in _examples(out, split))
 
 
 def _dead(out, split):
@@ -58,131 +62,33 @@ def _run(cfg, options=None):
     return pipeline.write_schema(cfg)
 
 
+# ---------------------------------------------------------------- composite transforms
+
 def test_lines_dofn_routes_each_malformed_line_to_dead_letter():
     cfg = EtlConfig(input="unused", format="libffm", labels=("click", "conversion"), max_features=3,
                     strict_fields=True, fields=(FieldConfig("user"), FieldConfig("item")))
-    plan = pipeline.plan_job(cfg)
+    plan = plan_lib.plan_job(cfg)
     lines = [b"1,0 user:a:1 item:x:2", b"", b"1,0 user:a:1 \xff", b"x,0 user:a:1", b"1 user:a:1",
              b"1,0 user:a", b"1,0 user:a:nan", b"1,0 user:a:1 user:b:1", b"1,0 shop:s:1",
-             b"1,0 user:a:1 item:x:1 item:y:1 item:z:1", b"1,0", b"1,0 item:y:z", b"0,0 item:y:1"]
+             b"1,0 user:a:1 item:x:1 item:y:1 item:z:1", b"1,0", b"1,0 item:y:z", b"0,0 item:y:1e39",
+             b"0,0 item:y:1"]
     with TestPipeline() as p:
         out = transforms.run_lines(p | beam.Create([lines]), "Lines", transforms.LinesDoFn(plan.spec, source_split=0))
-        assert_that(out.train, equal_to([[(b"1,0 user:a:1 item:x:2", (1.0, 0.0), (("user", "a", 1.0), ("item", "x", 2.0))),
-                                          (b"0,0 item:y:1", (0.0, 0.0), (("item", "y", 1.0),))]]), label="good")
-        assert_that(out.dead | beam.combiners.ToList() | beam.Map(_reasons), equal_to([sorted([
+        assert_that(out[transforms.RECORDS], equal_to([(0, [((1.0, 0.0), (("user", "a", 1.0), ("item", "x", 2.0))),
+                                                            ((0.0, 0.0), (("item", "y", 1.0),))])]), label="good")
+        assert_that(out[transforms.DEAD] | beam.combiners.ToList() | beam.Map(_reasons), equal_to([sorted([
             parsing.EMPTY, parsing.NON_UTF8, parsing.BAD_LABEL, parsing.LABEL_COUNT, parsing.BAD_TOKEN,
             parsing.NON_FINITE, parsing.DUPLICATE_FIELD, parsing.UNKNOWN_FIELD, parsing.TOO_MANY_FEATURES,
-            parsing.NO_FEATURES, parsing.BAD_VALUE])]), label="dead")
-        # Per bundle sums of the training split: one element per distinct feature.
-        assert_that(out.counts, equal_to([(("user", "a"), 1), (("item", "x"), 1), (("item", "y"), 1)]), label="counts")
-        stats = out.stats | beam.CombineGlobally(transforms.MergeStats())
+            parsing.NO_FEATURES, parsing.BAD_VALUE, parsing.NON_FINITE])]), label="dead")
+        stats = out[transforms.STATS] | beam.CombineGlobally(transforms.MergeStats())
         assert_that(stats | beam.Map(lambda d: (d["input.read"], d["train.read"], d["train.dead_lettered"])),
-                    equal_to([(13, 13, 11)]), label="stats")
+                    equal_to([(14, 14, 12)]), label="stats")
 
 
 def test_dead_letter_keeps_exact_raw_bytes():
     rec = json.loads(transforms.dead_letter("train", b"1 a:\xff\n", "non_utf8", "x"))
     assert base64.b64decode(rec["line_b64"]) == b"1 a:\xff\n"
     assert rec["line"] == "1 a:\\xff" and rec["reason"] == "non_utf8" and rec["split"] == "train"
-
-
-def test_bins_and_value_stats_from_weighted_values():
-    # price 1..100 once each; "w" has 10 three times and 20 once.
-    values = [(("price", float(v)), 1) for v in range(1, 101)] + [(("w", 10.0), 3), (("w", 20.0), 1)]
-    with TestPipeline() as p:
-        pc = p | beam.Create(values)
-        bounds = pc | transforms.ComputeBinBoundaries({"price": 4, "w": 2})
-        stats = pc | transforms.ValueStats()
-        # Quartiles of 1..100: edges 25, 50, 75 (exact on this small input); w's median is 10 -> one edge.
-        assert_that(bounds, equal_to([("price", (25.0, 50.0, 75.0)), ("w", (10.0,))]), label="bounds")
-        # w: mean (3*10 + 20) / 4 = 12.5, variance (3 * 2.5**2 + 7.5**2) / 4 = 18.75.
-        assert_that(stats | beam.Filter(lambda kv: kv[0] == "w"),
-                    equal_to([("w", {"count": 4.0, "mean": 12.5, "std": 18.75 ** 0.5, "min": 10.0, "max": 20.0})]),
-                    label="stats")
-
-
-def test_keyed_lookup_joins_by_key():
-    pending = [("l1", (b"r1", 0, (1.0,), (("item", "i1", 1.0), ("item", "i2", 1.0)))),
-               ("l2", (b"r2", 1, (0.0,), (("item", "i3", 1.0),))),
-               ("l3", (b"r3", 0, (0.0,), (("item", "i1", 1.0),)))]
-    table = [((0, "i1"), "c1"), ((0, "i2"), "c2"), ((0, "i9"), "c9")]
-    with TestPipeline() as p:
-        found = ((p | "P" >> beam.Create(pending), p | "T" >> beam.Create(table))
-                 | transforms.KeyedLookup(transforms.EntityKeys([(0, "item")]), "Lookup"))
-        assert_that(found, equal_to([(pending[0][1], {(0, "i1"): "c1", (0, "i2"): "c2"}),
-                                     (pending[1][1], {}),  # i3 is not in the table
-                                     (pending[2][1], {(0, "i1"): "c1"})]))
-
-
-def test_rare_ids_vocabulary_and_sparse_examples_hand_derived(tmp_path):
-    train = tmp_path / "train.libffm"
-    evalf = tmp_path / "eval.libffm"
-    _write(train, [b"1 user:a:1 item:x:1", b"0 user:a:1 item:y:1", b"0 user:b:1 item:x:1",
-                   b"not a line", b"1 user:a:1 item:x:1", b"0 user:a:1"])
-    _write(evalf, [b"1 user:b:1 item:x:1", b"0 user:new:1 item:x:1"])
-    out = str(tmp_path / "out")
-    cfg = EtlConfig(input=str(train), eval_input=str(evalf), format="libffm", out=out, min_count=2,
-                    num_shards=1, fields=(FieldConfig("user"), FieldConfig("item")))
-    schema = _run(cfg)
-    # user: a (4x) kept, b (1x) rare; item: x (3x) kept, y (1x) rare. Rows: user rare 0, a 1; item rare 2, x 3.
-    assert [(f.name, f.offset, f.vocab_size) for f in schema.fields] == [("user", 0, 2), ("item", 2, 2)]
-    assert schema.num_features == 4 and schema.vocabulary_mode == "build"
-    assert schema.counts["train"] == {"read": 6, "written": 5, "dead_lettered": 1,
-                                      "dead_letter_reasons": {parsing.BAD_LABEL: 1}}
-    assert schema.counts["eval"] == {"read": 2, "written": 2, "dead_lettered": 0, "dead_letter_reasons": {}}
-    assert schema.labels[0].positives == 2 and abs(schema.labels[0].positive_rate - 0.4) < 1e-9
-    vocab = read_vocabulary(schema.vocabulary_file())
-    assert [(v.field, v.key, v.index, v.count) for v in vocab] == [("user", "a", 1, 4), ("item", "x", 3, 3)]
-    # The last line has no item: the missing field is filled with item's rare id 2.
-    assert _ids(out, "train") == sorted([(1, 3), (1, 2), (0, 3), (1, 3), (1, 2)])
-    assert _ids(out, "eval") == [(0, 3), (0, 3)]  # b and the unseen "new" are both user-rare
-    assert [(d["reason"], d["line"]) for d in _dead(out, "train")] == [(parsing.BAD_LABEL, "not a line")]
-
-
-def test_generated_log_with_entity_join_and_bins(tiny_etl, tiny_raw):
-    _, truth = tiny_raw
-    schema = load_schema(tiny_etl)
-    assert [f.name for f in schema.fields] == ["user", "item", "category", "brand", "price", "position", "hour",
-                                               "device", "query"]
-    assert schema.field("category").source == "dict:items"
-    assert schema.field("position").linear_only
-    price = schema.field("price")
-    # Up to 9 edges for 10 bins; tied quantiles (popular items share a price) merge.
-    assert price.kind == "binned" and 5 <= len(price.bin_boundaries) <= 9
-    assert all(a < b for a, b in zip(price.bin_boundaries, price.bin_boundaries[1:]))
-    assert price.vocab_size <= 1 + len(price.bin_boundaries) + 1
-    assert price.value_stats["min"] < price.bin_boundaries[0] and price.value_stats["count"] > 0
-    for split, n in (("train", truth["config"]["n_train"]), ("eval", truth["config"]["n_eval"])):
-        c = schema.counts[split]
-        assert c["read"] == n == c["written"] + c["dead_lettered"]
-    assert schema.sources["input_lines"] == truth["config"]["n_train"] + truth["config"]["n_eval"]
-    assert schema.label_names == ("click", "conversion")
-    # Every record carries its log fields and, when the item is in the table, the 3 joined columns.
-    ex = _read_examples(tiny_etl, "eval")[0]
-    assert sorted(ex.features.feature["feat_field_hashes"].int64_list.value) == sorted(
-        field_hash(f.name) for f in schema.fields)
-
-
-def test_libfm_with_field_map_keeps_the_maps_field_order(tiny_raw, tmp_path):
-    raw, _ = tiny_raw
-    cfg = EtlConfig(input=os.path.join(raw, "train.libfm"), eval_input=os.path.join(raw, "eval.libfm"),
-                    format="libfm", field_map=os.path.join(raw, "field_map.tsv"), labels=("click", "conversion"),
-                    out=str(tmp_path / "fm"), num_shards=1)
-    schema = _run(cfg)
-    # The generator's field map lists user, item, position, hour, device, query in this order.
-    assert [f.name for f in schema.fields] == ["user", "item", "position", "hour", "device", "query"]
-    assert schema.counts["train"]["dead_lettered"] == 0
-
-
-class _Labels(beam.pipeline.PipelineVisitor):
-    def __init__(self):
-        self.labels = []
-
-    def enter_composite_transform(self, node):
-        self.labels.append(node.full_label)
-
-    def visit_transform(self, node):
-        self.labels.append(node.full_label)
 
 
 def _join_inputs(d, parquet):
@@ -204,30 +110,248 @@ def _join_inputs(d, parquet):
     return d, str(d / "fields.tsv"), str(d / "items.tsv")
 
 
-def test_dictionaries_join_by_key_above_the_side_input_limit_tsv_and_parquet(tmp_path):
-    from etl.config import EntityTableConfig
+def _join_config(d, fmap, items, limit, **kw):
+    return EtlConfig(input=str(d / "train.libfm"), eval_input=str(d / "eval.libfm"), format="libfm", field_map=fmap,
+                     out=str(d / "out"), min_count=1, num_shards=1, side_input_max_bytes=limit,
+                     fields=(FieldConfig("user"), FieldConfig("item"), FieldConfig("category"),
+                             FieldConfig("price", kind="numeric")),
+                     entity_tables=(EntityTableConfig(name="items", path=items, key_field="item"),), **kw)
 
+
+# Records of _join_inputs' training file after the field map and the item table (zz is unmapped).
+_JOINED = [((1.0,), (("user", "u1", 1.0), ("item", "i1", 1.0), ("category", "c1", 1.0), ("price", "price", 10.0))),
+           ((0.0,), (("user", "u2", 1.0), ("item", "i2", 1.0), ("category", "c2", 1.0), ("price", "price", 20.0))),
+           ((1.0,), (("user", "u1", 1.0), ("item", "i3", 1.0))),
+           ((1.0,), (("user", "u2", 1.0), ("item", "i1", 1.0), ("category", "c1", 1.0), ("price", "price", 10.0)))]
+
+
+@pytest.mark.parametrize("limit", [64 << 20, 0], ids=["side_input", "keyed"])
+def test_parse_and_join_with_side_inputs_or_by_key(tmp_path, limit):
+    from etl import dictionaries
+
+    d, fmap, items = _join_inputs(tmp_path / "in", parquet=False)
+    cfg = _join_config(d, fmap, items, limit)
+    plan = plan_lib.plan_job(cfg)
+    with TestPipeline() as p:
+        field_map = dictionaries.read_field_map(p, fmap)
+        table = dictionaries.read_entity_table(p, cfg.entity_tables[0], ["category", "price"], {"price"})
+        if limit:
+            field_map, table = transforms.pack(field_map, "F"), transforms.pack(table, "T")
+        parsed = p | transforms.ParseAndJoin(plan, cfg.input, feat.TRAIN, field_map, [table])
+        records = parsed["records"] | beam.FlatMap(lambda b: [(b[0], r) for r in b[1]])
+        assert_that(records, equal_to([(feat.TRAIN, r) for r in _JOINED]), label="records")
+        dead = tuple(parsed["dead"]) | "Dead" >> beam.Flatten()
+        assert_that(dead | beam.Map(lambda kv: (kv[0], json.loads(kv[1])["reason"], json.loads(kv[1])["line"])),
+                    equal_to([(feat.TRAIN, parsing.UNMAPPED_FEATURE, "0 u1:1 zz:1")]), label="dead")
+
+
+def test_compute_bins_zero_inflated_field_and_value_stats():
+    # zi: 70 zeros and 1..30. 0 holds 70% >= 1/4 of the rows: its own bin, (-inf, next(0)) as it is
+    # the minimum. The 30 others share m = 3 bins at Beam's lower weighted quantiles: the first value
+    # whose cumulative count exceeds (j*30 - 1)/3, j = 1, 2: 9.67 -> 10, 19.67 -> 20.
+    # u: 1..100 in 4 bins, no heavy value: (j*100 - 1)/4 -> 25, 50, 75.
+    # n: a numeric field with log1p: values 0 and 3 -> transformed 0 and ln 4.
+    values = ([(("zi", 0.0), 70)] + [(("zi", float(v)), 1) for v in range(1, 31)]
+              + [(("u", float(v)), 1) for v in range(1, 101)] + [(("n", 0.0), 1), (("n", 3.0), 1)])
+    with TestPipeline() as p:
+        pc = p | beam.Create(values)
+        assert_that(pc | transforms.ComputeBins({"zi": 4, "u": 4}),
+                    equal_to([("zi", (singleton_edge(0.0), 10.0, 20.0)), ("u", (25.0, 50.0, 75.0))]), label="bins")
+        stats = (pc | transforms.ValueStats({"n": "log1p"}) | beam.Filter(lambda kv: kv[0] != "u")
+                 | beam.Map(lambda kv: (kv[0], {k: round(v, 9) for k, v in kv[1].items()})))
+        ln4 = math.log(4.0)
+        # zi: 465 / 100 = 4.65; mean of squares 9455 / 100 (sum of k^2 for k <= 30 is 9455).
+        assert_that(stats, equal_to([
+            ("zi", {"count": 100.0, "mean": 4.65, "std": round(math.sqrt(94.55 - 4.65 ** 2), 9), "min": 0.0,
+                    "max": 30.0}),
+            ("n", {"count": 2.0, "mean": round(ln4 / 2, 9), "std": round(ln4 / 2, 9), "min": 0.0,
+                   "max": round(ln4, 9)})]), label="stats")
+    # Zero alone; 1..9, 10..19 and 20..30 in the other three bins.
+    edges = (singleton_edge(0.0), 10.0, 20.0)
+    counts = [0] * 4
+    for v, n in [(0.0, 70)] + [(float(v), 1) for v in range(1, 31)]:
+        counts[bin_index(v, edges)] += n
+    assert counts == [70, 9, 10, 11]
+
+
+def test_statistics_builds_the_vocabulary_from_training_records(tmp_path):
+    cfg = EtlConfig(input="unused", out=str(tmp_path), min_count=2, fields=(
+        FieldConfig("user"), FieldConfig("price", kind="binned", num_bins=2), FieldConfig("age", kind="numeric")))
+    plan = plan_lib.plan_job(cfg)
+    train = [((1.0,), (("user", "a", 1.0), ("price", "price", 1.0), ("age", "age", 30.0))),
+             ((0.0,), (("user", "a", 1.0), ("price", "price", 2.0))),
+             ((0.0,), (("user", "b", 1.0), ("price", "price", 3.0), ("age", "age", 50.0))),
+             ((1.0,), (("user", "b", 1.0), ("price", "price", 4.0)))]
+    evals = [((1.0,), (("user", "c", 1.0), ("shop", "s", 1.0)))]  # shop is only seen in eval
+    with TestPipeline() as p:
+        records = (p | "Train" >> beam.Create([(feat.TRAIN, train)]), p | "Eval" >> beam.Create([(feat.EVAL, evals)]))
+        layout = records | transforms.Statistics(plan, str(tmp_path))
+        # Rows: user rare 0, a 1, b 2 (2x each, key order); price (edges: the median of 1..4 by Beam's
+        # rule, first rank > 3/2 -> 2): rare 3, bin1 4 (2, 3, 4: 3x); bin0 (1: 1x) is rare; age: rare 5,
+        # age 6 (2x); shop, first seen (in eval) after the declared fields: its rare row 7 only.
+        assert_that(layout | beam.Map(lambda lay: [(s.name, s.offset, s.vocab_size, s.bin_boundaries)
+                                                   for s in lay["specs"]]),
+                    equal_to([[("user", 0, 3, None), ("price", 3, 2, (2.0,)), ("age", 5, 2, None),
+                               ("shop", 7, 1, None)]]), label="specs")
+        assert_that(layout | beam.Map(lambda lay: [(v.field, v.key, v.index, v.count) for v in lay["vocab"]]),
+                    equal_to([[("user", "a", 1, 2), ("user", "b", 2, 2), ("price", "bin1", 4, 3),
+                               ("age", "age", 6, 2)]]), label="vocab")
+        assert_that(layout | beam.Map(lambda lay: (lay["specs"][2].value_stats, lay["usage"]["shop"])),
+                    equal_to([({"count": 2.0, "mean": 40.0, "std": 10.0, "min": 30.0, "max": 50.0},
+                               {"rows": 0, "rows_count": 0, "top": None, "occurrences": 0, "lines": 0})]),
+                    label="stats")
+    assert read_vocabulary(str(tmp_path / "vocabulary.tsv"))[0].key == "a"
+
+
+def test_write_records_deals_round_robin_to_num_shards_files(tmp_path):
+    out = str(tmp_path)
+    recs = [((float(i % 2),), (("user", f"u{i}", 1.0), ("tag", "t", 1.0), ("tag", "s", 1.0))[:1 + i % 3])
+            for i in range(7)]
+    with TestPipeline() as p:
+        records = (p | beam.Create([(feat.TRAIN, recs), (feat.EVAL, recs[:1])]),)
+        written = records | transforms.WriteRecords(out, ("train", "eval", "valid"), 3, ("click",), ExampleKeys(),
+                                                     multi_hot=True)
+        assert_that(written["files"] | beam.Map(lambda fs: [os.path.relpath(f, out) for f in fs]), equal_to([[
+            f"{s}/part-0000{i}-of-00003.tfrecord.gz" for s in ("eval", "train", "valid") for i in range(3)]]),
+            label="files")
+        stats = written["stats"] | beam.CombineGlobally(transforms.MergeStats())
+        # Most features: 3 (i = 2, 5); most repeated fields: record 5 holds tag twice -> 1.
+        assert_that(stats, equal_to([{"train.written": 7, "train.positives.0": 3.0, "train.max_features": 3,
+                                      "train.max_repeats": 1, "eval.written": 1, "eval.positives.0": 0.0,
+                                      "eval.max_features": 1, "eval.max_repeats": 0}]), label="stats")
+    # One bundle: record i went to file i mod 3; valid got no records, so three empty files.
+    sizes = [len(_examples_of(os.path.join(out, "train", f"part-0000{i}-of-00003.tfrecord.gz"))) for i in range(3)]
+    assert sizes == [3, 2, 2]
+    first = _examples_of(os.path.join(out, "train", "part-00000-of-00003.tfrecord.gz"))
+    assert [list(e.features.feature["feat_hashes"].int64_list.value) for e in first] == [
+        [feature_hash("user", f"u{i}")] + [feature_hash("tag", k) for k in ("t", "s")[:i % 3]] for i in (0, 3, 6)]
+    assert [len(_examples_of(os.path.join(out, "valid", f"part-0000{i}-of-00003.tfrecord.gz"))) for i in range(3)] \
+        == [0, 0, 0]
+    assert not glob.glob(os.path.join(out, transforms.TMP + "*"))
+
+
+def _examples_of(path):
+    return [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset([path], compression_type="GZIP")]
+
+
+class _Graph(beam.pipeline.PipelineVisitor):
+    def __init__(self):
+        self.nodes = []
+
+    def visit_transform(self, node):
+        self.nodes.append(node)
+
+
+def _graph(cfg):
+    p = beam.Pipeline()
+    pipeline.build_pipeline(p, cfg)
+    g = _Graph()
+    p.visit(g)
+    return g.nodes
+
+
+@pytest.mark.parametrize("limit", [64 << 20, 0], ids=["side_input", "keyed"])
+def test_records_stream_through_pardos_only(tmp_path, limit):
+    """No GroupByKey, Flatten or side input computed from the data on the records' way; only a
+    dictionary joined by key shuffles them (a CoGroupByKey inside ParseAndJoin)."""
+    d, fmap, items = _join_inputs(tmp_path / "in", parquet=False)
+    nodes = _graph(_join_config(d, fmap, items, limit))
+    produced = {out: node for node in nodes for out in node.outputs.values()}
+    records = {out for node in nodes for tag, out in node.outputs.items()
+               if tag == transforms.RECORDS and isinstance(getattr(node.transform, "fn", None), transforms.LinesDoFn)}
+    consumers = [node for node in nodes if set(node.inputs) & records]
+    assert {c.full_label.split("/")[0] for c in consumers} == {"Statistics", "WriteRecords"}
+    for c in consumers:
+        assert isinstance(c.transform, beam.ParDo) and not c.side_inputs, c.full_label
+    # Side inputs on the records' way are the packed dictionaries (read from files, not from the logs).
+    for node in nodes:
+        if node.full_label.startswith("ParseAndJoin") and node.side_inputs:
+            for si in node.side_inputs:
+                assert produced[si.pvalue].full_label.startswith(("PackFieldMap", "PackEntity_items")), node.full_label
+    shuffles = sorted({n.full_label.split("/")[1] for n in nodes
+                       if n.full_label.startswith("ParseAndJoin") and "GroupByKey" in type(n.transform).__name__})
+    assert shuffles == ([] if limit else ["KeyedFieldMap", "KeyedTables"])
+
+
+# ---------------------------------------------------------------- whole jobs
+
+def test_hashed_records_and_vocabulary_hand_derived(tmp_path):
+    train = tmp_path / "train.libffm"
+    evalf = tmp_path / "eval.libffm"
+    _write(train, [b"1 user:a:1 item:x:1", b"0 user:a:1 item:y:1", b"0 user:b:1 item:x:1",
+                   b"not a line", b"1 user:a:1 item:x:0.5", b"0 user:a:1"])
+    _write(evalf, [b"1 user:b:1 item:x:1", b"0 user:new:1 item:x:1"])
+    out = str(tmp_path / "out")
+    cfg = EtlConfig(input=str(train), eval_input=str(evalf), format="libffm", out=out, min_count=2,
+                    num_shards=2, fields=(FieldConfig("user"), FieldConfig("item")))
+    schema = _run(cfg)
+    # user: a (4x) kept, b (1x) rare; item: x (3x) kept, y (1x) rare. Rows: user rare 0, a 1; item rare 2, x 3.
+    assert [(f.name, f.offset, f.vocab_size) for f in schema.fields] == [("user", 0, 2), ("item", 2, 2)]
+    assert schema.num_features == 4 and schema.vocabulary_mode == "build" and schema.version == 2
+    assert schema.counts["train"] == {"read": 6, "written": 5, "dead_lettered": 1,
+                                      "dead_letter_reasons": {parsing.BAD_LABEL: 1}}
+    assert schema.counts["eval"] == {"read": 2, "written": 2, "dead_lettered": 0, "dead_letter_reasons": {}}
+    assert set(schema.splits) == {"train", "eval"} and schema.fill_missing
+    assert schema.labels[0].positives == 2 and abs(schema.labels[0].positive_rate - 0.4) < 1e-9
+    # Two fields, one feature each (the layer adds a missing item): 2 features at most.
+    assert schema.max_features_per_example == 2
+    vocab = read_vocabulary(schema.vocabulary_file())
+    assert [(v.field, v.key, v.index, v.count) for v in vocab] == [("user", "a", 1, 4), ("item", "x", 3, 3)]
+    # Records hold every feature of the line, rare or not, with its value; nothing for missing fields.
+    names = [("user", k) for k in ("a", "b", "new")] + [("item", k) for k in ("x", "y")]
+    assert _named(out, "train", names) == sorted([
+        (("user", "a", 1.0), ("item", "x", 1.0)), (("user", "a", 1.0), ("item", "y", 1.0)),
+        (("user", "b", 1.0), ("item", "x", 1.0)), (("user", "a", 1.0), ("item", "x", 0.5)), (("user", "a", 1.0),)])
+    assert _named(out, "eval", names) == [(("user", "b", 1.0), ("item", "x", 1.0)),
+                                          (("user", "new", 1.0), ("item", "x", 1.0))]
+    assert sorted(os.listdir(os.path.join(out, "train"))) == [f"part-0000{i}-of-00002.tfrecord.gz" for i in range(2)]
+    assert [(d["reason"], d["line"]) for d in _dead(out, "train")] == [(parsing.BAD_LABEL, "not a line")]
+    assert schema.warnings == ()
+
+
+def test_generated_log_with_entity_join_and_bins(tiny_etl, tiny_raw):
+    _, truth = tiny_raw
+    schema = load_schema(tiny_etl)
+    assert [f.name for f in schema.fields] == ["user", "item", "category", "brand", "price", "position", "hour",
+                                               "device", "query"]
+    assert schema.field("category").source == "dict:items"
+    assert schema.field("position").linear_only
+    price = schema.field("price")
+    assert price.kind == "binned" and 5 <= len(price.bin_boundaries) <= 9
+    assert all(a < b for a, b in zip(price.bin_boundaries, price.bin_boundaries[1:]))
+    assert all(to_float32(b) == b for b in price.bin_boundaries)
+    assert price.vocab_size <= 1 + len(price.bin_boundaries) + 1
+    assert price.value_stats["min"] < price.bin_boundaries[0] and price.value_stats["count"] > 0
+    for split, n in (("train", truth["config"]["n_train"]), ("eval", truth["config"]["n_eval"])):
+        c = schema.counts[split]
+        assert c["read"] == n == c["written"] + c["dead_lettered"]
+    assert schema.sources["input_lines"] == truth["config"]["n_train"] + truth["config"]["n_eval"]
+    assert schema.label_names == ("click", "conversion")
+    # Every record holds the 6 log fields and, its item being in the table, the 3 joined ones.
+    fields = {field_hash(f.name): f.name for f in schema.fields}
+    ex = _examples(tiny_etl, "eval")[0]
+    assert sorted(fields[fh] for fh, _, _ in _feats(ex)) == sorted(f.name for f in schema.fields)
+    assert schema.max_features_per_example == 9 and schema.warnings == ()
+
+
+def test_libfm_with_field_map_keeps_the_maps_field_order(tiny_raw, tmp_path):
+    raw, _ = tiny_raw
+    cfg = EtlConfig(input=os.path.join(raw, "train.libfm"), eval_input=os.path.join(raw, "eval.libfm"),
+                    format="libfm", field_map=os.path.join(raw, "field_map.tsv"), labels=("click", "conversion"),
+                    out=str(tmp_path / "fm"), num_shards=1)
+    schema = _run(cfg)
+    # The generator's field map lists user, item, position, hour, device, query in this order.
+    assert [f.name for f in schema.fields] == ["user", "item", "position", "hour", "device", "query"]
+    assert schema.counts["train"]["dead_lettered"] == 0
+
+
+def test_dictionaries_join_by_key_above_the_side_input_limit_tsv_and_parquet(tmp_path):
     results = {}
     for name, parquet, limit in (("side_tsv", False, 64 << 20), ("keyed_tsv", False, 0), ("keyed_parquet", True, 0)):
         d, fmap, items = _join_inputs(tmp_path / name, parquet)
-        cfg = EtlConfig(input=str(d / "train.libfm"), eval_input=str(d / "eval.libfm"), format="libfm", field_map=fmap,
-                        out=str(d / "out"), min_count=1, num_shards=1, side_input_max_bytes=limit,
-                        fields=(FieldConfig("user"), FieldConfig("item"), FieldConfig("category"),
-                                FieldConfig("price", kind="numeric")),
-                        entity_tables=(EntityTableConfig(name="items", path=items, key_field="item"),))
-        p = beam.Pipeline()
-        pipeline.build_pipeline(p, cfg)
-        visitor = _Labels()
-        p.visit(visitor)
-        keyed = {k for k in ("KeyedFieldMap/CoGroupByKey", "KeyedTables/CoGroupByKey")
-                 if any(label.startswith(k) for label in visitor.labels)}
-        assert keyed == (set() if limit else {"KeyedFieldMap/CoGroupByKey", "KeyedTables/CoGroupByKey"}), name
-        if limit:  # the side-input path runs in the other job tests; here only its graph is checked
-            continue
-        p.run().wait_until_finish()
-        schema = pipeline.write_schema(cfg)
+        cfg = _join_config(d, fmap, items, limit)
+        schema = _run(cfg)
         out = cfg.out
-        results[name] = (_ids(out, "train"), _ids(out, "eval"))
         # Rows: user rare 0, u1 1, u2 2 (2x each: key order); item rare 3, i1 4 (2x), i2 5, i3 6;
         # category rare 7, c1 8 (2x), c2 9; price (numeric, one row) rare 10, price 11.
         assert [(f.name, f.offset, f.vocab_size) for f in schema.fields] == [
@@ -236,12 +360,14 @@ def test_dictionaries_join_by_key_above_the_side_input_limit_tsv_and_parquet(tmp
                                                      "min": 10.0, "max": 20.0}
         assert [(d["reason"], d["line"]) for d in _dead(out, "train")] == [(parsing.UNMAPPED_FEATURE, "0 u1:1 zz:1")]
         assert [(d["reason"], d["line"]) for d in _dead(out, "eval")] == [(parsing.UNMAPPED_FEATURE, "1 u3:1 i1:1")]
-        vals = sorted(tuple(e.features.feature["feat_vals"].float_list.value) for e in _read_examples(out, "train"))
-        # Records hold the raw price (the layer scales it); the i3 line has no table row, so no columns.
-        assert vals == [(1.0, 1.0), (1.0, 1.0, 1.0, 10.0), (1.0, 1.0, 1.0, 10.0), (1.0, 1.0, 1.0, 20.0)]
-    # Line i3 has no table row: category and price are missing -> their rare rows 7 and 10.
-    expected = (sorted([(1, 4, 8, 11), (2, 5, 9, 11), (1, 6, 7, 10), (2, 4, 8, 11)]), [(1, 5, 9, 11)])
-    assert results == {"keyed_tsv": expected, "keyed_parquet": expected}
+        names = [(f, k) for f, ks in (("user", ("u1", "u2")), ("item", ("i1", "i2", "i3")),
+                                      ("category", ("c1", "c2")), ("price", ("price",))) for k in ks]
+        results[name] = tuple(sorted(tuple(sorted(r)) for r in _named(out, split, names)) for split in ("train", "eval"))
+    # Line i3 has no table row: no category, no price (the layer adds their missing rows).
+    expected = (sorted(tuple(sorted(f)) for _, f in _JOINED),
+                [tuple(sorted((("user", "u1", 1.0), ("item", "i2", 1.0), ("category", "c2", 1.0),
+                               ("price", "price", 20.0))))])
+    assert results == {"side_tsv": expected, "keyed_tsv": expected, "keyed_parquet": expected}
 
 
 def test_fixed_and_extended_vocabulary_keep_old_rows(tmp_path):
@@ -257,13 +383,15 @@ def test_fixed_and_extended_vocabulary_keep_old_rows(tmp_path):
     # Day 1: user rare 0, a 1 (3x); item rare 2, x 3 (3x).
     assert s1.num_features == 4
     day2 = dict(input=str(tmp_path / "d2.libffm"), eval_input=str(tmp_path / "d2e.libffm"), vocabulary=day1, **base)
+    names = [("user", k) for k in "abc"] + [("item", k) for k in "xz"] + [("query", "q1")]
 
     fixed = str(tmp_path / "fixed")
     s2 = _run(EtlConfig(out=fixed, vocabulary_mode="fixed", **day2))
     assert (s2.vocabulary_mode, s2.base_num_features, s2.num_features) == ("fixed", 4, 4)
     assert [(v.key, v.index, v.count) for v in read_vocabulary(s2.vocabulary_file())] == [("a", 1, 3), ("x", 3, 3)]
-    # b, c -> user rare 0; z -> item rare 2; the two lines with the new field query are dead-lettered.
-    assert _ids(fixed, "train") == [(0, 3), (1, 2)] and _ids(fixed, "eval") == [(0, 3)]
+    # The two lines with query, a field day 1 did not have, are dead-lettered when parsed.
+    assert _named(fixed, "train", names) == [(("user", "a", 1.0), ("item", "z", 1.0)),
+                                             (("user", "c", 1.0), ("item", "x", 1.0))]
     assert s2.counts["train"]["dead_letter_reasons"] == {parsing.UNKNOWN_FIELD: 2}
 
     extend = str(tmp_path / "extend")
@@ -275,8 +403,7 @@ def test_fixed_and_extended_vocabulary_keep_old_rows(tmp_path):
         ("user", "a", 1, 4), ("item", "x", 3, 4), ("user", "b", 4, 2), ("item", "z", 5, 3), ("query", "q1", 7, 2)]
     assert [(f.name, f.id, f.offset, f.vocab_size, f.extra_ranges) for f in s3.fields] == [
         ("user", 0, 0, 2, ((4, 1),)), ("item", 1, 2, 2, ((5, 1),)), ("query", 2, 6, 2, ())]
-    assert _ids(extend, "train") == sorted([(4, 5, 7), (4, 5, 7), (0, 3, 6), (1, 5, 6)])
-    assert _ids(extend, "eval") == [(4, 3, 6)]
+    assert len(_examples(extend, "train")) == 4 and s3.counts["train"]["dead_lettered"] == 0
     # A day-3 run can extend day 2's extended vocabulary: the schema round-trips its extra ranges.
     assert load_schema(extend).fields == s3.fields
 
@@ -323,9 +450,8 @@ def _check_mixed(schema, out, lines, good):
     # All lines of a user land in the split given by the hash of its user feature.
     user_of = {feature_hash("user", f"u{u}"): f"u{u}" for u in range(10)}
     for split in ("train", "eval"):
-        for ex in _read_examples(out, split):
-            f = ex.features.feature
-            h = dict(zip(f["feat_field_hashes"].int64_list.value, f["feat_hashes"].int64_list.value))[field_hash("user")]
+        for ex in _examples(out, split):
+            h = {fh: h for fh, h, _ in _feats(ex)}[field_hash("user")]
             assert ("eval" if feature_hash("user", user_of[h]) % 100 < 50 else "train") == split
     assert schema.counts["train"]["written"] == 3 * sum(feature_hash("user", f"u{u}") % 100 >= 50 for u in range(10))
 
@@ -346,10 +472,93 @@ def test_every_malformed_kind_is_dead_lettered_with_multi_processing(tmp_path):
     _check_mixed(_run(cfg, options), cfg.out, lines, good)
 
 
+def test_valid_split_carved_by_hash_or_read_from_its_own_input(tmp_path):
+    lines = [f"{i % 2} user:u{i % 40}:1 item:i{i % 7}:1".encode() for i in range(600)]
+    _write(tmp_path / "train.libffm", lines)
+    _write(tmp_path / "eval.libffm", lines[:10])
+    base = dict(input=str(tmp_path / "train.libffm"), format="libffm", min_count=1, num_shards=2,
+                fields=(FieldConfig("user"), FieldConfig("item")))
+    carved = _run(EtlConfig(out=str(tmp_path / "carved"), valid_fraction=0.25, **base))
+    # Eval: the line hash's last two digits < 20; valid: of the rest, digits 3-6 < 2500.
+    expected = {s: [raw for raw in lines if feat.line_split(raw, 20, 2500) == i] for i, s in enumerate(pipeline.SPLITS)}
+    assert {s: carved.counts[s]["written"] for s in pipeline.SPLITS} == {s: len(v) for s, v in expected.items()}
+    assert 0.15 < len(expected["valid"]) / len(expected["train"] + expected["valid"]) < 0.35
+    assert set(carved.splits) == set(pipeline.SPLITS) and carved.splits["valid"]["examples"] == len(expected["valid"])
+    names = [("user", f"u{u}") for u in range(40)] + [("item", f"i{i}") for i in range(7)]
+
+    def as_records(raws):
+        return sorted((("user", r.split()[1].split(b":")[1].decode(), 1.0), ("item", r.split()[2].split(b":")[1].decode(),
+                                                                          1.0)) for r in raws)
+    assert _named(str(tmp_path / "carved"), "valid", names) == as_records(expected["valid"])
+    # The vocabulary counts the train split only.
+    counts = {(v.field, v.key): v.count for v in read_vocabulary(carved.vocabulary_file())}
+    assert sum(n for (f, _), n in counts.items() if f == "user") == len(expected["train"])
+    # Stable across runs, and with eval from its own file the carve takes the same lines of the input.
+    again = _run(EtlConfig(out=str(tmp_path / "again"), valid_fraction=0.25, **base))
+    assert _named(str(tmp_path / "again"), "valid", names) == as_records(expected["valid"])
+    assert again.counts == carved.counts
+    by_path = _run(EtlConfig(out=str(tmp_path / "by_path"), eval_input=str(tmp_path / "eval.libffm"),
+                             valid_fraction=0.25, **base))
+    assert by_path.counts["valid"]["written"] == sum(feat.line_split(raw, 0, 2500) == feat.VALID for raw in lines)
+    assert by_path.counts["eval"]["written"] == 10
+    given = _run(EtlConfig(out=str(tmp_path / "given"), valid_input=str(tmp_path / "eval.libffm"), **base))
+    assert given.counts["valid"] == {"read": 10, "written": 10, "dead_lettered": 0, "dead_letter_reasons": {}}
+    assert _named(str(tmp_path / "given"), "valid", names) == as_records(lines[:10])
+
+
+def test_fields_tsv_names_integer_field_ids_and_marks_continuous_ones(tmp_path, capsys):
+    # libffm with integer field ids; fields 2 and 3 carry numbers in line (the key is ignored).
+    (tmp_path / "fields.tsv").write_text("field\tname\tkind\tnum_bins\ttransform\n"
+                                         "0\tuser\tcategorical\t\t\n1\tad\tcategorical\t\t\n"
+                                         "2\tage\tbinned\t2\t\n3\tincome\tnumeric\t\tlog1p\n")
+    lines = [b"1 0:u1:1 1:a1:1 2:0:30 3:0:0", b"0 0:u2:1 1:a1:1 2:0:40 3:0:3", b"1 0:u1:1 1:a2:1 2:0:50",
+             b"0 0:u2:1 1:a1:1 2:0:60 3:0:3", b"1 0:u1:1 1:a1:1 4:x:1"]
+    _write(tmp_path / "train.libffm", lines)
+    _write(tmp_path / "eval.libffm", [b"1 0:u3:1 2:1:35.5"])
+    out = str(tmp_path / "out")
+    schema = pipeline.run(["--input", str(tmp_path / "train.libffm"), "--eval_input", str(tmp_path / "eval.libffm"),
+                           "--fields_tsv", str(tmp_path / "fields.tsv"), "--out", out, "--set", "min_count=1",
+                           "--set", "num_shards=1"])
+    assert schema.sources["config"]["field_ids"] == "index"
+    assert [(f.name, f.kind, f.transform) for f in schema.fields] == [
+        ("user", "categorical", "none"), ("ad", "categorical", "none"), ("age", "binned", "none"),
+        ("income", "numeric", "log1p")]
+    # age: 30, 40, 50, 60 in 2 bins: first rank > 3/2 -> edge 40. income: log1p of 0, 3, 3.
+    assert schema.field("age").bin_boundaries == (40.0,)
+    ln4 = math.log(4.0)
+    assert schema.field("income").value_stats == pytest.approx(
+        {"count": 3.0, "mean": 2 * ln4 / 3, "std": math.sqrt(2 * ln4 ** 2 / 3 - (2 * ln4 / 3) ** 2), "min": 0.0,
+         "max": ln4})
+    assert schema.counts["train"]["dead_letter_reasons"] == {parsing.FIELD_OUT_OF_RANGE: 1}
+    names = [("user", "u3"), ("age", "age")]
+    assert _named(out, "eval", names) == [(("user", "u3", 1.0), ("age", "age", 35.5))]
+
+
+def test_a_field_with_one_used_row_is_warned_about(tmp_path, capsys):
+    _write(tmp_path / "train.libffm", [b"1 user:a:1 device:d1:1", b"0 user:b:1 device:d1:1", b"1 user:a:1 device:d1:1"])
+    _write(tmp_path / "eval.libffm", [b"1 user:a:1 device:d2:1 shop:s:1"])
+    out = str(tmp_path / "out")
+    schema = pipeline.run(["--input", str(tmp_path / "train.libffm"), "--eval_input", str(tmp_path / "eval.libffm"),
+                           "--out", out, "--set", "min_count=1"])
+    # device is d1 in every training line; shop appears in eval only (its rare row, the missing one in training).
+    assert [w.split(":")[0] for w in schema.warnings] == ["field 'device'", "field 'shop'"]
+    assert [f.name for f in schema.fields] == ["device", "shop", "user"]
+    printed = capsys.readouterr().out
+    assert all(f"etl: warning: {w}" in printed for w in schema.warnings)
+
+
+def test_make_etl_output_is_the_jobs_own_lines_only(tmp_path):
+    _write(tmp_path / "train.libffm", [b"1 user:a:1", b"0 user:b:1"])
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "etl.pipeline", "--input", str(tmp_path / "train.libffm"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout and all(line.startswith("etl: ") for line in proc.stdout.splitlines())
+
+
 @pytest.mark.slow
 def test_rerun_replaces_outputs_and_a_failed_run_leaves_them(tmp_path, capsys):
-    from etl.config import EntityTableConfig  # noqa: F401 - the failing run's table comes from --set
-
     path, lines, good = _mixed_input(tmp_path)
     out = str(tmp_path / "out")
     args = ["--input", path, "--format", "libffm", "--labels", "click,conversion", "--out", out,
@@ -359,7 +568,7 @@ def test_rerun_replaces_outputs_and_a_failed_run_leaves_them(tmp_path, capsys):
     assert len(glob.glob(os.path.join(out, "train", "part-*"))) == 3
     # The rerun writes one shard per split; none of the three earlier shards may survive. It runs
     # on the BundleBasedDirectRunner, which lost counters of DoFns with side inputs: they are
-    # now published from the job's stats, so they print there too.
+    # published from the job's stats, so they print there too.
     schema = pipeline.run(args + ["--set", "num_shards=1", "--runner=BundleBasedDirectRunner"])
     assert sorted(os.listdir(os.path.join(out, "train"))) == ["part-00000-of-00001.tfrecord.gz"]
     assert not glob.glob(os.path.join(out, pipeline.STAGING_PREFIX + "*"))

@@ -110,3 +110,17 @@ def test_conversion_click_share_mixes_click_effects_into_conversion_effects():
     for bad in (1.5, -1.01):
         with pytest.raises(ValueError, match="conversion_click_share"):
             PlantedModel(dataclasses.replace(base, conversion_click_share=bad))
+
+
+def test_generator_imports_no_stage():
+    """The generator may use numpy and the bottom package (feature_schema: the shared metrics), never a stage."""
+    import ast
+    import glob
+
+    stages = ("etl", "trainer", "export", "serving")
+    for path in glob.glob(os.path.join(os.path.dirname(__file__), "..", "generator", "*.py")):
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in stages, f"{path} imports {name}"

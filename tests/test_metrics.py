@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from trainer import metrics
+from feature_schema import metrics
 
 
 def test_auc_hand_computed_with_ties():

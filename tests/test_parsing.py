@@ -35,6 +35,7 @@ def test_libfm_minus_one_label_and_string_keys():
     (b"1 a:nan", "libfm", parsing.NON_FINITE),
     (b"1 a:inf", "libfm", parsing.NON_FINITE),
     (b"1 a:1e999", "libfm", parsing.NON_FINITE),
+    (b"1 a:-3.5e38", "libfm", parsing.NON_FINITE),  # finite, but not in float32 (what a record holds)
     (b"1", "libfm", parsing.NO_FEATURES),
     (b"1 " + b" ".join(b"k%d:1" % i for i in range(6)), "libfm", parsing.TOO_MANY_FEATURES),
 ])
@@ -79,3 +80,8 @@ def test_libffm_field_indexes_and_out_of_range():
 def test_parse_record_gives_plain_tuples_equal_to_features():
     labels, feats = parsing.parse_record(b"1 user:a:1", "libffm")
     assert type(feats[0]) is tuple and feats == [Feature("user", "a", 1.0)]
+
+
+def test_float32_range_is_accepted_to_its_limit():
+    assert parsing.parse_line(b"1 a:3.4028234663852886e38 b:-1e-45", "libfm").features == (
+        Feature(None, "a", parsing.FLOAT32_MAX), Feature(None, "b", -1e-45))

@@ -49,7 +49,7 @@ def test_poller_never_sees_an_incomplete_version(served_export, tmp_path):
 
 
 def _records(out, split):
-    """Every example of a split as (labels, sorted (field, row, value, hash) features), sorted.
+    """Every example of a split as (labels, sorted (field hash, hash, value) features), sorted.
 
     Shard assignment and the order of features inside an example are the runner's business;
     the content of every example is not.

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from trainer import metrics, report
+from feature_schema import metrics
+from trainer import report
 
 
 def test_roc_points_by_hand():

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from feature_schema import FieldSpec, LabelSpec, Schema, VocabEntry, load_schema, read_vocabulary, \
+from feature_schema import ExampleKeys, FieldSpec, LabelSpec, Schema, VocabEntry, load_schema, read_vocabulary, \
     write_vocabulary_lines
 
 
@@ -45,3 +45,16 @@ def test_vocabulary_round_trip_with_awkward_keys(tmp_path):
     path = tmp_path / "v.tsv"
     path.write_text("\n".join(write_vocabulary_lines(entries)) + "\n", encoding="utf-8")
     assert read_vocabulary(str(path)) == entries
+
+
+def test_version_1_schema_is_refused_with_the_command_that_rewrites_it(tmp_path):
+    d = json.loads(_schema().to_json())
+    assert d["version"] == 2 and d["example_keys"] == {"hashes": "feat_hashes", "values": "feat_vals",
+                                                       "field_hashes": "feat_field_hashes", "weight": "weight"}
+    d["version"] = 1
+    d["example_keys"] = {"ids": "feat_ids", "values": "feat_vals", "fields": "feat_fields", "hashes": "feat_hashes",
+                         "weight": "weight"}
+    (tmp_path / "schema.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="schema version 1 is not 2.*rerun `make etl`"):
+        load_schema(str(tmp_path))
+    assert not hasattr(ExampleKeys(), "ids") and not hasattr(ExampleKeys(), "fields")

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -69,11 +70,6 @@ def lr_search(tiny_etl, tmp_path_factory):
 
 
 def test_two_trial_grid_table(lr_search, tiny_etl):
-    from trainer import train
-
-    # The tuner reads these run-dir files without importing TensorFlow.
-    assert tune.PROGRESS_FILE == train.PROGRESS_FILE
-    assert tune.BEST_STATE == os.path.join(train.BEST_DIR, "state.json")
     argv, out, result = lr_search
     trials = result["trials"]
     assert [t["values"] for t in trials] == [{"model.l2_linear": 0}, {"model.l2_linear": 100}]
@@ -128,3 +124,59 @@ def test_subprocess_workers_and_failed_trial(lr_search, tiny_etl, tmp_path):
     assert ok["metrics"]["click"]["auc"] == pytest.approx(same["auc"], abs=0.01)
     md = open(tmp_path / "trials.md").read()
     assert "| - | 001 |" in md and "failed: " in md
+
+
+def test_seeds_repeat_each_point_and_rank_on_valid_when_present():
+    assert tune.parse_seeds("42,1,2") == [42, 1, 2]
+    with pytest.raises(ValueError, match="repeats"):
+        tune.parse_seeds("1,1")
+    assert tune.with_seeds([{"a": 1}, {"a": 2}], [7, 8]) == [
+        {"a": 1, "train.seed": 7}, {"a": 1, "train.seed": 8}, {"a": 2, "train.seed": 7}, {"a": 2, "train.seed": 8}]
+    with pytest.raises(ValueError, match="ambiguous"):
+        tune.with_seeds([{"train.seed": 3}], [1])
+    # Valid metrics rank a trial when its run has them; its eval metrics are only reported.
+    m = lambda ll, auc: {"click": {"logloss": ll, "auc": auc, "calibration": 1.0}}  # noqa: E731
+    a = tune.Trial(0, {"x": 1, "train.seed": 1}, "a", "ok", metrics=m(0.1, 0.9), valid=m(0.5, 0.6))
+    b = tune.Trial(1, {"x": 2, "train.seed": 1}, "b", "ok", metrics=m(0.3, 0.7), valid=m(0.4, 0.7))
+    c = tune.Trial(2, {"x": 2, "train.seed": 2}, "c", "ok", metrics=m(0.2, 0.8), valid=m(0.2, 0.8))
+    assert tune.objective(a, "logloss", "click") == 0.5
+    assert [t.index for t in tune.ranked([a, b, c], "logloss", "click")] == [2, 1, 0]
+    summary = tune.seed_summary([a, b, c], "logloss", "click")
+    assert [s["values"] for s in summary] == [{"x": 2}, {"x": 1}]  # mean valid logloss 0.3 < 0.5
+    x2 = summary[0]
+    assert x2["seeds"] == [1, 2] and x2["objective"] == pytest.approx(0.3)
+    assert x2["valid"]["click"]["logloss"] == {"mean": pytest.approx(0.3), "sd": pytest.approx(0.1 * math.sqrt(2))}
+    assert x2["eval"]["click"]["auc"] == {"mean": pytest.approx(0.75), "sd": pytest.approx(0.05 * math.sqrt(2))}
+    assert summary[1]["seeds"] == [1] and summary[1]["eval"]["click"]["logloss"]["sd"] == 0.0
+
+
+def test_seed_search_without_out_writes_to_a_temporary_directory(tiny_etl, tmp_path, monkeypatch, capsys):
+    import shutil
+    import tempfile
+
+    from tests.test_training import _with_valid_split
+
+    data = _with_valid_split(tiny_etl, str(tmp_path / "etl"), files_of="eval")
+    monkeypatch.chdir(tmp_path)
+    result = tune.main(["--data", data, "--model", "lr", "--set", "train.epochs=1", "--set", "train.verbose=0",
+                        "--set", "train.report=false", "--set", "optimizer.learning_rate=0.1",
+                        "--seeds", "3,4"])
+    out = re.search(r"tune: writing to (\S+)", capsys.readouterr().out).group(1)
+    try:
+        assert not os.path.exists(tmp_path / "runs")  # nothing under runs/ unless asked
+        assert os.path.dirname(out) == tempfile.gettempdir()
+        assert [t["values"] for t in result["trials"]] == [{"train.seed": 3}, {"train.seed": 4}]
+        for t in result["trials"]:
+            assert config_lib.load(os.path.join(t["run_dir"], "config.yaml")).train.seed == t["values"]["train.seed"]
+            # The valid split here holds the eval records: both metrics files agree.
+            assert t["valid"]["click"]["logloss"] == pytest.approx(t["metrics"]["click"]["logloss"], abs=1e-9)
+        lls = [t["valid"]["click"]["logloss"] for t in result["trials"]]
+        assert lls[0] != lls[1]  # the seed changes the run
+        (row,) = result["summary"]
+        assert row["values"] == {} and row["seeds"] == [3, 4]
+        assert row["valid"]["click"]["logloss"]["mean"] == pytest.approx(np.mean(lls))
+        assert row["valid"]["click"]["logloss"]["sd"] == pytest.approx(np.std(lls, ddof=1))
+        md = open(os.path.join(out, "trials.md")).read()
+        assert "Ranked by valid logloss" in md and "Mean ± sd over seeds 3, 4" in md
+    finally:
+        shutil.rmtree(out)

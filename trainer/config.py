@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable
 
 import yaml
 
 from feature_schema import configs
+from trainer import experiments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,14 +167,19 @@ class TrainConfig:
       epochs: passes over the training split (at most; see early stopping).
       steps_per_epoch: steps per epoch; 0 means one pass over the training split.
       seed: seed of weights init, shuffling and dropout.
+      op_determinism: run TensorFlow's ops deterministically
+        (``tf.config.experimental.enable_op_determinism``), so that a seed fixes the run whatever
+        the machine's load; False lets TensorFlow pick faster non-deterministic kernels where it has them.
       checkpoint_every_steps: steps between kill-safe checkpoints (``run_dir/backup``).
-      verbose: Keras verbosity (1 progress bar, 2 one line per epoch, 0 silent).
+      verbose: 1: Keras' progress bar when stdout is a terminal, and one line per epoch (time,
+        examples/s, metrics); 2: the line per epoch only; 0: silent.
       loss_weights: task -> weight of its loss (default 1).
       pos_weight: task -> weight of its positive examples in the training loss (default 1).
       task_condition: task -> label; the task trains (and is early-stopped) only on examples where
         that label is 1, e.g. ``{conversion: click}`` for a CVR model on clicked impressions.
-      early_stopping_patience: stop after this many epochs without a lower eval logloss (summed over
-        tasks with ``loss_weights``) and restore the best epoch's weights; 0 disables.
+      early_stopping_patience: stop after this many epochs without a lower selection logloss (summed
+        over tasks with ``loss_weights``; on the schema's ``valid`` split when it has one, else on
+        ``eval``) and restore the best epoch's weights; 0 disables.
       early_stopping_min_delta: smallest decrease that counts as an improvement.
       report: write the evaluation report (``run_dir/report``: JSON, ROC and calibration PNGs).
       warm_start: a previous run dir or TF Serving export version dir to initialise from
@@ -184,6 +189,7 @@ class TrainConfig:
     epochs: int = 2
     steps_per_epoch: int = 0
     seed: int = 42
+    op_determinism: bool = True
     checkpoint_every_steps: int = 500
     verbose: int = 1
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -253,28 +259,9 @@ class ExperimentConfig:
         return self.model_name or self.model.name
 
 
-EXPERIMENTS: dict[str, Callable[[], dict]] = {}
-
-
-def register_experiment(name: str):
-    """Decorator registering a function that returns config overrides (a dict)."""
-    def deco(fn):
-        if name in EXPERIMENTS:
-            raise ValueError(f"experiment {name!r} registered twice")
-        EXPERIMENTS[name] = fn
-        return fn
-    return deco
-
-
 def resolve(experiment: str = "", yaml_path: str = "", overrides: dict | None = None) -> ExperimentConfig:
     """Builds the resolved config from an experiment, a YAML file and overrides."""
-    from trainer import experiments  # noqa: F401  (registers the named experiments)
-
-    data: dict = {}
-    if experiment:
-        if experiment not in EXPERIMENTS:
-            raise ValueError(f"unknown experiment {experiment!r}; known: {sorted(EXPERIMENTS)}")
-        data = EXPERIMENTS[experiment]()
+    data: dict = experiments.overrides(experiment) if experiment else {}
     if yaml_path:
         data = configs.deep_merge(data, configs.load_yaml(yaml_path))
     data = configs.deep_merge(data, overrides or {})

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import socket
@@ -36,8 +35,8 @@ import subprocess
 import sys
 import time
 
-CHECKPOINT_DIR = "ps_checkpoints"
-CLUSTER_FILE = "cluster.json"
+from trainer.run_files import CLUSTER_FILE, PS_CHECKPOINT_DIR as CHECKPOINT_DIR  # noqa: F401  (names for callers)
+
 # Exit status of a chief whose job failed because a parameter server is gone.
 PS_FAILURE_EXIT = 75
 
@@ -75,22 +74,29 @@ def run_server() -> None:
 
 
 def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) -> dict:
-    """Trains ``cfg`` on the cluster in TF_CONFIG (this process is the chief); returns eval metrics."""
+    """Trains ``cfg`` on the cluster in TF_CONFIG (this process is the chief); returns eval metrics.
+
+    The loop of ``trainer.train`` with the model under ``ParameterServerStrategy``: the same
+    compiled loss, metrics and per-task weights (``build_and_compile``, ``train_dataset``), the
+    same end of epoch (``epochs.EpochRecorder``: evaluation, history.json, early stopping) and
+    the same finish (``finish_run``: metrics.json, the report). ``Model.fit`` under the strategy
+    reports no validation, so at every epoch end the chief reads the epoch's checkpoint into an
+    ordinary copy of the model and the recorder evaluates that copy.
+    """
     import tensorflow as tf
     import tf_keras as keras
 
-    from feature_schema import load_schema
-    from trainer import config as config_lib
-    from trainer import data
+    from trainer import run_files
     from trainer import train as trainer_lib
+    from trainer.epochs import EpochRecorder
     from trainer.models import build_model
 
-    keras.utils.set_random_seed(cfg.train.seed)
-    schema = load_schema(cfg.data.path)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    config_lib.save(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    manager_dir = os.path.join(cfg.run_dir, run_files.PS_CHECKPOINT_DIR)
+    resumed = bool(tf.train.latest_checkpoint(manager_dir))
+    schema = trainer_lib.start_run(cfg, resumed)
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     num_ps = num_ps or len(resolver.cluster_spec().as_dict().get("ps", []))
+    num_workers = len(resolver.cluster_spec().as_dict().get("worker", []))
     partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
         min_shard_bytes=min_shard_bytes, max_shards=num_ps)
     strategy = tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
@@ -99,7 +105,7 @@ def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) ->
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
 
     ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_var)
-    manager = tf.train.CheckpointManager(ckpt, os.path.join(cfg.run_dir, CHECKPOINT_DIR), max_to_keep=2)
+    manager = tf.train.CheckpointManager(ckpt, manager_dir, max_to_keep=2)
     initial_epoch = 0
     # The chief's ordinary (unsharded) copy of the model: warm start, per-epoch evaluation, the export.
     plain = trainer_lib.init_model(build_model(cfg.model, schema), schema)
@@ -123,36 +129,48 @@ def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) ->
     tasks = model.tasks
 
     def dataset_fn(ctx):
-        # Disjoint TFRecord shards per worker input pipeline.
+        # Disjoint TFRecord shards per worker input pipeline, each with its own shuffle seed.
         files = train_files[ctx.input_pipeline_id::ctx.num_input_pipelines] or train_files
-        ds = data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
-                               cfg.train.seed + ctx.input_pipeline_id, cfg.data.cache,
-                               cfg.data.num_parallel_reads, repeat=True, files=files)
-        return ds.map(lambda f, y, w: (f, {t: y[t] for t in tasks}, {t: w for t in tasks}))
+        return trainer_lib.train_dataset(cfg, schema, tasks, repeat=True, files=files,
+                                         seed=cfg.train.seed + ctx.input_pipeline_id)
 
-    steps_per_epoch = max(1, math.ceil(schema.splits["train"]["examples"] / cfg.data.batch_size))
-
-    best_dir = os.path.join(cfg.run_dir, trainer_lib.BEST_DIR)
-    stopper = PsEarlyStopping(plain, schema, cfg, best_dir) if cfg.train.early_stopping_patience else None
+    steps_per_epoch = max(1, trainer_lib.steps_per_epoch(cfg, schema) or 1)
+    recorder = EpochRecorder(cfg, schema, plain, resumed, prefix="distributed")
+    plain_ckpt = tf.train.Checkpoint(model=plain)
 
     class EpochCheckpoint(keras.callbacks.Callback):
+        """Checkpoints the cluster every epoch and hands the epoch to the recorder."""
+
+        train_seconds = 0.0  # fit time without the chief's evaluations (timing.json)
+
+        def on_train_begin(self, logs=None):
+            recorder.begin()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.time()
+
         def on_epoch_end(self, epoch, logs=None):
+            seconds = time.time() - self.start
+            EpochCheckpoint.train_seconds += seconds
             epoch_var.assign(epoch + 1)
             path = manager.save(checkpoint_number=epoch + 1)
-            if stopper is not None and stopper.epoch_end(epoch + 1, path):
+            plain_ckpt.read(path).expect_partial()
+            if recorder.epoch_end(epoch + 1, steps_per_epoch, seconds, logs)["stop"]:
                 self.model.stop_training = True
 
     start = time.time()
-    if initial_epoch < cfg.train.epochs and not (stopper and stopper.stopped):
+    if initial_epoch < cfg.train.epochs and not recorder.stopped:
+        # verbose=0: the recorder prints the line per epoch (there is no progress bar under PSS).
         model.fit(keras.utils.experimental.DatasetCreator(dataset_fn), epochs=cfg.train.epochs,
                   initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                  callbacks=[EpochCheckpoint()], verbose=min(cfg.train.verbose, 2) and 2)  # no progress bar under PSS
+                  callbacks=[EpochCheckpoint()], verbose=0)
     elapsed = time.time() - start
     last_epoch = int(epoch_var.numpy())
     steps_run = steps_per_epoch * max(0, last_epoch - initial_epoch)
-    with open(os.path.join(cfg.run_dir, "timing.json"), "w", encoding="utf-8") as f:
-        json.dump({"train_seconds": elapsed, "steps": steps_run, "batch_size": cfg.data.batch_size,
-                   "examples_per_second": steps_run * cfg.data.batch_size / elapsed if elapsed else None}, f)
+    fit_seconds = EpochCheckpoint.train_seconds
+    with open(os.path.join(cfg.run_dir, run_files.TIMING_FILE), "w", encoding="utf-8") as f:
+        json.dump({"train_seconds": fit_seconds, "steps": steps_run, "batch_size": cfg.data.batch_size,
+                   "examples_per_second": steps_run * cfg.data.batch_size / fit_seconds if fit_seconds else None}, f)
     shards = {}
     for v in model.variables:
         if "/part_" in v.name:
@@ -164,59 +182,9 @@ def train_ps(cfg, num_ps: int | None = None, min_shard_bytes: int = 64 << 10) ->
     # stores each ShardedVariable whole (reading the chief's cached copies could be stale).
     final = manager.save(checkpoint_number=last_epoch + 1)
     tf.train.Checkpoint(model=plain).read(final).expect_partial().assert_existing_objects_matched()
-    if stopper is not None:
-        stopper.restore_best(last_epoch)
-    tf.train.Checkpoint(model=plain).write(os.path.join(cfg.run_dir, trainer_lib.WEIGHTS_DIR, "weights"))
-    results = trainer_lib.evaluate(plain, schema, cfg.data.eval_batch_size)
-    with open(os.path.join(cfg.run_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    for t, r in results.items():
-        print(f"train: {cfg.model.name} (ps: {len(resolver.cluster_spec().as_dict()['worker'])} workers, "
-              f"{num_ps} ps) {t}: eval AUC {r['auc']:.4f} logloss {r['logloss']:.4f} "
-              f"calibration {r['calibration']:.3f} ({elapsed:.1f}s training)", flush=True)
-    return results
-
-
-class PsEarlyStopping:
-    """Early stopping on the eval log loss for ``train_ps`` (the rule of ``trainer.train.LoglossPatience``).
-
-    ``Model.fit`` under ``ParameterServerStrategy`` produces no validation logs, so the chief reads
-    each epoch's checkpoint (the values live on the parameter servers) into its ordinary copy of
-    the model and evaluates the eval split with the same metrics as the final report. The rule's
-    state lives in ``best_dir``, so a cluster restarted after a parameter-server failure continues it.
-    """
-
-    def __init__(self, plain, schema, cfg, best_dir: str):
-        from trainer import train as trainer_lib
-
-        self.plain, self.schema, self.cfg = plain, schema, cfg
-        self.rule = trainer_lib.LoglossPatience(best_dir, cfg.train.early_stopping_patience,
-                                                cfg.train.early_stopping_min_delta)
-
-    @property
-    def stopped(self) -> bool:
-        return self.rule.stopped
-
-    def epoch_end(self, epoch: int, checkpoint: str) -> bool:
-        """Evaluates the epoch's checkpoint; returns whether training should stop."""
-        import tensorflow as tf
-
-        from trainer import train as trainer_lib
-
-        tf.train.Checkpoint(model=self.plain).read(checkpoint).expect_partial()
-        results = trainer_lib.evaluate(self.plain, self.schema, self.cfg.data.eval_batch_size)
-        weights = self.cfg.train.loss_weights
-        value = float(sum(weights.get(t, 1.0) * results[t]["logloss"] for t in self.plain.tasks))
-        if self.rule.update(epoch, value):
-            tf.train.Checkpoint(model=self.plain).write(self.rule.weights_path)
-        aucs = " ".join(f"{t} AUC {results[t]['auc']:.4f}" for t in self.plain.tasks)
-        print(f"distributed: epoch {epoch} eval logloss {value:.5f} {aucs} "
-              f"(best epoch {self.rule.state['best_epoch']})", flush=True)
-        return self.stopped
-
-    def restore_best(self, last_epoch: int) -> None:
-        """Loads the best epoch's weights into the plain model if a later epoch was worse."""
-        self.rule.restore_best(self.plain, last_epoch)
+    recorder.end(last_epoch)
+    return trainer_lib.finish_run(cfg, schema, plain, elapsed,
+                                  f"{cfg.model.name} (ps: {num_workers} workers, {num_ps} ps)")
 
 
 def _kill(procs) -> None:
@@ -317,4 +285,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from trainer import quiet
+
+    quiet.filter_stderr()  # before TensorFlow's first import (a local cluster's processes share the launcher's)
     main()

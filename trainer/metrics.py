@@ -1,73 +1,33 @@
-"""Binary-classification metrics in NumPy: AUC, logloss, calibration.
+"""The trainer's metrics: the NumPy report metrics and the Keras loss and log-loss metric.
 
-Kept free of TensorFlow so that the data generator and tests can use the same
-definitions the trainer reports.
+The report metrics (AUC, logloss, calibration, ``binary_report``) live in
+``feature_schema.metrics`` (NumPy only, shared with the generator); they are re-exported
+here for the trainer's callers. The Keras side is the per-example binary cross-entropy the
+model trains on and the weighted ``logloss`` Keras logs during training.
 """
 from __future__ import annotations
 
-import numpy as np
+import tensorflow as tf
+import tf_keras as keras
 
-_EPS = 1e-7
+from feature_schema.metrics import auc, binary_report, calibration, logloss
 
-
-def auc(labels, scores, weights=None) -> float:
-    """Area under the ROC curve, ties counted half (Mann-Whitney U).
-
-    Args:
-      labels: 0/1 array.
-      scores: real-valued scores, higher means more likely positive.
-      weights: optional non-negative sample weights.
-
-    Returns:
-      The AUC, or NaN when only one class is present.
-    """
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
-    order = np.argsort(s, kind="mergesort")
-    s, y, w = s[order], y[order], w[order]
-    pos_w = w * (y > 0.5)
-    neg_w = w * (y <= 0.5)
-    total_pos, total_neg = pos_w.sum(), neg_w.sum()
-    if total_pos == 0 or total_neg == 0:
-        return float("nan")
-    # Group equal scores: a positive beats every negative below its group and
-    # half of the negatives tied with it.
-    _, starts = np.unique(s, return_index=True)
-    pos_g = np.add.reduceat(pos_w, starts)
-    neg_g = np.add.reduceat(neg_w, starts)
-    neg_below = np.cumsum(neg_g) - neg_g
-    u = np.sum(pos_g * (neg_below + 0.5 * neg_g))
-    return float(u / (total_pos * total_neg))
+__all__ = ["LogLoss", "auc", "binary_crossentropy", "binary_report", "calibration", "logloss"]
 
 
-def logloss(labels, probs, weights=None) -> float:
-    """Mean binary cross-entropy, probabilities clipped to [1e-7, 1-1e-7]."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), _EPS, 1 - _EPS)
-    w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
-    ll = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-    return float(np.sum(w * ll) / np.sum(w))
+def binary_crossentropy(y_true, y_pred):
+    """Per-example log loss of [batch] labels and probabilities (Keras' version reduces the last axis)."""
+    return keras.backend.binary_crossentropy(tf.reshape(tf.cast(y_true, y_pred.dtype), [-1]),
+                                             tf.reshape(y_pred, [-1]))
 
 
-def calibration(labels, probs, weights=None) -> float:
-    """Mean prediction divided by the positive rate (1.0 is calibrated)."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
-    rate = np.sum(w * y) / np.sum(w)
-    if rate == 0:
-        return float("nan")
-    return float((np.sum(w * p) / np.sum(w)) / rate)
+class LogLoss(keras.metrics.Mean):
+    """Weighted mean log loss of [batch] labels and probabilities (the ``logloss`` Keras logs)."""
 
+    def __init__(self, name="logloss", **kwargs):
+        super().__init__(name=name, **kwargs)
 
-def binary_report(labels, probs, weights=None) -> dict[str, float]:
-    """AUC, logloss, calibration and counts of one task."""
-    y = np.asarray(labels).ravel()
-    return {
-        "auc": auc(labels, probs, weights),
-        "logloss": logloss(labels, probs, weights),
-        "calibration": calibration(labels, probs, weights),
-        "examples": int(y.size),
-        "positive_rate": float(np.mean(y)) if y.size else float("nan"),
-    }
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            sample_weight = tf.reshape(sample_weight, [-1])
+        return super().update_state(binary_crossentropy(y_true, y_pred), sample_weight)

@@ -3,7 +3,7 @@
     python -m trainer.report --run_dir runs/frappe-ffm [--split eval] [--bins 20]
 
 ``write_report(run_dir, preds, labels, weights)`` is the hook the training loop
-calls with the eval predictions of ``trainer.train.predict_split``; the command
+calls with the eval predictions of ``trainer.evaluation.predict_split``; the command
 above rebuilds a finished run's model and does the same. Both write into
 ``<run_dir>/report/``:
 
@@ -28,9 +28,9 @@ import sys
 
 import numpy as np
 
-from trainer import metrics
+from feature_schema import metrics
+from trainer.run_files import REPORT_DIR
 
-REPORT_DIR = "report"
 ROC_POINTS = 200
 
 
@@ -256,10 +256,10 @@ def main(argv=None) -> None:
     p.add_argument("--strategy", default="quantile", choices=("quantile", "uniform"))
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from trainer import train  # TensorFlow only when run as a command
+    from trainer import evaluation  # TensorFlow only when run as a command
 
-    cfg, schema, model = train.load_trained(args.run_dir)
-    preds, labels, weights = train.predict_split(model, schema, args.split, cfg.data.eval_batch_size)
+    cfg, schema, model = evaluation.load_trained(args.run_dir)
+    preds, labels, weights = evaluation.predict_split(model, schema, args.split, cfg.data.eval_batch_size)
     report = write_report(args.run_dir, preds, labels, weights, args.bins, args.strategy)
     for task, r in report["tasks"].items():
         print(f"report: {task}: AUC {r['auc']:.4f} logloss {r['logloss']:.4f} calibration {r['calibration']:.3f} "
@@ -267,4 +267,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from trainer import quiet
+
+    quiet.filter_stderr()  # before TensorFlow's first import: its noise is filtered
     main()

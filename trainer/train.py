@@ -3,13 +3,20 @@
     python -m trainer.train --data data/etl --model fm --run_dir runs/default \
         [--experiment NAME] [--config file.yaml] [--set model.embedding_dim=16 ...]
 
-Writes into ``run_dir``: ``config.yaml`` (the resolved config), ``backup/``
-(kill-safe checkpoints every ``train.checkpoint_every_steps``: rerunning the
-same command after a kill resumes at the checkpointed step), ``best/`` (the best
-epoch's weights under early stopping), ``tensorboard/``, ``progress.jsonl``
-(one line per start/epoch/end with the optimizer step), ``model/`` (final
-weights for the exporter), ``metrics.json`` (per task: AUC, logloss,
-calibration on the eval split) and ``report/`` (``train.report``).
+Writes into ``run_dir`` (names in ``trainer/run_files.py``): ``config.yaml`` (the resolved
+config), ``backup/`` (kill-safe checkpoints every ``train.checkpoint_every_steps``: rerunning
+the same command after a kill resumes at the checkpointed step), ``best/`` (the best epoch's
+weights under early stopping), ``tensorboard/``, ``progress.jsonl`` (one line per
+start/epoch/end with the optimizer step), ``history.json`` (per epoch: seconds, examples/s,
+eval and valid metrics; ``trainer/epochs.py``), ``model/`` (final weights for the exporter),
+``metrics.json`` (per task: AUC, logloss, calibration on the eval split),
+``metrics_valid.json`` (the same on the valid split, when the schema has one) and
+``report/`` (``trainer.report``).
+
+The pieces both loops share live here and in ``trainer.epochs`` / ``trainer.evaluation``:
+``trainer.distributed`` (parameter servers) builds the model with ``build_and_compile``,
+reads ``train_dataset``, ends every epoch with ``epochs.EpochRecorder`` and finishes with
+``finish_run``, exactly as ``train`` does.
 """
 from __future__ import annotations
 
@@ -20,19 +27,26 @@ import os
 import sys
 import time
 
-import numpy as np
-import tensorflow as tf
-import tf_keras as keras
+from trainer import quiet
 
-from feature_schema import Schema, configs, load_schema
-from trainer import config as config_lib
-from trainer import data, metrics
-from trainer.models import MODELS, build_model
+if __name__ == "__main__":  # the command: TensorFlow's noise is filtered from its first import on
+    quiet.filter_stderr()
 
-WEIGHTS_DIR = "model"
-BACKUP_DIR = "backup"
-BEST_DIR = "best"
-PROGRESS_FILE = "progress.jsonl"
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+from feature_schema import Schema, configs, load_schema  # noqa: E402
+from trainer import config as config_lib  # noqa: E402
+from trainer import data, experiments, run_files  # noqa: E402
+from trainer.epochs import EpochRecorder  # noqa: E402
+# Evaluation lives in trainer.evaluation; these names stay importable from here for their callers.
+from trainer.evaluation import (derived_eval, eval_metrics, evaluate, init_model,  # noqa: E402,F401
+                                load_trained, predict_split)
+from trainer.metrics import LogLoss, binary_crossentropy  # noqa: E402
+from trainer.models import MODELS, build_model  # noqa: E402,F401
+from trainer.run_files import BACKUP_DIR, BEST_DIR, PROGRESS_FILE, WEIGHTS_DIR  # noqa: E402,F401
+
+quiet.quiet_tf_logging()
 
 
 def make_optimizer(cfg: config_lib.OptimizerConfig, batch_size: int = 1):
@@ -84,24 +98,6 @@ def _select(ds, tasks, train_cfg: config_lib.TrainConfig | None = None, training
     return ds.map(lambda f, y, w: (f, {t: y[t] for t in tasks}, task_weights(y, w, tasks, train_cfg, training)))
 
 
-def binary_crossentropy(y_true, y_pred):
-    """Per-example log loss of [batch] labels and probabilities (Keras' version reduces the last axis)."""
-    return keras.backend.binary_crossentropy(tf.reshape(tf.cast(y_true, y_pred.dtype), [-1]),
-                                             tf.reshape(y_pred, [-1]))
-
-
-class LogLoss(keras.metrics.Mean):
-    """Weighted mean log loss of [batch] labels and probabilities (the ``logloss`` Keras logs)."""
-
-    def __init__(self, name="logloss", **kwargs):
-        super().__init__(name=name, **kwargs)
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        if sample_weight is not None:
-            sample_weight = tf.reshape(sample_weight, [-1])
-        return super().update_state(binary_crossentropy(y_true, y_pred), sample_weight)
-
-
 def build_and_compile(cfg: config_lib.ExperimentConfig, schema: Schema):
     model = build_model(cfg.model, schema)
     check_task_settings(cfg, model.tasks, schema)
@@ -112,71 +108,48 @@ def build_and_compile(cfg: config_lib.ExperimentConfig, schema: Schema):
     return model
 
 
-def init_model(model, schema: Schema):
-    """Creates the model's variables by calling it on one eval batch."""
-    features, _, _ = next(iter(data.make_dataset(schema, "eval", 2)))
-    model(features)
-    return model
+def set_determinism(train_cfg: config_lib.TrainConfig) -> None:
+    """Seeds Python, NumPy and TensorFlow with ``train.seed`` and sets ``train.op_determinism``.
+
+    With op determinism TensorFlow runs only kernels whose results do not depend on thread
+    scheduling, so the same command gives the same metrics on a loaded machine (docs/TRAINER.md).
+    """
+    keras.utils.set_random_seed(train_cfg.seed)
+    if train_cfg.op_determinism:
+        tf.config.experimental.enable_op_determinism()
+    else:  # the setting is per process: an earlier run in it (a tuner trial) may have enabled it
+        from tensorflow.python.framework import config as tf_config  # no public switch-off
+
+        tf_config.disable_op_determinism()
 
 
-def predict_split(model, schema: Schema, split: str, batch_size: int, outputs=None):
-    """Predictions, labels and weights of a whole split, in file order.
+def steps_per_epoch(cfg: config_lib.ExperimentConfig, schema: Schema) -> int | None:
+    """``train.steps_per_epoch``, else one pass over the train split (None when its size is unknown)."""
+    examples = schema.splits.get("train", {}).get("examples")
+    return cfg.train.steps_per_epoch or (math.ceil(examples / cfg.data.batch_size) if examples else None)
+
+
+def train_dataset(cfg: config_lib.ExperimentConfig, schema: Schema, tasks, repeat: bool,
+                  files: list[str] | None = None, seed: int | None = None):
+    """The Keras training input: (features, labels, per-task weights with ``pos_weight`` and ``task_condition``).
 
     Args:
-      outputs: model outputs to collect (default: the tasks).
-
-    Returns:
-      ({output: probs [n]}, {label: 0/1 [n]}, weights [n]).
+      repeat: repeat the split (step-based epochs).
+      files: a worker's TFRecord shards instead of the whole split (parameter servers).
+      seed: the shuffle seed (default ``train.seed``).
     """
-    outputs = tuple(outputs or model.tasks)
-    preds = {t: [] for t in outputs}
-    labels = {name: [] for name in schema.label_names}
-    weights = []
-    predict = tf.function(lambda f: model(f, training=False), reduce_retracing=True)
-    for features, y, w in data.make_dataset(schema, split, batch_size):
-        out = predict(features)
-        for t in outputs:
-            preds[t].append(out[t].numpy())
-        for name in schema.label_names:
-            labels[name].append(y[name].numpy())
-        weights.append(w.numpy())
-    cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}  # noqa: E731
-    return cat(preds), cat(labels), np.concatenate(weights)
+    ds = data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
+                           cfg.train.seed if seed is None else seed, cfg.data.cache, cfg.data.num_parallel_reads,
+                           repeat=repeat, files=files, deterministic=cfg.data.deterministic)
+    return _select(ds, tasks, cfg.train, training=True)
 
 
-def derived_eval(model) -> dict:
-    """{output: (label, condition label)} of derived outputs a model reports (ESMM's cvr on clicks)."""
-    return dict(getattr(model, "derived_eval", {}))
+def keras_verbosity(train_cfg: config_lib.TrainConfig) -> int:
+    """Keras' progress bar only when asked (``train.verbose=1``) and stdout is a terminal.
 
-
-def eval_metrics(model, preds: dict, labels: dict, weights, train_cfg: config_lib.TrainConfig | None = None) -> dict:
-    """Per task, over the whole split: AUC, logloss, calibration, examples, positive rate.
-
-    A task trained under ``train.task_condition`` (e.g. conversion on clicks) also reports
-    ``given_<condition>``: the same metrics on the examples where the condition label is 1; a
-    derived output (ESMM's ``cvr``) reports ``<output>_given_<condition>`` under its label.
+    Otherwise ``EpochRecorder`` prints the one line per epoch (a log file gets no progress bar).
     """
-    train_cfg = train_cfg or config_lib.TrainConfig()
-    weights = np.asarray(weights)
-    results = {t: metrics.binary_report(labels[t], preds[t], weights) for t in model.tasks}
-
-    def subset(label, scores, cond):
-        m = labels[cond] > 0.5
-        return metrics.binary_report(labels[label][m], scores[m], weights[m])
-
-    for t, cond in train_cfg.task_condition.items():
-        if t in results:
-            results[t][f"given_{cond}"] = subset(t, preds[t], cond)
-    for out, (label, cond) in derived_eval(model).items():
-        results[label][f"{out}_given_{cond}"] = subset(label, preds[out], cond)
-    return results
-
-
-def evaluate(model, schema: Schema, batch_size: int, train_cfg: config_lib.TrainConfig | None = None) -> dict:
-    """Per-task AUC, logloss and calibration on the eval split (see ``eval_metrics``)."""
-    preds, labels, weights = predict_split(model, schema, "eval", batch_size,
-                                           model.tasks + tuple(derived_eval(model)))
-    return eval_metrics(model, preds, labels, weights, train_cfg)
+    return 1 if train_cfg.verbose == 1 and sys.stdout.isatty() else 0
 
 
 def _append_jsonl(path: str, record: dict) -> None:
@@ -213,87 +186,51 @@ class ProgressLog(keras.callbacks.Callback):
         _append_jsonl(self.path, {"event": "end", "step": self._step(), "time": time.time()})
 
 
-def val_logloss(logs: dict, tasks, loss_weights: dict) -> float:
-    """Eval log loss summed over tasks with their loss weights, from Keras' epoch logs."""
-    if len(tasks) == 1 and "val_logloss" in logs:
-        return float(logs["val_logloss"]) * loss_weights.get(tasks[0], 1.0)
-    return float(sum(loss_weights.get(t, 1.0) * logs[f"val_{t}_logloss"] for t in tasks))
+class EpochEnd(keras.callbacks.Callback):
+    """Runs ``epochs.EpochRecorder`` at the end of every Keras epoch and stops when it says so.
 
-
-class LoglossPatience:
-    """The early-stopping rule on the eval log loss, with its counters kept in ``best_dir/state.json``.
-
-    Shared by ``EarlyStoppingOnLogloss`` (one process) and ``trainer.distributed`` (the chief of a
-    PS cluster), so both stop and restore the same epoch; the state file survives a kill, so a
-    resumed run continues the same rule. The caller saves the weights when ``update`` says improved.
+    Adds the selection split's metrics to Keras' epoch logs (``val_<task>_auc``,
+    ``val_<task>_logloss``) for the callbacks after it (progress.jsonl, TensorBoard). Under a
+    progress bar (``progress_bar``), which Keras finishes after every other callback, the epoch's
+    line is printed when the next epoch begins, so that it follows the bar instead of splitting it.
     """
 
-    def __init__(self, best_dir: str, patience: int, min_delta: float = 0.0):
-        self.best_dir = best_dir
-        self.patience = patience
-        self.min_delta = min_delta
-        self.state_file = os.path.join(best_dir, "state.json")
-        self.state = {"best": math.inf, "best_epoch": 0, "wait": 0, "last_epoch": 0}
-        if os.path.exists(self.state_file):  # a resumed run
-            with open(self.state_file, encoding="utf-8") as f:
-                self.state = json.load(f)
-
-    @property
-    def weights_path(self) -> str:
-        return os.path.join(self.best_dir, "weights")
-
-    @property
-    def stopped(self) -> bool:
-        return self.state["wait"] >= self.patience
-
-    def update(self, epoch: int, value: float) -> bool:
-        """Records epoch ``epoch`` (1-based) with eval logloss ``value``; returns whether it is the best."""
-        s = self.state
-        s["last_epoch"] = epoch
-        improved = value < s["best"] - self.min_delta
-        if improved:
-            s.update(best=value, best_epoch=epoch, wait=0)
-        else:
-            s["wait"] += 1
-        os.makedirs(self.best_dir, exist_ok=True)
-        tmp = self.state_file + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(s, f)
-        os.replace(tmp, self.state_file)
-        return improved
-
-    def restore_best(self, model, last_epoch: int) -> None:
-        """Loads the best epoch's weights into ``model`` if a later epoch was worse."""
-        s = self.state
-        if s["best_epoch"] and s["best_epoch"] != last_epoch:
-            tf.train.Checkpoint(model=model).read(self.weights_path).expect_partial()
-            print(f"train: restored the best epoch {s['best_epoch']} (eval logloss {s['best']:.5f}; "
-                  f"stopped after epoch {last_epoch})", flush=True)
-
-
-class EarlyStoppingOnLogloss(keras.callbacks.Callback):
-    """Stops when the eval log loss has not improved for ``patience`` epochs and restores the best
-    epoch's weights at the end. Kill-safe: the best weights and counters live in ``best_dir``."""
-
-    def __init__(self, best_dir: str, tasks, loss_weights: dict, patience: int, min_delta: float = 0.0):
+    def __init__(self, recorder: EpochRecorder, progress_bar: bool = False):
         super().__init__()
-        self.tasks = tuple(tasks)
-        self.loss_weights = dict(loss_weights)
-        self.rule = LoglossPatience(best_dir, patience, min_delta)
+        self.recorder = recorder
+        self.progress_bar = progress_bar
+        self._start, self._step, self._pending = 0.0, 0, ""
 
-    @property
-    def state(self) -> dict:
-        """The rule's counters: best, best_epoch, wait, last_epoch."""
-        return self.rule.state
+    def _steps(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def _flush(self) -> None:
+        if self._pending:
+            print(self._pending, flush=True)
+            self._pending = ""
+
+    def on_train_begin(self, logs=None):
+        self.recorder.begin()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._flush()
+        self._start, self._step = time.time(), self._steps()
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.rule.update(epoch + 1, val_logloss(logs or {}, self.tasks, self.loss_weights)):
-            tf.train.Checkpoint(model=self.model).write(self.rule.weights_path)
-        if self.rule.stopped:
+        entry = self.recorder.epoch_end(epoch + 1, self._steps() - self._step, time.time() - self._start, logs,
+                                        echo=not self.progress_bar)
+        if self.progress_bar and self.recorder.cfg.train.verbose:
+            self._pending = self.recorder.line(entry)
+        if logs is not None:
+            for task, m in entry[self.recorder.select].items():
+                logs.update({f"val_{task}_auc": m["auc"], f"val_{task}_logloss": m["logloss"]})
+        if entry["stop"]:
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):
-        self.rule.restore_best(self.model, self.rule.state["last_epoch"])
+        self._flush()
+        last = self.recorder.entries[-1]["epoch"] if self.recorder.entries else 0
+        self.recorder.end(last)
 
 
 def _has_backup(backup_dir: str) -> bool:
@@ -301,78 +238,91 @@ def _has_backup(backup_dir: str) -> bool:
                for d in (tf.io.gfile.listdir(backup_dir) if tf.io.gfile.isdir(backup_dir) else []))
 
 
-def train(cfg: config_lib.ExperimentConfig) -> dict:
-    """Runs one training job (resuming from ``run_dir/backup`` after a kill); returns the eval metrics."""
-    keras.utils.set_random_seed(cfg.train.seed)
+def start_run(cfg: config_lib.ExperimentConfig, resumed: bool) -> Schema:
+    """Seeds, loads the schema and writes ``config.yaml``; a fresh run forgets an earlier run's
+    early-stopping state and history in the same directory."""
+    set_determinism(cfg.train)
     schema = load_schema(cfg.data.path)
     os.makedirs(cfg.run_dir, exist_ok=True)
-    config_lib.save(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-    backup_dir = os.path.join(cfg.run_dir, BACKUP_DIR)
-    best_dir = os.path.join(cfg.run_dir, BEST_DIR)
-    if not _has_backup(backup_dir):  # a fresh run: forget the best epoch of an earlier one
-        tf.io.gfile.rmtree(best_dir) if tf.io.gfile.exists(best_dir) else None
-    # Built before fit so that BackupAndRestore can restore into existing variables.
-    model = init_model(build_and_compile(cfg, schema), schema)
-    if cfg.train.warm_start and not _has_backup(backup_dir):  # a resumed run continues from its backup
-        from trainer.warm_start import warm_start
+    config_lib.save(cfg, os.path.join(cfg.run_dir, run_files.CONFIG_FILE))
+    if not resumed:
+        best_dir = os.path.join(cfg.run_dir, BEST_DIR)
+        if tf.io.gfile.exists(best_dir):
+            tf.io.gfile.rmtree(best_dir)
+        history = os.path.join(cfg.run_dir, run_files.HISTORY_FILE)
+        if os.path.exists(history):
+            os.remove(history)
+    return schema
 
-        print("train: " + warm_start(model, schema, cfg.train.warm_start).summary(), flush=True)
-    examples = schema.splits.get("train", {}).get("examples")
-    steps = cfg.train.steps_per_epoch or (math.ceil(examples / cfg.data.batch_size) if examples else None)
-    # Repeated with a fixed number of steps per epoch, so a resumed epoch runs only its remaining steps.
-    train_ds = _select(data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
-                                         cfg.train.seed, cfg.data.cache, cfg.data.num_parallel_reads,
-                                         repeat=steps is not None, deterministic=cfg.data.deterministic),
-                       model.tasks, cfg.train, training=True)
-    eval_ds = _select(data.make_dataset(schema, "eval", cfg.data.eval_batch_size), model.tasks, cfg.train,
-                      training=False)
-    callbacks = [
-        keras.callbacks.BackupAndRestore(backup_dir, save_freq=cfg.train.checkpoint_every_steps,
-                                         delete_checkpoint=True),
-        ProgressLog(os.path.join(cfg.run_dir, PROGRESS_FILE)),
-        keras.callbacks.TensorBoard(os.path.join(cfg.run_dir, "tensorboard"), update_freq="epoch",
-                                    profile_batch=0),
-    ]
-    if cfg.train.early_stopping_patience:
-        callbacks.append(EarlyStoppingOnLogloss(best_dir, model.tasks, cfg.train.loss_weights,
-                                                cfg.train.early_stopping_patience,
-                                                cfg.train.early_stopping_min_delta))
-    start = time.time()
-    model.fit(train_ds, validation_data=eval_ds, epochs=cfg.train.epochs, steps_per_epoch=steps,
-              callbacks=callbacks, verbose=cfg.train.verbose)
-    elapsed = time.time() - start
-    tf.train.Checkpoint(model=model).write(os.path.join(cfg.run_dir, WEIGHTS_DIR, "weights"))
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+
+
+def finish_run(cfg: config_lib.ExperimentConfig, schema: Schema, model, seconds: float, what: str = "") -> dict:
+    """Saves the final weights, writes metrics.json (eval), metrics_valid.json (valid, when the
+    schema has it) and the report, prints the eval metrics; returns them.
+
+    Args:
+      model: an ordinary (single-process) model holding the final, or restored best, weights.
+      seconds: training time, for the printed line.
+      what: the model's description in the printed line (default ``model.name``).
+    """
+    tf.train.Checkpoint(model=model).write(run_files.weights_prefix(cfg.run_dir))
     preds, labels, weights = predict_split(model, schema, "eval", cfg.data.eval_batch_size,
                                            model.tasks + tuple(derived_eval(model)))
     results = eval_metrics(model, preds, labels, weights, cfg.train)
-    with open(os.path.join(cfg.run_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
+    _write_json(os.path.join(cfg.run_dir, run_files.METRICS_FILE), results)
+    if "valid" in schema.splits:
+        _write_json(os.path.join(cfg.run_dir, run_files.VALID_METRICS_FILE),
+                    evaluate(model, schema, cfg.data.eval_batch_size, cfg.train, "valid"))
     if cfg.train.report:
         from trainer import report as report_lib  # matplotlib only when a report is wanted
 
         report_lib.write_report(cfg.run_dir, {t: preds[t] for t in model.tasks}, labels, weights)
     for t, r in results.items():
-        print(f"train: {cfg.model.name} {t}: eval AUC {r['auc']:.4f} logloss {r['logloss']:.4f} "
-              f"calibration {r['calibration']:.3f} ({r['examples']} examples, {elapsed:.1f}s training)")
+        print(f"train: {what or cfg.model.name} {t}: eval AUC {r['auc']:.4f} logloss {r['logloss']:.4f} "
+              f"calibration {r['calibration']:.3f} ({r['examples']} examples, {seconds:.1f}s training)", flush=True)
     return results
 
 
-def load_trained(run_dir: str):
-    """Rebuilds the model of a finished run (config, schema, final weights)."""
-    cfg = config_lib.load(os.path.join(run_dir, "config.yaml"))
-    schema = load_schema(cfg.data.path)
-    model = init_model(build_model(cfg.model, schema), schema)
-    tf.train.Checkpoint(model=model).read(os.path.join(run_dir, WEIGHTS_DIR, "weights")).expect_partial()
-    return cfg, schema, model
+def train(cfg: config_lib.ExperimentConfig) -> dict:
+    """Runs one training job (resuming from ``run_dir/backup`` after a kill); returns the eval metrics."""
+    backup_dir = os.path.join(cfg.run_dir, BACKUP_DIR)
+    resumed = _has_backup(backup_dir)
+    schema = start_run(cfg, resumed)
+    # Built before fit so that BackupAndRestore can restore into existing variables.
+    model = init_model(build_and_compile(cfg, schema), schema)
+    if cfg.train.warm_start and not resumed:  # a resumed run continues from its backup
+        from trainer.warm_start import warm_start
+
+        print("train: " + warm_start(model, schema, cfg.train.warm_start).summary(), flush=True)
+    steps = steps_per_epoch(cfg, schema)
+    # Repeated with a fixed number of steps per epoch, so a resumed epoch runs only its remaining steps.
+    train_ds = train_dataset(cfg, schema, model.tasks, repeat=steps is not None)
+    recorder = EpochRecorder(cfg, schema, model, resumed)
+    verbosity = keras_verbosity(cfg.train)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(backup_dir, save_freq=cfg.train.checkpoint_every_steps,
+                                         delete_checkpoint=True),
+        EpochEnd(recorder, progress_bar=verbosity == 1),  # before the callbacks reading what it logs
+        ProgressLog(os.path.join(cfg.run_dir, PROGRESS_FILE)),
+        keras.callbacks.TensorBoard(os.path.join(cfg.run_dir, run_files.TENSORBOARD_DIR), update_freq="epoch",
+                                    profile_batch=0),
+    ]
+    start = time.time()
+    if not recorder.stopped:  # a run killed after early stopping decided has nothing left to train
+        model.fit(train_ds, epochs=cfg.train.epochs, steps_per_epoch=steps, callbacks=callbacks,
+                  verbose=verbosity)
+    return finish_run(cfg, schema, model, time.time() - start)
 
 
 def _help_epilog() -> str:
-    from trainer import experiments  # noqa: F401
-
     lines = ["models:"] + [f"  {name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}"
                            for name, cls in sorted(MODELS.items())]
     lines += ["experiments:"] + [f"  {name:24s} {(fn.__doc__ or '').strip().splitlines()[0]}"
-                                 for name, fn in sorted(config_lib.EXPERIMENTS.items())]
+                                 for name, fn in sorted(experiments.EXPERIMENTS.items())]
     return "\n".join(lines)
 
 

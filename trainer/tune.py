@@ -4,12 +4,15 @@
         --grid model.embedding_dim=16,32 --grid model.l2_embedding=5e-4,1e-3 \
         [--experiment NAME] [--config base.yaml] [--set key=value ...] \
         [--random N [--dist optimizer.learning_rate=log:0.05:0.5] [--seed S]] \
-        [--workers N] [--metric logloss|auc] [--task NAME] [--out runs/tune/NAME]
+        [--workers N] [--metric logloss|auc] [--task NAME] [--seeds 42,1,2] [--out DIR]
 
 The base config is resolved like ``trainer.train`` resolves it (experiment ->
 ``--config`` -> ``--set`` -> ``--data``/``--model``); each trial puts its values on
 top and is one training run (``trainer.train.train``) whose metrics are measured
 on the eval split (with early stopping configured, at the restored best epoch).
+When the schema has a ``valid`` split, trials are ranked on it (each run's
+``metrics_valid.json``; early stopping selects on it too) and the eval metrics
+are reported next to it; otherwise they are ranked on eval.
 
 Search space:
   --grid KEY=V1,V2,...   discrete values, parsed as YAML scalars; a YAML list
@@ -22,17 +25,24 @@ Search space:
 Without ``--random`` every combination of the grids runs (grid search); with
 ``--random N``, N trials are drawn with seed ``--seed``: distinct grid points when
 there are only grids, otherwise independent draws per key. ``--point`` trials follow.
+  --seeds S1,S2,...      run every trial once per ``train.seed``; the tables add the
+                         mean and standard deviation over the seeds of each point
+                         (e.g. ``make tune EXPERIMENT=frappe_ffm ARGS='--seeds 42,1,2'``
+                         for a figure with its seed-to-seed spread).
 
 ``--workers 1`` runs the trials one after another in this process; ``--workers N``
 runs up to N trials at once, each in its own ``python -m trainer.train`` process
 with ``TF_NUM_INTRAOP_THREADS`` = cores / N (unless set), so that the workers do not
 oversubscribe the CPUs.
 
-Outputs in ``--out`` (default ``runs/tune/<experiment or model>``):
-  trials.json   the search (command, base, space, metric) and every trial: values,
-                status, metrics per task, seconds, run dir; rewritten after each trial;
+Outputs in ``--out`` (``make tune OUT=<dir>``; without it, a new temporary directory,
+printed at the start and the end: nothing is written under ``runs/`` unless asked):
+  trials.json   the search (command, base, space, metric, split) and every trial: values,
+                status, metrics per task (eval, and valid when the schema has it),
+                seconds, run dir; with ``--seeds`` also ``summary``: mean and sd per point;
+                rewritten after each trial;
   trials.md     the same as a Markdown table, best trial first;
-  trial-NNN/    each trial's run dir (config.yaml, metrics.json, checkpoints).
+  trial-NNN/    each trial's run dir (config.yaml, metrics.json, history.json, checkpoints).
 A trial whose run dir already holds ``metrics.json`` for the identical resolved
 config is not rerun, so an interrupted search continues where it stopped.
 """
@@ -48,8 +58,10 @@ import os
 import random
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -58,12 +70,11 @@ import yaml
 
 from feature_schema import configs, load_schema
 from trainer import config as config_lib
+# Run-directory names without TensorFlow: the parent of subprocess workers stays TF-free.
+from trainer.run_files import BEST_STATE, METRICS_FILE, PROGRESS_FILE, VALID_METRICS_FILE  # noqa: F401
 
 TRIAL_CONFIG = "trial.yaml"
-METRICS_FILE = "metrics.json"
-# trainer.train's run-dir files (not imported: the parent of subprocess workers stays TF-free).
-PROGRESS_FILE = "progress.jsonl"
-BEST_STATE = os.path.join("best", "state.json")
+SEED_KEY = "train.seed"
 # Objectives: name -> (sort key from a task's metrics, lower is better).
 OBJECTIVES = {
     "logloss": lambda m: m["logloss"],
@@ -149,6 +160,26 @@ def parse_point(item: str) -> dict:
     return point
 
 
+def parse_seeds(raw: str) -> list[int]:
+    """``"42,1,2"`` -> ``[42, 1, 2]`` (distinct integers)."""
+    if not raw:
+        return []
+    try:
+        seeds = [int(x) for x in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {raw!r} is not a comma-separated list of integers") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {raw!r} repeats a seed")
+    return seeds
+
+
+def with_seeds(points: list[dict], seeds: list[int]) -> list[dict]:
+    """Every point once per seed (seed varying fastest), as ``train.seed`` values."""
+    if any(SEED_KEY in p for p in points):
+        raise ValueError(f"--seeds and a search over {SEED_KEY} together are ambiguous")
+    return [{**p, SEED_KEY: s} for p in points for s in seeds]
+
+
 def grid_trials(grid: list[tuple[str, list]]) -> list[dict]:
     """Every combination of the grids, the first key varying slowest."""
     keys = [k for k, _ in grid]
@@ -198,7 +229,8 @@ class Trial:
     values: dict
     run_dir: str
     status: str = "pending"  # pending | ok | cached | failed
-    metrics: dict = dataclasses.field(default_factory=dict)
+    metrics: dict = dataclasses.field(default_factory=dict)  # eval split
+    valid: dict = dataclasses.field(default_factory=dict)  # valid split (ranks when present)
     seconds: float = 0.0
     epochs: str = ""  # "best/run" epochs under early stopping, else epochs run
     error: str = ""
@@ -222,23 +254,33 @@ def task_metrics(result: dict) -> dict:
     return {k: v for k, v in result.items() if isinstance(v, dict) and "logloss" in v}
 
 
-def _read_metrics(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, METRICS_FILE), encoding="utf-8") as f:
+def _read_metrics(run_dir: str, name: str = METRICS_FILE) -> dict:
+    """Task metrics of a run's ``name`` file ({} when it has none, e.g. no valid split)."""
+    path = os.path.join(run_dir, name)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
         return task_metrics(json.load(f))
 
 
-def run_in_process(cfg: config_lib.ExperimentConfig) -> dict:
-    """Trains one trial in this process; returns its eval metrics."""
-    import tf_keras as keras
+def _collect(trial: "Trial") -> None:
+    """Reads the eval and valid metrics of a finished trial's run dir."""
+    trial.metrics = _read_metrics(trial.run_dir)
+    trial.valid = _read_metrics(trial.run_dir, VALID_METRICS_FILE)
 
+
+def run_in_process(cfg: config_lib.ExperimentConfig) -> None:
+    """Trains one trial in this process (its metrics land in its run dir)."""
     from trainer import train
 
+    import tf_keras as keras
+
     keras.backend.clear_session()  # drop the previous trial's graph and variables
-    return task_metrics(train.train(cfg))
+    train.train(cfg)
 
 
-def run_subprocess(cfg: config_lib.ExperimentConfig, threads: int) -> dict:
-    """Trains one trial in a ``python -m trainer.train`` process; returns its eval metrics."""
+def run_subprocess(cfg: config_lib.ExperimentConfig, threads: int) -> None:
+    """Trains one trial in a ``python -m trainer.train`` process (its metrics land in its run dir)."""
     env = dict(os.environ)
     env.setdefault("TF_USE_LEGACY_KERAS", "1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -253,7 +295,6 @@ def run_subprocess(cfg: config_lib.ExperimentConfig, threads: int) -> dict:
         with open(log, encoding="utf-8") as f:
             tail = f.read().strip().splitlines()[-3:]
         raise RuntimeError(f"exit {proc.returncode}: " + " | ".join(tail))
-    return _read_metrics(cfg.run_dir)
 
 
 def epochs_of(run_dir: str) -> str:
@@ -271,9 +312,14 @@ def epochs_of(run_dir: str) -> str:
     return str(max((e for e in epochs if e), default=0))
 
 
+def selecting(trial: Trial) -> dict:
+    """The metrics that rank a trial: the valid split's when its run has them, else eval's."""
+    return trial.valid or trial.metrics
+
+
 def objective(trial: Trial, metric: str, task: str) -> float:
     """The trial's sort key (lower is better); +inf when it failed or has no such task."""
-    m = trial.metrics.get(task)
+    m = selecting(trial).get(task)
     if trial.status not in ("ok", "cached") or not m:
         return math.inf
     v = OBJECTIVES[metric](m)
@@ -282,6 +328,32 @@ def objective(trial: Trial, metric: str, task: str) -> float:
 
 def ranked(trials: list[Trial], metric: str, task: str) -> list[Trial]:
     return sorted(trials, key=lambda t: (objective(t, metric, task), t.index))
+
+
+def _mean_sd(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def seed_summary(trials: list[Trial], metric: str, task: str) -> list[dict]:
+    """Per point (the values without ``train.seed``): seeds, and mean and sd over them of each
+    task's AUC and logloss (eval, and valid when present), best point first by the mean objective."""
+    groups: dict[str, list[Trial]] = {}
+    for t in trials:
+        point = {k: v for k, v in t.values.items() if k != SEED_KEY}
+        groups.setdefault(json.dumps(point, sort_keys=True, default=str), []).append(t)
+    out = []
+    for key, members in groups.items():
+        done = [t for t in members if objective(t, metric, task) < math.inf]
+        row = {"values": json.loads(key), "seeds": [t.values.get(SEED_KEY) for t in done],
+               "trials": [t.index for t in members], "objective": math.inf, "eval": {}, "valid": {}}
+        if done:
+            row["objective"] = statistics.fmean(objective(t, metric, task) for t in done)
+            for split in ("eval", "valid"):
+                per_task = [getattr(t, "metrics" if split == "eval" else "valid") for t in done]
+                for name in sorted(set.intersection(*(set(m) for m in per_task))):
+                    row[split][name] = {k: _mean_sd([m[name][k] for m in per_task]) for k in ("auc", "logloss")}
+        out.append(row)
+    return sorted(out, key=lambda r: (r["objective"], min(r["trials"])))
 
 
 def _fmt(v) -> str:
@@ -297,11 +369,15 @@ def markdown_table(search: dict, trials: list[Trial]) -> str:
     metric, task = search["metric"], search["task"]
     keys = search["keys"]
     tasks = [task] + [t for t in sorted({t for tr in trials for t in tr.metrics}) if t != task]
+    on_valid = any(tr.valid for tr in trials)
     lines = [f"# Search `{search['name']}`", "",
              f"Command: `{search['command']}`", "",
-             f"Ranked by eval {metric} of task `{task}`; {len(trials)} trials "
-             f"({search['mode']}, {search['workers']} worker(s)).", ""]
+             f"Ranked by {'valid' if on_valid else 'eval'} {metric} of task `{task}`; {len(trials)} trials "
+             f"({search['mode']}, {search['workers']} worker(s))"
+             + ("; the other columns are eval metrics." if on_valid else "."), ""]
     head = ["rank", "trial"] + [f"`{k}`" for k in keys]
+    if on_valid:
+        head += [f"valid {task} AUC", f"valid {task} logloss"]
     for t in tasks:
         head += [f"{t} AUC", f"{t} logloss", f"{t} calib."]
     head += ["epochs", "seconds", "status"]
@@ -309,12 +385,36 @@ def markdown_table(search: dict, trials: list[Trial]) -> str:
     for rank, tr in enumerate(ranked(trials, metric, task), 1):
         row = [str(rank) if objective(tr, metric, task) < math.inf else "-", f"{tr.index:03d}"]
         row += [_fmt(tr.values.get(k, "")) for k in keys]
+        if on_valid:
+            v = tr.valid.get(task, {})
+            row += [f"{v['auc']:.4f}", f"{v['logloss']:.4f}"] if v else ["", ""]
         for t in tasks:
             m = tr.metrics.get(t, {})
             row += [f"{m['auc']:.4f}", f"{m['logloss']:.4f}", f"{m['calibration']:.3f}"] if m else ["", "", ""]
         row += [tr.epochs, f"{tr.seconds:.0f}", tr.status + (f": {tr.error}" if tr.error else "")]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    if search.get("seeds"):
+        lines += ["", *summary_table(search, seed_summary(trials, metric, task), tasks)]
     return "\n".join(lines) + "\n"
+
+
+def summary_table(search: dict, summary: list[dict], tasks: list[str]) -> list[str]:
+    """Markdown lines of the mean ± sd over seeds per point (``--seeds``)."""
+    keys = [k for k in search["keys"] if k != SEED_KEY]
+    splits = ["valid", "eval"] if any(r["valid"] for r in summary) else ["eval"]
+    lines = [f"Mean ± sd over seeds {', '.join(str(s) for s in search['seeds'])} (sample sd):", ""]
+    head = [f"`{k}`" for k in keys] + ["seeds"]
+    for split in splits:
+        head += [f"{split} {t} {m}" for t in tasks for m in ("AUC", "logloss")]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        row = [_fmt(r["values"].get(k, "")) for k in keys] + [str(len(r["seeds"]))]
+        for split in splits:
+            for t in tasks:
+                m = r[split].get(t)
+                row += ([f"{m[k]['mean']:.4f} ± {m[k]['sd']:.4f}" for k in ("auc", "logloss")] if m else ["", ""])
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    return lines
 
 
 def write_tables(out: str, search: dict, trials: list[Trial]) -> None:
@@ -322,8 +422,10 @@ def write_tables(out: str, search: dict, trials: list[Trial]) -> None:
     best = ranked(trials, search["metric"], search["task"])[0] if trials else None
     doc = {**search, "best": None, "trials": [dataclasses.asdict(t) for t in trials]}
     if best is not None and objective(best, search["metric"], search["task"]) < math.inf:
-        doc["best"] = {"index": best.index, "values": best.values, "metrics": best.metrics,
+        doc["best"] = {"index": best.index, "values": best.values, "metrics": best.metrics, "valid": best.valid,
                        "config": os.path.join(best.run_dir, "config.yaml")}
+    if search.get("seeds"):
+        doc["summary"] = seed_summary(trials, search["metric"], search["task"])
     for name, text in (("trials.json", json.dumps(doc, indent=1, default=str)),
                        ("trials.md", markdown_table(search, trials))):
         tmp = os.path.join(out, name + ".tmp")
@@ -343,7 +445,8 @@ def _default_task(cfg: config_lib.ExperimentConfig) -> str:
 
 
 def search(base: dict, points: list[dict], out: str, *, metric: str = "logloss", task: str = "",
-           workers: int = 1, name: str = "", command: str = "", mode: str = "grid") -> dict:
+           workers: int = 1, name: str = "", command: str = "", mode: str = "grid",
+           seeds: list[int] | None = None) -> dict:
     """Runs every trial (resuming finished ones) and writes the tables; returns trials.json's content.
 
     Args:
@@ -354,6 +457,7 @@ def search(base: dict, points: list[dict], out: str, *, metric: str = "logloss",
       task: task whose metric ranks the trials (default: the model's first task).
       workers: 1 = in this process; N > 1 = up to N concurrent training processes.
       name, command, mode: recorded in the tables.
+      seeds: the ``train.seed`` values the points were repeated with (adds the mean ± sd table).
     """
     if metric not in OBJECTIVES:
         raise ValueError(f"metric {metric!r} not in {sorted(OBJECTIVES)}")
@@ -368,7 +472,8 @@ def search(base: dict, points: list[dict], out: str, *, metric: str = "logloss",
     keys = list(dict.fromkeys(k for p in points for k in p))
     task = task or _default_task(cfgs[0])
     info = {"name": name or os.path.basename(os.path.normpath(out)), "command": command, "mode": mode,
-            "workers": workers, "metric": metric, "task": task, "keys": keys, "base": base}
+            "workers": workers, "metric": metric, "task": task, "keys": keys, "base": base,
+            "seeds": list(seeds or [])}
     lock = threading.Lock()
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
 
@@ -376,14 +481,17 @@ def search(base: dict, points: list[dict], out: str, *, metric: str = "logloss",
         with lock:
             if not info["task"] and trial.metrics:
                 info["task"] = next(iter(trial.metrics))
+            split = "valid" if trial.valid else "eval"
             write_tables(out, info, trials)
             best = objective(trial, metric, info["task"]) if info["task"] else math.inf
             print(f"tune: trial {trial.index:03d} {trial.status} {trial.values} "
-                  f"{metric}={'n/a' if best == math.inf else _fmt(abs(best))} ({trial.seconds:.0f}s)", flush=True)
+                  f"{split} {metric}={'n/a' if best == math.inf else _fmt(abs(best))} ({trial.seconds:.0f}s)",
+                  flush=True)
 
     def run(trial: Trial, cfg: config_lib.ExperimentConfig) -> None:
         if _finished(trial, cfg):
-            trial.status, trial.metrics = "cached", _read_metrics(trial.run_dir)
+            trial.status = "cached"
+            _collect(trial)
             trial.epochs = epochs_of(trial.run_dir)
             record(trial)
             return
@@ -391,7 +499,8 @@ def search(base: dict, points: list[dict], out: str, *, metric: str = "logloss",
         config_lib.save(cfg, os.path.join(trial.run_dir, TRIAL_CONFIG))
         start = time.time()
         try:
-            trial.metrics = run_subprocess(cfg, threads) if workers > 1 else run_in_process(cfg)
+            run_subprocess(cfg, threads) if workers > 1 else run_in_process(cfg)
+            _collect(trial)
             trial.status = "ok"
         except Exception as e:  # a failed trial is a row of the table, not the end of the search
             trial.status, trial.error = "failed", f"{type(e).__name__}: {e}"[:300]
@@ -431,7 +540,9 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=1, help="concurrent trials (>1: one process each)")
     p.add_argument("--metric", default="logloss", choices=sorted(OBJECTIVES), help="ranking metric")
     p.add_argument("--task", default="", help="task whose metric ranks trials (default: first task)")
-    p.add_argument("--out", default="", help="output directory (default runs/tune/<experiment or model>)")
+    p.add_argument("--seeds", default="", metavar="S1,S2,...",
+                   help="run every trial once per train.seed and add mean ± sd over the seeds")
+    p.add_argument("--out", default="", help="output directory (default: a new temporary directory)")
     return p.parse_args(argv)
 
 
@@ -445,8 +556,10 @@ def main(argv=None) -> dict:
     if dists and not args.random:
         raise SystemExit("--dist needs --random N")
     points = [parse_point(x) for x in args.point]
-    if not grid and not dists and not points:
-        raise SystemExit("nothing to search: give --grid KEY=V1,V2, --dist KEY=KIND:LO:HI or --point 'KEY=V ...'")
+    seeds = parse_seeds(args.seeds)
+    if not grid and not dists and not points and not seeds:
+        raise SystemExit("nothing to search: give --grid KEY=V1,V2, --dist KEY=KIND:LO:HI, --point 'KEY=V ...' "
+                         "or --seeds S1,S2")
     flat = {}
     if args.data:
         flat["data"] = {"path": args.data}
@@ -459,15 +572,26 @@ def main(argv=None) -> dict:
         points = random_trials(grid, dists, args.random, args.seed) + points
     elif grid:
         points = grid_trials(grid) + points
-    mode = f"random {args.random}, seed {args.seed}" if args.random else ("grid" if grid else "points")
+    mode = f"random {args.random}, seed {args.seed}" if args.random else (
+        "grid" if grid else ("points" if points else "base config"))
+    if seeds:
+        points = with_seeds(points or [{}], seeds)
+        mode += f" x seeds {','.join(map(str, seeds))}"
     name = args.experiment or base_cfg.model.name
-    out = args.out or os.path.join("runs", "tune", name)
+    out = args.out or tempfile.mkdtemp(prefix=f"tune-{name}-")
+    if not args.out:
+        print(f"tune: writing to {out} (give --out, or make tune OUT=<dir>, to choose; rerun with it to resume)",
+              flush=True)
     command = "python -m trainer.tune " + " ".join(shlex.quote(a) for a in argv)
     result = search(base, points, out, metric=args.metric, task=args.task, workers=args.workers, name=name,
-                    command=command, mode=mode)
+                    command=command, mode=mode, seeds=seeds)
     print(open(os.path.join(out, "trials.md"), encoding="utf-8").read())
+    print(f"tune: tables and trials in {out}", flush=True)
     return result
 
 
 if __name__ == "__main__":
+    from trainer import quiet
+
+    quiet.filter_stderr()  # the command: TensorFlow's noise is filtered (trials import it)
     main()

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from feature_schema import SCHEMA_FILENAME, VOCAB_FILENAME, Schema, load_schema, read_vocabulary
+from trainer import run_files
 
 
 @dataclasses.dataclass
@@ -93,14 +94,13 @@ def _read_source(source: str):
         reader = tf.train.load_checkpoint(os.path.join(source, "variables", "variables"))
         variables = {by_id[id(v)]: reader.get_tensor(f"model/variables/{i}{_VALUE}")
                      for i, v in enumerate(old.variables) if id(v) in by_id}
-    elif os.path.exists(os.path.join(source, "config.yaml")):
+    elif os.path.exists(os.path.join(source, run_files.CONFIG_FILE)):
         from trainer import config as config_lib
-        from trainer.train import WEIGHTS_DIR
 
-        cfg = config_lib.load(os.path.join(source, "config.yaml"))
+        cfg = config_lib.load(os.path.join(source, run_files.CONFIG_FILE))
         schema = load_schema(cfg.data.path)
         vocab_path = schema.vocabulary_file()
-        reader = tf.train.load_checkpoint(os.path.join(source, WEIGHTS_DIR, "weights"))
+        reader = tf.train.load_checkpoint(run_files.weights_prefix(source))
         variables = {k[: -len(_VALUE)]: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
                      if k.startswith("model/") and k.endswith(_VALUE) and "/optimizer/" not in k}
     else:

@@ -1,16 +1,15 @@
-"""Named experiments: each returns overrides of the default ExperimentConfig.
+"""Named experiments on the generator's data.
 
 * ``generated_*``: the generator's default data (``make etl``), the walking-skeleton runs.
 * ``quality_*``: the generator's ``quality`` preset (``make etl GEN_ARGS='--preset quality'``: 1M
   impressions over small, learnable cardinalities), where the trainer issue's bars against the
   planted Bayes-optimal model are measured (``tests/test_training_quality.py``); ``quality_esmm``
   and ``quality_cvr_clicked`` are compared on the ``esmm`` preset.
-* ``frappe_*``: Frappe (``trainer/experiments_frappe.py``).
 """
 from __future__ import annotations
 
 from feature_schema import configs
-from trainer.config import register_experiment
+from trainer.experiments.registry import register_experiment
 
 
 @register_experiment("generated_fm")
@@ -114,6 +113,3 @@ def quality_cvr_clicked() -> dict:
     return configs.deep_merge(
         _quality({"name": "mtl", "tasks": ["conversion"], "bias_tasks": [], **_QUALITY_DEEP}, 0.002),
         {"train": {"task_condition": {"conversion": "click"}}})
-
-
-from trainer import experiments_frappe  # noqa: E402,F401  (registers the Frappe experiments)

@@ -9,7 +9,7 @@ FIELD_MAP=../shared/data/frappe/frappe.fields.tsv OUT=data/frappe``.
 from __future__ import annotations
 
 from feature_schema import configs
-from trainer.config import register_experiment
+from trainer.experiments.registry import register_experiment
 
 # Shared by every Frappe run: data location, in-memory cache (57k examples), stopping rule.
 _FRAPPE = {
