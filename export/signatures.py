@@ -106,6 +106,10 @@ class ServingModule(tf.Module):
                   "values": tf.SparseTensorSpec([None, None], tf.float32),
                   "fields": tf.SparseTensorSpec([None, None], tf.int64)}
         self._model_fn = tf.function(self._forward, input_signature=[sparse], autograph=False)
+        # Raw Examples -> the model's outputs, traced once for serving_default, Classify and Regress
+        # (only serving_default adds the fusion output, so Classify and Regress need no bid).
+        self._raw_fn = tf.function(self._raw_outputs, input_signature=[tf.TensorSpec([None], tf.string)],
+                                   autograph=False)
 
     def _forward(self, features: dict) -> dict:
         out = self.model(features, training=False)
@@ -114,13 +118,16 @@ class ServingModule(tf.Module):
     def run(self, features: dict) -> dict:
         return self._model_fn(features)
 
+    def _raw_outputs(self, examples) -> dict:
+        return self.run(self.featurizer.from_examples(examples))
+
     def _fuse(self, out: dict, bid) -> dict:
         f = self._fusion
         return {**out, FUSION_OUTPUT: fusion_score(out[f.ctr_output], out[f.cvr_output], bid, f.a, f.b)}
 
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_examples(self, examples):
-        out = self.run(self.featurizer.from_examples(examples))
+        out = self._raw_fn(examples)
         if self._fusion is None:
             return out
         name = self._fusion.bid_feature
@@ -164,7 +171,7 @@ class ServingModule(tf.Module):
         return self.run(self.featurizer.from_field_ids(*sparse))
 
     def _primary(self, examples):
-        return self.serve_examples(examples)[self.outputs[0]]
+        return self._raw_fn(examples)[self.outputs[0]]
 
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS)])
     def classify(self, inputs):
