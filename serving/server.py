@@ -136,7 +136,8 @@ class Server:
         limit = default_max_concurrent() if max_concurrent_requests is None else max_concurrent_requests
         self.max_concurrent_requests = limit
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc",
+                                       initializer=_lower_thread_priority, initargs=(REQUEST_THREAD_NICE,)),
             maximum_concurrent_rpcs=limit or None,
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes),
@@ -163,6 +164,21 @@ class Server:
         """Stops accepting requests, lets running ones finish (up to ``grace`` s), unloads the models."""
         self._server.stop(grace).wait()
         self.manager.stop()
+
+
+# Request threads run this much below the process's other threads (gRPC's own poller, which admits or
+# sheds every incoming request): under overload the poller keeps a core's share and answers
+# RESOURCE_EXHAUSTED at once instead of waiting behind the compute (docs/RELIABILITY.md).
+REQUEST_THREAD_NICE = 5
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Lowers the calling thread's scheduling priority by ``nice`` (Linux: per-thread nice values)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at the process's priority
+        pass
 
 
 def default_max_concurrent() -> int:
