@@ -170,6 +170,7 @@ class Server:
 # sheds every incoming request): under overload the poller keeps a core's share and answers
 # RESOURCE_EXHAUSTED at once instead of waiting behind the compute (docs/RELIABILITY.md).
 REQUEST_THREAD_NICE = 5
+GIL_SWITCH_S = 0.001
 
 
 def _lower_thread_priority(nice: int) -> None:
@@ -182,10 +183,10 @@ def _lower_thread_priority(nice: int) -> None:
 
 
 def default_max_concurrent() -> int:
-    """Admitted requests by default: four per core. Each request computes on one core
-    (``session_config``), so this keeps every core busy with a short queue behind it for bursts;
-    more admitted requests would only wait longer (docs/RELIABILITY.md has the overload figures)."""
-    return 4 * (os.cpu_count() or 1)
+    """Admitted requests by default: two per core. Each request computes on one core
+    (``session_config``), so this keeps every core busy with one request waiting behind it; more
+    admitted requests would only wait longer (docs/RELIABILITY.md has the overload figures)."""
+    return 2 * (os.cpu_count() or 1)
 
 
 def session_config(intra_op: int = 1, inter_op: int = -1):
@@ -224,7 +225,7 @@ def parse_args(argv):
     p.add_argument("--max_message_bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     p.add_argument("--grpc_max_threads", type=int, default=8)
     p.add_argument("--max_concurrent_requests", type=int, default=None,
-                   help="requests admitted at once; more get RESOURCE_EXHAUSTED at once (default: 4 per core; "
+                   help="requests admitted at once; more get RESOURCE_EXHAUSTED at once (default: 2 per core; "
                         "0: no limit)")
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=1,
                    help="threads one op may use (1, default: a request stays on one core; 0: TF's choice)")
@@ -252,6 +253,9 @@ def server_config(args):
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Hand the GIL over every 1 ms (Python's default is 5): gRPC's poller, which admits or sheds each
+    # incoming request, waits less behind the request threads' Python.
+    sys.setswitchinterval(GIL_SWITCH_S)
     tf.get_logger().setLevel(logging.ERROR)  # the TF1 loader's deprecation notices are expected here
     try:
         config = server_config(args)
