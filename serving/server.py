@@ -183,10 +183,12 @@ def _lower_thread_priority(nice: int) -> None:
 
 
 def default_max_concurrent() -> int:
-    """Admitted requests by default: two per core. Each request computes on one core
-    (``session_config``), so this keeps every core busy with one request waiting behind it; more
-    admitted requests would only wait longer (docs/RELIABILITY.md has the overload figures)."""
-    return 2 * (os.cpu_count() or 1)
+    """Admitted requests by default: one per core. Each request computes on one core
+    (``session_config``), so this keeps every core busy; every request admitted beyond it would
+    only wait, and under overload that wait is what the accepted requests' latency grows by
+    (docs/RELIABILITY.md has the figures for 1, 1.5 and 2 per core). Clients retry a shed request
+    with backoff (``serving.client``), so bursts above it cost a retry, not a failure."""
+    return os.cpu_count() or 1
 
 
 def session_config(intra_op: int = 1, inter_op: int = -1):
@@ -225,7 +227,7 @@ def parse_args(argv):
     p.add_argument("--max_message_bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     p.add_argument("--grpc_max_threads", type=int, default=8)
     p.add_argument("--max_concurrent_requests", type=int, default=None,
-                   help="requests admitted at once; more get RESOURCE_EXHAUSTED at once (default: 2 per core; "
+                   help="requests admitted at once; more get RESOURCE_EXHAUSTED at once (default: 1 per core; "
                         "0: no limit)")
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=1,
                    help="threads one op may use (1, default: a request stays on one core; 0: TF's choice)")

@@ -254,7 +254,16 @@ def test_overload_is_shed_at_once_and_the_server_keeps_serving(env):
             with pytest.raises(client_lib.ScoringError) as err:
                 c.score_examples(env["examples"][:5])
             assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t0 < 1.0
-            release.set()
+            # A client that retries with backoff gets through once a slot frees.
+            with client_lib.ServingClient(srv.target, "fm", timeout_s=30, retries=8, backoff_s=0.05) as patient:
+                later = []
+                waiter = threading.Thread(target=lambda: later.append(patient.score_examples(env["examples"][:5])))
+                waiter.start()
+                time.sleep(0.2)
+                assert not later  # still shed and backing off while both slots are held
+                release.set()
+                waiter.join(30)
+            assert len(later) == 1 and _close(later[0].outputs["click"], env["expected"][2][:5])
             for t in pool:
                 t.join(30)
             assert len(results) == 2 and all(_close(r.outputs["click"], env["expected"][2][:5]) for r in results)
