@@ -52,6 +52,14 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 FIELD_MAP_FILE = "field_map.tsv"  # export.exporter.FIELD_MAP_FILE
 HTTP2_WINDOW_BYTES = 4 << 20
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+# What gRPC's server says when it sheds a request over its admission limit (serving.server's
+# --max_concurrent_requests): retried with backoff like UNAVAILABLE, unlike a message over the size cap.
+SHED_DETAILS = "Concurrent RPC limit exceeded"
+
+
+def _transient(e: grpc.RpcError) -> bool:
+    code = e.code()
+    return code in RETRYABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and SHED_DETAILS in (e.details() or ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +229,7 @@ class ServingClient:
                     results[i] = fut.result()
                 except grpc.RpcError as e:
                     code = e.code()
-                    transient = code in RETRYABLE or (code == grpc.StatusCode.DEADLINE_EXCEEDED
+                    transient = _transient(e) or (code == grpc.StatusCode.DEADLINE_EXCEEDED
                                                       and deadline - time.monotonic() > 0)
                     if not transient or attempt >= self.retries:
                         for f in futures.values():
@@ -281,7 +289,7 @@ class ServingClient:
             try:
                 return method(req, timeout=max(1e-3, deadline - time.monotonic()))
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.retries or time.monotonic() >= deadline:
+                if not _transient(e) or attempt == self.retries or time.monotonic() >= deadline:
                     raise ScoringError(e.code(), e.details() or "") from None
                 time.sleep(self.backoff_s * (2 ** attempt))
         raise AssertionError("unreachable")
