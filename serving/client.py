@@ -358,13 +358,14 @@ def parse_lines(builder: examples_lib.ExampleBuilder, lines) -> tuple[list, list
 
 
 def score_lines(client: ServingClient, lines, fmt: str, schema: Schema | None = None, field_map=None,
-                signature: str = "", splits: int = 1, context_fields=()) -> tuple[Prediction, list]:
+                signature: str = "", splits: int = 1, context_fields=(), outputs=()) -> tuple[Prediction, list]:
     """Scores text lines as one request's candidates; returns (prediction, labels per line or None).
 
     ``fmt`` ``ids``: pre-hashed lines to ``predict_ids``. Otherwise libfm/libffm lines become raw
     Examples (``serving.examples``) sent to ``serving_default``, or with ``context_fields`` one
     ``rank`` request: the first line's context fields are the shared context, every line's other
-    fields a candidate.
+    fields a candidate. ``outputs`` limits the outputs (Predict's ``output_filter``): a fusion
+    export computes its ``fusion`` output, which needs a bid the lines lack, only when asked for it.
     """
     lines = [line for line in lines if line.strip()]
     if fmt == "ids":
@@ -379,9 +380,10 @@ def score_lines(client: ServingClient, lines, fmt: str, schema: Schema | None = 
     if context_fields:
         context = builder.example(builder.split(feats[0], context_fields)[0])
         cands = [builder.example(builder.split(f, context_fields)[1]) for f in feats]
-        return client.rank(context, cands), labels
+        return client.rank(context, cands, output_filter=outputs), labels
     examples = [builder.example(f) for f in feats]
-    return client.score_examples(examples, splits=splits, signature=signature or DEFAULT_SIGNATURE), labels
+    return client.score_examples(examples, splits=splits, signature=signature or DEFAULT_SIGNATURE,
+                                 output_filter=outputs), labels
 
 
 def report(pred: Prediction, labels: list, schema: Schema) -> list[str]:
@@ -418,6 +420,8 @@ def main(argv=None) -> None:
     s.add_argument("--context_fields", default="",
                    help="comma-separated fields shared by all lines: one rank request (first line's context)")
     s.add_argument("--metrics", action="store_true", help="print AUC and logloss against the lines' labels")
+    s.add_argument("--outputs", default="", help="comma-separated outputs to compute (default: all; a fusion "
+                                                 "export needs a bid for 'fusion': leave it out for log lines)")
     s.add_argument("inputs", nargs="*", default=["-"], help="files of lines (- : stdin)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with ServingClient(args.server, args.model, args.version, args.version_label, timeout_s=args.timeout,
@@ -437,7 +441,8 @@ def main(argv=None) -> None:
         fmt = args.format or (schema.format if schema else "ids")
         field_map = _field_map(args.schema, args.field_map) if fmt == "libfm" else None
         ctx = frozenset(f for f in args.context_fields.split(",") if f)
-        pred, labels = score_lines(client, lines, fmt, schema, field_map, args.signature, args.splits, ctx)
+        outputs = tuple(o for o in args.outputs.split(",") if o)
+        pred, labels = score_lines(client, lines, fmt, schema, field_map, args.signature, args.splits, ctx, outputs)
     keys = sorted(pred.outputs)
     for i in range(len(pred.outputs[keys[0]]) if keys else 0):
         print("\t".join(f"{k}={pred.outputs[k][i]:.6f}" for k in keys))

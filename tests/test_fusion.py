@@ -126,6 +126,12 @@ def test_requests_without_a_valid_bid_are_refused_naming_the_feature(served):
         sm.rank(ctx, [with_bid(builder.example(feats[1]), 1.0), builder.example(feats[2])])
     # Classify and Regress accept the bid feature and need none.
     assert sm.run_examples("regression", [good, bad["missing"][0]])["outputs"].shape == (2,)
+    # Nor does a Predict whose output_filter leaves fusion out (TF Serving fetches only those
+    # outputs; the bid check hangs on fusion alone): what `serving.client score --outputs` sends.
+    sig = sm.signatures["serving_default"]
+    feed = {sig.inputs["examples"].name: np.array([bad["missing"][0]], dtype=object)}
+    (click,) = sm.session.run([sig.outputs["click"].name], feed)
+    assert click.shape == (1,) and 0 < click[0] < 1
 
 
 def test_exporter_refuses_outputs_the_model_lacks(mtl_fusion_export, tmp_path):
