@@ -126,12 +126,7 @@ def test_requests_without_a_valid_bid_are_refused_naming_the_feature(served):
         sm.rank(ctx, [with_bid(builder.example(feats[1]), 1.0), builder.example(feats[2])])
     # Classify and Regress accept the bid feature and need none.
     assert sm.run_examples("regression", [good, bad["missing"][0]])["outputs"].shape == (2,)
-    # Nor does a Predict whose output_filter leaves fusion out (TF Serving fetches only those
-    # outputs; the bid check hangs on fusion alone): what `serving.client score --outputs` sends.
-    sig = sm.signatures["serving_default"]
-    feed = {sig.inputs["examples"].name: np.array([bad["missing"][0]], dtype=object)}
-    (click,) = sm.session.run([sig.outputs["click"].name], feed)
-    assert click.shape == (1,) and 0 < click[0] < 1
+
 
 
 def test_exporter_refuses_outputs_the_model_lacks(mtl_fusion_export, tmp_path):
@@ -176,3 +171,25 @@ def test_warmup_and_verification_send_bids(served):
     assert [f[-1][2] for f in feats] == [0.25, 1.0, 1.75, 2.5]
     flat = warmup.merged_features(served["schema"], feats, "bid")
     assert [[v for name, _, v in f if name == "bid"] for f in flat] == [[0.25], [0.25], [1.75], [2.5]]
+
+
+def test_client_scores_log_lines_on_a_fusion_export_with_a_bid(served, tiny_raw, capsys):
+    """`serving.client score --bid 2` on log lines: fusion = ctr^a * cvr^b * 2 over real gRPC."""
+    from serving import client as client_lib
+    from serving import server
+
+    path = served["path"]
+    manager = server.ModelManager(server.single_model_config("mtlf", os.path.dirname(path)),
+                                  session_config=server.session_config())
+    srv = server.Server(manager, port=0)
+    srv.start()
+    try:
+        lines = os.path.join(tiny_raw[0], "eval.libffm")
+        client_lib.main(["score", "--server", srv.target, "--model", "mtlf", "--schema", path, "--bid", "2", lines])
+    finally:
+        srv.stop()
+    rows = [dict(kv.split("=") for kv in line.split("\t")) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 4000 and {"click", "conversion", "fusion"} <= set(rows[0])
+    for r in rows[:50]:
+        want = float(r["click"]) ** A * float(r["conversion"]) ** B * 2.0
+        assert abs(float(r["fusion"]) - want) <= 1e-5 * max(1.0, want) + 2e-6
