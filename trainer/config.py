@@ -153,6 +153,10 @@ class TrainConfig:
       report: write the evaluation report (``run_dir/report``: JSON, ROC and calibration PNGs).
       warm_start: a previous run dir or TF Serving export version dir to initialise from
         (``trainer/warm_start.py``: variables by name, vocabulary rows by feature); empty: cold start.
+      steps_per_execution: training steps per call of the compiled train function (Keras
+        ``steps_per_execution``): fewer Python round trips per epoch; callbacks see every N-th step.
+      jit_compile: compile the train step with XLA (Keras ``jit_compile``); tables up to
+        ``trainer.layers.DENSE_GRADIENT_MAX_ELEMENTS`` have dense gradients, which XLA needs.
     """
 
     epochs: int = 2
@@ -167,6 +171,12 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0
     report: bool = True
     warm_start: str = ""
+    steps_per_execution: int = 1
+    jit_compile: bool = False
+
+    def __post_init__(self):
+        if self.steps_per_execution < 1:
+            raise ValueError(f"train.steps_per_execution must be >= 1, got {self.steps_per_execution}")
 
 
 @dataclasses.dataclass(frozen=True)

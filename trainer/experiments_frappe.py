@@ -64,3 +64,21 @@ def frappe_wide_deep() -> dict:
                   "l2_embedding": 0.03, "l2_linear": 1e-3, "init_stddev": 0.3},
         # Its best epoch comes later and between whole passes: evaluate every half pass (57 steps = 1).
         "train": {"steps_per_epoch": 28, "early_stopping_patience": 4}})
+
+
+# Speed (bench/bench_train.py, docs/TRAINER.md "Training speed").
+@register_experiment("frappe_ffm_fast")
+def frappe_ffm_fast() -> dict:
+    """frappe_ffm for time to libffm's best logloss: XLA, rate 1.0, batch 1862 (divides 57,722: one step shape)."""
+    return configs.deep_merge(frappe_ffm(), configs.deep_merge(summed_adagrad(1.0, 1862), {
+        "data": {"eval_batch_size": 4810},  # divides the 28,860 eval lines: one eval step shape
+        "train": {"jit_compile": True}}))
+
+
+@register_experiment("frappe_deepfm_deepctr")
+def frappe_deepfm_deepctr() -> dict:
+    """DeepFM at DeepCTR's benchmark shape (k=10, DNN 400-400, batch 1024, Adam 1e-3, L2 1e-5), with XLA."""
+    return _frappe({"model": {"name": "deepfm", "embedding_dim": 10, "hidden_units": [400, 400],
+                              "l2_embedding": 1e-5, "l2_linear": 1e-5},
+                    "optimizer": {"name": "adam", "learning_rate": 1e-3},
+                    "data": {"batch_size": 1024}, "train": {"jit_compile": True}})
