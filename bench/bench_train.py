@@ -3,7 +3,7 @@
     python -m bench.bench_train [--etl data/frappe,data/etl] [--data ../shared/data]
         [--ffm_experiment frappe_ffm_fast] [--ffm_train PATH] [--deepfm_experiment frappe_deepfm_deepctr]
         [--rounds 2] [--batch_sizes 1024,4096] [--steps 20] [--models lr,fm,...] [--skip ffm,deepfm,steps]
-        [--quality] [--out runs/bench/train.json]
+        [--ffm_levers] [--quality] [--out runs/bench/train.json]
 
 In one run, on Frappe (``make etl`` output ``data/frappe``, built first when missing):
 
@@ -25,6 +25,8 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
   and of the input pipeline alone, at each ``--batch_sizes``: ``--steps`` timed ``fit`` steps after as
   many warm-up steps. A model runs on the first ``--etl`` directory whose schema it accepts
   (multi-task models need the generated log's two labels: ``data/etl``, built by ``make etl``).
+* ``--ffm_levers``: the FFM measurement again for each speed lever added one at a time to
+  ``frappe_ffm`` (``FFM_LEVERS``): XLA, steps per execution, rate, batch size, and L2 off.
 * ``--quality``: trains ``frappe_ffm``, ``frappe_deepfm`` and ``frappe_wide_deep`` as ``make train``
   does and checks README's bars (FFM AUC >= 0.955 and logloss <= 0.219; the others AUC >= 0.945 and
   logloss <= 0.290). About 10 minutes.
@@ -194,14 +196,15 @@ def _datasets(cfg, schema, model):
     return train_ds, eval_ds, steps, eval_steps
 
 
-def ffm_time_to_logloss(experiment: str, data_path: str, target: float, max_epochs: int) -> dict:
+def ffm_time_to_logloss(experiment: str, data_path: str, target: float, max_epochs: int,
+                        overrides: dict | None = None) -> dict:
     """Trains a named experiment as ``make train`` does until its eval logloss reaches ``target``."""
-    from feature_schema import load_schema
+    from feature_schema import configs, load_schema
     from trainer import config as config_lib
     from trainer import train
 
     keras.backend.clear_session()
-    cfg = config_lib.resolve(experiment, "", {"data": {"path": data_path}})
+    cfg = config_lib.resolve(experiment, "", configs.deep_merge(overrides or {}, {"data": {"path": data_path}}))
     keras.utils.set_random_seed(cfg.train.seed)
     schema = load_schema(data_path)
     model = train.init_model(train.build_and_compile(cfg, schema), schema)
@@ -214,7 +217,8 @@ def ffm_time_to_logloss(experiment: str, data_path: str, target: float, max_epoc
     first = reached[0] if reached else None
     steady = [e["epoch_train_seconds"] for e in clock.epochs[1:]]
     examples = steps * cfg.data.batch_size
-    return {"experiment": experiment, "k": cfg.model.embedding_dim, "lambda": cfg.model.l2_embedding,
+    return {"experiment": experiment, "overrides": overrides or {}, "k": cfg.model.embedding_dim,
+            "lambda": cfg.model.l2_embedding,
             "batch_size": cfg.data.batch_size, "learning_rate": cfg.optimizer.learning_rate,
             "jit_compile": cfg.train.jit_compile, "steps_per_execution": cfg.train.steps_per_execution,
             "target_logloss": target, "reached": first is not None,
@@ -225,6 +229,35 @@ def ffm_time_to_logloss(experiment: str, data_path: str, target: float, max_epoc
             "first_epoch_train_seconds": clock.epochs[0]["epoch_train_seconds"],
             "steady_examples_per_s": examples / float(np.median(steady)) if steady else None,
             "history": clock.epochs}
+
+
+# One lever at a time on top of the previous row (--ffm_levers); each row's overrides apply to frappe_ffm.
+FFM_LEVERS = [
+    ("frappe_ffm as tuned for quality (rate 0.5, batch 1024)", {}),
+    ("+ train.jit_compile (XLA; dense gradients)", {"train": {"jit_compile": True}}),
+    ("+ train.steps_per_execution=16", {"train": {"steps_per_execution": 16}}),
+    ("+ rate 1.0 (summed AdaGrad)", {"optimizer": {"learning_rate": 1.0}}),
+    ("+ batch 1862, eval batch 4810 (one step shape each)",
+     {"data": {"batch_size": 1862, "eval_batch_size": 4810},
+      "optimizer": {"initial_accumulator_value": 1.0 / 1862 ** 2}}),
+    ("  without L2 (lambda 0: the cost of L2 on touched rows)", {"model": {"l2_embedding": 0.0}}),
+]
+
+
+def ffm_levers(data_path: str, target: float, max_epochs: int) -> list[dict]:
+    """FFM_LEVERS, cumulatively (the L2 row only on top of the row before it): time to ``target``."""
+    from feature_schema import configs
+
+    rows, acc = [], {}
+    for name, overrides in FFM_LEVERS:
+        cfg = configs.deep_merge(acc, overrides)
+        if not name.startswith(" "):
+            acc = cfg
+        r = ffm_time_to_logloss("frappe_ffm", data_path, target, max_epochs, cfg)
+        rows.append({"lever": name.strip(), **{k: v for k, v in r.items() if k != "history"}})
+        print(f"bench_train: FFM lever {name.strip()}: {_fmt_rate(r['steady_examples_per_s'])}/s, "
+              f"epochs {r['epochs']}, {r['train_seconds']} s", flush=True)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------- DeepFM
@@ -446,6 +479,15 @@ def print_report(result: dict) -> None:
         if "ratio" in ffm:
             print(f"  time ratio ours / libffm: {ffm['ratio']:.2f} ({ffm['ratio_with_eval']:.2f} with eval); "
                   + _verdict(ffm["ratio"], FFM_BAR, FFM_GOAL, True))
+    levers = result.get("ffm_levers")
+    if levers:
+        print("\nFFM levers, one at a time (examples/s of a steady epoch; time to libffm's best eval logloss)")
+        print(f"{'lever':58s} {'examples/s':>11s} {'epochs':>6s} {'train s':>8s} {'with eval':>9s} {'1st epoch':>9s}")
+        for r in levers:
+            secs = lambda k: f"{r[k]:.1f}" if r[k] is not None else "-"  # noqa: E731
+            print(f"{r['lever']:58s} {_fmt_rate(r['steady_examples_per_s']):>11s} {str(r['epochs'] or '-'):>6s} "
+                  f"{secs('train_seconds'):>8s} {secs('seconds_with_eval'):>9s} "
+                  f"{r['first_epoch_train_seconds']:>9.1f}")
     d = result.get("deepfm")
     if d:
         if "ratio" in d:
@@ -479,6 +521,7 @@ def main(argv=None) -> dict:
     p.add_argument("--ffm_experiment", default="frappe_ffm_fast", help="FFM timed against libffm")
     p.add_argument("--ffm_train", default="", help="libffm ffm-train binary (default: from PATH)")
     p.add_argument("--ffm_max_epochs", type=int, default=60)
+    p.add_argument("--ffm_levers", action="store_true", help="also time FFM with one speed lever at a time")
     p.add_argument("--deepfm_experiment", default="frappe_deepfm_deepctr", help="DeepFM timed against DeepCTR")
     p.add_argument("--rounds", type=int, default=2, help="alternated DeepFM / DeepCTR measurements (best kept)")
     p.add_argument("--batch_sizes", default="1024,4096")
@@ -517,6 +560,8 @@ def main(argv=None) -> dict:
             ffm["ratio"] = ffm["ours"]["train_seconds"] / ffm["libffm"]["seconds"]
             ffm["ratio_with_eval"] = ffm["ours"]["seconds_with_eval"] / ffm["libffm"]["seconds"]
         result["ffm"] = ffm
+        if args.ffm_levers:
+            result["ffm_levers"] = ffm_levers(frappe_etl, target, args.ffm_max_epochs)
     if "deepfm" not in skip and frappe_etl:
         result["deepfm"] = deepfm_vs_deepctr(args.deepfm_experiment, frappe_etl, frappe_dir, args.rounds)
     if args.quality and frappe_etl:

@@ -135,11 +135,15 @@ class RankingModel(keras.Model):
         num = tuple(f for f in fields if f in self.numeric_fields)
         return cat, (layers.FieldValues(num, name=name) if num else None)
 
+    def _fields_of(self, emb, fields):
+        """``emb[:, fields]`` (no copy when ``fields`` are all fields in order)."""
+        return emb if tuple(fields) == tuple(range(self.num_fields)) else tf.gather(emb, list(fields), axis=1)
+
     def _deep_input(self, features, emb, cat_fields, values_layer):
         """Flattened embeddings of ``cat_fields`` (part 1) ++ dense values (part 2), ``[batch, d]``."""
         parts = []
         if cat_fields:
-            e = tf.gather(emb, list(cat_fields), axis=1)
+            e = self._fields_of(emb, cat_fields)
             parts.append(tf.reshape(e, [-1, len(cat_fields) * self.cfg.embedding_dim]))
         if values_layer is not None:
             parts.append(values_layer(features))
@@ -226,7 +230,7 @@ class DeepFM(RankingModel):
 
     def call(self, features, training=False):
         emb = self.embedding(features)
-        fm = self.fm(tf.gather(emb, list(self.deep_fields), axis=1))
+        fm = self.fm(self._fields_of(emb, self.deep_fields))
         deep = self.deep_logit(self.mlp(self._deep_input(features, emb, self.deep_fields, self.values),
                                         training=training))
         return self._single(self.linear(features) + fm + deep)
