@@ -154,9 +154,11 @@ class TrainConfig:
       warm_start: a previous run dir or TF Serving export version dir to initialise from
         (``trainer/warm_start.py``: variables by name, vocabulary rows by feature); empty: cold start.
       steps_per_execution: training steps per call of the compiled train function (Keras
-        ``steps_per_execution``): fewer Python round trips per epoch; callbacks see every N-th step.
-      jit_compile: compile the train step with XLA (Keras ``jit_compile``); tables up to
-        ``trainer.layers.DENSE_GRADIENT_MAX_ELEMENTS`` have dense gradients, which XLA needs.
+        ``steps_per_execution``): fewer Python round trips per epoch. Batch callbacks (and so
+        ``checkpoint_every_steps``) then count calls, not steps; Keras needs the eval size
+        (``validation_steps``) to evaluate with it.
+      jit_compile: compile the train and eval steps with XLA (Keras ``jit_compile``); pays off for
+        FFM, not for MLP-bound models (docs/TRAINER.md, "Training speed").
     """
 
     epochs: int = 2

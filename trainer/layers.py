@@ -30,8 +30,9 @@ def lookup(table, ids: tf.Tensor) -> tf.Tensor:
     A sparse gradient (``tf.IndexedSlices``, one row per occurrence) makes the optimizer deduplicate
     the rows (``tf.unique`` + a segment sum) and scatter its update; that pays off only when a batch
     touches a small share of a large table. A small table (at most ``DENSE_GRADIENT_MAX_ELEMENTS``)
-    gets the summed dense gradient in one scatter-add instead, and a dense optimizer update, which XLA
-    (``train.jit_compile``) can compile. Both give the same update: untouched rows get a zero gradient.
+    gets the summed dense gradient in one scatter-add instead and a dense optimizer update, which XLA
+    (``train.jit_compile``) fuses. Both give the same update: Keras' optimizers treat a row missing
+    from a sparse gradient like a zero row of a dense one.
     Sharded tables (``ParameterServerStrategy``) keep ``embedding_lookup`` and sparse gradients.
     """
     if (tf.distribute.has_strategy() or not isinstance(table, tf.Variable)
