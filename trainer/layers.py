@@ -175,6 +175,16 @@ class FFMInteraction(keras.layers.Layer):
     ``l2 * v`` per use, the same lambda as ``ffm-train -l``), summed and divided by the batch size
     like the log loss.
 
+    Computed in field space: with ``grid[b, g, h] = sum over the features i of field g in example b
+    of x_i v_{i, h}`` (``[batch, F, F, k]``),
+
+        sum_{g, h} <grid[b, g, h], grid[b, h, g]> = sum_{i, j} <v_{i, f_j}, v_{j, f_i}> x_i x_j,
+
+    every pair twice plus the ``i = j`` terms ``x_i^2 ||v_{i, f_i}||^2``, which are taken off. When no
+    crossed field is multi-hot (at most one feature per field and example, which the ETL enforces
+    for fields not declared ``multi_hot``), the grid is one gather of table rows per (example, field)
+    slot; otherwise each feature's rows are gathered and summed into the grid.
+
     Args:
       num_features: rows of the latent table (schema ``num_features``).
       num_fields: fields (schema ``num_fields``).
@@ -184,11 +194,14 @@ class FFMInteraction(keras.layers.Layer):
       l2: L2 penalty per use of a latent vector.
       init: ``normal`` (N(0, init_stddev^2)) or ``uniform`` (libffm's U(0, 1/sqrt(k))).
       init_stddev: stddev of the normal initializer.
+      multi_hot_fields: field ids whose features may repeat within an example (schema ``multi_hot``).
+        Declaring none promises at most one feature per crossed field and example; a batch that
+        breaks the promise counts only the largest id of a repeated field.
     """
 
     def __init__(self, num_features: int, num_fields: int, embedding_dim: int, linear_only_fields=(),
                  normalize: bool = False, l2: float = 0.0, init: str = "normal", init_stddev: float = 0.01,
-                 **kwargs):
+                 multi_hot_fields=(), **kwargs):
         super().__init__(**kwargs)
         if embedding_dim < 1 or num_fields < 1 or num_features < 1:
             raise ValueError(f"FFM needs positive sizes, got features={num_features} fields={num_fields} "
@@ -203,6 +216,7 @@ class FFMInteraction(keras.layers.Layer):
         self.l2 = l2
         self.init = init
         self.init_stddev = init_stddev
+        self.multi_hot_fields = tuple(int(f) for f in multi_hot_fields)
 
     def build(self, input_shape):
         if self.init == "uniform":
@@ -217,30 +231,57 @@ class FFMInteraction(keras.layers.Layer):
         rows, ids, x, fields, batch = sparse_parts(features)
         crossed = _not_in(fields, self.linear_only_fields)
         x = x * crossed
-        v = lookup(self.v, ids)                                           # [nnz, F, k]: v_{i, g}, every g
-        # grid[b, g, h] = sum over the features i of field g in example b of x_i v_{i, h}, so
-        # sum_{g, h} <grid[b, g, h], grid[b, h, g]> = sum_{i, j} <v_{i, f_j}, v_{j, f_i}> x_i x_j:
-        # every pair twice plus the i = j terms x_i^2 ||v_{i, f_i}||^2, taken off below.
-        grid = field_sums(v * x[:, None, None], rows, fields, batch, self.num_fields)  # [B, F, F, k]
-        both = tf.reduce_sum(grid * tf.transpose(grid, [0, 2, 1, 3]), axis=[1, 2, 3])
-        sq = tf.reduce_sum(tf.square(v), -1)                                # [nnz, F]: ||v_{i, g}||^2
-        own = tf.one_hot(fields, self.num_fields)                           # g = f_i
-        own_sq = tf.reduce_sum(sq * own, -1)
-        out = 0.5 * (both - tf.math.unsorted_segment_sum(own_sq * tf.square(x), rows, batch))
+        if set(self.multi_hot_fields) - set(self.linear_only_fields):
+            both, own, penalty = self._by_feature(rows, ids, x, fields, crossed, batch)
+        else:
+            both, own, penalty = self._by_slot(rows, ids, x, fields, crossed, batch)
+        out = 0.5 * (both - own)
         if self.normalize:
             out = out / tf.maximum(tf.math.unsorted_segment_sum(tf.square(x), rows, batch), 1e-12)
         if self.l2:
-            # Feature i uses v_{i, g} once per other crossed feature of field g in its example.
-            count = field_sums(crossed, rows, fields, batch, self.num_fields)       # [B, F]
-            uses = crossed[:, None] * (tf.gather(count, rows) - own)
-            penalty = 0.5 * self.l2 * tf.reduce_sum(sq * uses)
-            self.add_loss(penalty / tf.cast(batch, tf.float32))
+            self.add_loss(0.5 * self.l2 * penalty / tf.cast(batch, tf.float32))
         return out[:, None]
+
+    def _by_slot(self, rows, ids, x, fields, crossed, batch):
+        """(pairs both ways and i = j terms [B], own terms [B], sum of ||v||^2 over uses) with one
+        feature per (example, field) slot at most."""
+        f = self.num_fields
+        slots, n = rows * f + fields, batch * f
+        slot_ids = tf.maximum(tf.math.unsorted_segment_max(ids, slots, n), 0)   # an empty slot: row 0
+        xs = tf.reshape(tf.math.unsorted_segment_sum(x, slots, n), [-1, f])      # 0: empty or not crossed
+        used = tf.reshape(tf.math.unsorted_segment_sum(crossed, slots, n), [-1, f])
+        v = tf.reshape(lookup(self.v, slot_ids), [-1, f, f, self.embedding_dim])  # v[b, g, h]
+        grid = v * xs[:, :, None, None]
+        both = tf.reduce_sum(grid * tf.transpose(grid, [0, 2, 1, 3]), axis=[1, 2, 3])
+        sq = tf.reduce_sum(tf.square(v), -1)                                      # [B, F, F]
+        eye = tf.eye(f)
+        own = tf.reduce_sum(tf.reduce_sum(sq * eye, -1) * tf.square(xs), -1)     # x^2 ||v_{g, g}||^2
+        if not self.l2:
+            return both, own, 0.0
+        # Slot g uses v_{g, h} once per other crossed slot h.
+        uses = used[:, :, None] * (used[:, None, :] - eye)
+        return both, own, tf.reduce_sum(sq * uses)
+
+    def _by_feature(self, rows, ids, x, fields, crossed, batch):
+        """The same as ``_by_slot`` for any number of features per (example, field)."""
+        v = lookup(self.v, ids)                                                   # [nnz, F, k]
+        grid = field_sums(v * x[:, None, None], rows, fields, batch, self.num_fields)
+        both = tf.reduce_sum(grid * tf.transpose(grid, [0, 2, 1, 3]), axis=[1, 2, 3])
+        sq = tf.reduce_sum(tf.square(v), -1)                                      # [nnz, F]
+        own_field = tf.one_hot(fields, self.num_fields)
+        own = tf.math.unsorted_segment_sum(tf.reduce_sum(sq * own_field, -1) * tf.square(x), rows, batch)
+        if not self.l2:
+            return both, own, 0.0
+        # Feature i uses v_{i, g} once per other crossed feature of field g in its example.
+        count = field_sums(crossed, rows, fields, batch, self.num_fields)        # [B, F]
+        uses = crossed[:, None] * (tf.gather(count, rows) - own_field)
+        return both, own, tf.reduce_sum(sq * uses)
 
     def get_config(self):
         return {**super().get_config(), "num_features": self.num_features, "num_fields": self.num_fields,
                 "embedding_dim": self.embedding_dim, "linear_only_fields": list(self.linear_only_fields),
-                "normalize": self.normalize, "l2": self.l2, "init": self.init, "init_stddev": self.init_stddev}
+                "normalize": self.normalize, "l2": self.l2, "init": self.init, "init_stddev": self.init_stddev,
+                "multi_hot_fields": list(self.multi_hot_fields)}
 
 
 def _not_in(fields, excluded):

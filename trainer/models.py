@@ -187,7 +187,8 @@ class FieldAwareFM(RankingModel):
         self.linear = layers.Linear(self.num_features, l2=cfg.l2_linear)
         self.ffm = layers.FFMInteraction(self.num_features, self.num_fields, cfg.embedding_dim,
                                          self.linear_only_fields, normalize=cfg.normalize, l2=cfg.l2_embedding,
-                                         init=cfg.embedding_init, init_stddev=cfg.init_stddev)
+                                         init=cfg.embedding_init, init_stddev=cfg.init_stddev,
+                                         multi_hot_fields=[f.id for f in schema.fields if f.multi_hot])
 
     def call(self, features, training=False):
         return self._single(self.linear(features) + self.ffm(features))
