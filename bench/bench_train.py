@@ -26,7 +26,9 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
   many warm-up steps. A model runs on the first ``--etl`` directory whose schema it accepts
   (multi-task models need the generated log's two labels: ``data/etl``, built by ``make etl``).
 * ``--ffm_levers``: the FFM measurement again for each speed lever added one at a time to
-  ``frappe_ffm`` (``FFM_LEVERS``): XLA, steps per execution, rate, batch size, and L2 off.
+  ``frappe_ffm`` (``FFM_LEVERS``): the layers before the speed work (git revision
+  ``BASELINE_REVISION``), the field-space layer, XLA, steps per execution, rate, batch size, L2 off.
+  Each FFM measurement runs in a fresh process.
 * ``--quality``: trains ``frappe_ffm``, ``frappe_deepfm`` and ``frappe_wide_deep`` as ``make train``
   does and checks README's bars (FFM AUC >= 0.955 and logloss <= 0.219; the others AUC >= 0.945 and
   logloss <= 0.290). About 10 minutes.
@@ -92,9 +94,16 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all threads): less sensitive than wall time to other jobs."""
+    t = os.times()
+    return t.user + t.system
+
+
 class EpochClock(keras.callbacks.Callback):
     """Per epoch: wall seconds since ``fit`` began (eval included), training seconds so far (eval
-    passes left out), the epoch's own training seconds and its logs; stops at ``target`` eval logloss."""
+    passes left out), the epoch's own training wall and CPU seconds and its logs; stops at
+    ``target`` eval logloss."""
 
     def __init__(self, target: float | None = None):
         super().__init__()
@@ -107,18 +116,22 @@ class EpochClock(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.perf_counter()
+        self.epoch_cpu = _cpu_seconds()
         self.epoch_train = None
 
     def on_test_begin(self, logs=None):
         if self.epoch_train is None:  # the eval pass that follows the epoch's training steps
             self.epoch_train = time.perf_counter() - self.epoch_start
+            self.epoch_train_cpu = _cpu_seconds() - self.epoch_cpu
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.perf_counter()
-        train = self.epoch_train if self.epoch_train is not None else now - self.epoch_start
+        if self.epoch_train is None:
+            self.epoch_train, self.epoch_train_cpu = now - self.epoch_start, _cpu_seconds() - self.epoch_cpu
+        train = self.epoch_train
         self.train_seconds += train
         self.epochs.append({"epoch": epoch + 1, "seconds": now - self.start, "train_seconds": self.train_seconds,
-                            "epoch_train_seconds": train,
+                            "epoch_train_seconds": train, "epoch_train_cpu_seconds": self.epoch_train_cpu,
                             **{k: float(v) for k, v in (logs or {}).items()}})
         if self.target is not None and logs and logs.get("val_logloss", math.inf) <= self.target:
             self.model.stop_training = True
@@ -197,8 +210,44 @@ def _datasets(cfg, schema, model):
 
 
 def ffm_time_to_logloss(experiment: str, data_path: str, target: float, max_epochs: int,
-                        overrides: dict | None = None) -> dict:
+                        overrides: dict | None = None, revision: str = "") -> dict:
+    """``_ffm_time_to_logloss`` in a fresh process, as ``make train`` runs (one-time costs such as
+    initialising XLA's compiler fall on every run alike); ``revision``: with ``trainer/layers.py``
+    and ``trainer/models.py`` as of that git revision."""
+    payload = {"experiment": experiment, "data_path": data_path, "target": target, "max_epochs": max_epochs,
+               "overrides": overrides or {}, "revision": revision}
+    out = subprocess.run([sys.executable, "-m", "bench.bench_train", "--ffm_run", json.dumps(payload)],
+                         capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    if out.returncode or not lines:
+        raise RuntimeError(f"FFM run {payload} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+RESULT = "bench_train result: "
+
+
+def _load_revision(revision: str) -> None:
+    """Imports ``trainer.layers`` and ``trainer.models`` as of a git revision (before anything imports them)."""
+    import types
+
+    import trainer
+
+    for name in ("layers", "models"):
+        src = subprocess.run(["git", "show", f"{revision}:trainer/{name}.py"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout
+        module = types.ModuleType(f"trainer.{name}")
+        module.__file__ = f"{revision}:trainer/{name}.py"
+        sys.modules[module.__name__] = module
+        exec(compile(src, module.__file__, "exec"), module.__dict__)  # noqa: S102 (the repository's own code)
+        setattr(trainer, name, module)
+
+
+def _ffm_time_to_logloss(experiment: str, data_path: str, target: float, max_epochs: int,
+                         overrides: dict | None = None, revision: str = "") -> dict:
     """Trains a named experiment as ``make train`` does until its eval logloss reaches ``target``."""
+    if revision:
+        _load_revision(revision)
     from feature_schema import configs, load_schema
     from trainer import config as config_lib
     from trainer import train
@@ -216,8 +265,9 @@ def ffm_time_to_logloss(experiment: str, data_path: str, target: float, max_epoc
     reached = [e for e in clock.epochs if e["val_logloss"] <= target]
     first = reached[0] if reached else None
     steady = [e["epoch_train_seconds"] for e in clock.epochs[1:]]
+    steady_cpu = [e["epoch_train_cpu_seconds"] for e in clock.epochs[1:]]
     examples = steps * cfg.data.batch_size
-    return {"experiment": experiment, "overrides": overrides or {}, "k": cfg.model.embedding_dim,
+    return {"experiment": experiment, "overrides": overrides or {}, "revision": revision, "k": cfg.model.embedding_dim,
             "lambda": cfg.model.l2_embedding,
             "batch_size": cfg.data.batch_size, "learning_rate": cfg.optimizer.learning_rate,
             "jit_compile": cfg.train.jit_compile, "steps_per_execution": cfg.train.steps_per_execution,
@@ -228,34 +278,41 @@ def ffm_time_to_logloss(experiment: str, data_path: str, target: float, max_epoc
             "best_logloss": min(e["val_logloss"] for e in clock.epochs),
             "first_epoch_train_seconds": clock.epochs[0]["epoch_train_seconds"],
             "steady_examples_per_s": examples / float(np.median(steady)) if steady else None,
+            "steady_examples_per_cpu_s": examples / float(np.median(steady_cpu)) if steady_cpu else None,
             "history": clock.epochs}
 
 
-# One lever at a time on top of the previous row (--ffm_levers); each row's overrides apply to frappe_ffm.
+# One lever at a time on top of the rows before it, on frappe_ffm: (name, overrides, git revision of
+# trainer/layers.py and trainer/models.py or ""). A name starting with a space is measured on top of
+# the row before it without being kept for the next rows.
+BASELINE_REVISION = "120b071"  # the layers before the speed work: [B, n, F, k] lookup, [B, n, n, k] gather
 FFM_LEVERS = [
-    ("frappe_ffm as tuned for quality (rate 0.5, batch 1024)", {}),
-    ("+ train.jit_compile (XLA; dense gradients)", {"train": {"jit_compile": True}}),
-    ("+ train.steps_per_execution=16", {"train": {"steps_per_execution": 16}}),
-    ("+ rate 1.0 (summed AdaGrad)", {"optimizer": {"learning_rate": 1.0}}),
-    ("+ batch 1862, eval batch 4810 (one step shape each)",
+    ("before: layers of " + BASELINE_REVISION, {}, BASELINE_REVISION),
+    (" same, train.jit_compile", {"train": {"jit_compile": True}}, BASELINE_REVISION),
+    ("field-space FFM, dense gradients (no XLA)", {}, ""),
+    ("+ train.jit_compile (XLA)", {"train": {"jit_compile": True}}, ""),
+    (" + train.steps_per_execution=16", {"train": {"steps_per_execution": 16}}, ""),
+    ("+ rate 1.0", {"optimizer": {"learning_rate": 1.0}}, ""),
+    ("+ batch 1862, eval batch 4810 (one step shape each) = frappe_ffm_fast",
      {"data": {"batch_size": 1862, "eval_batch_size": 4810},
-      "optimizer": {"initial_accumulator_value": 1.0 / 1862 ** 2}}),
-    ("  without L2 (lambda 0: the cost of L2 on touched rows)", {"model": {"l2_embedding": 0.0}}),
+      "optimizer": {"initial_accumulator_value": 1.0 / 1862 ** 2}}, ""),
+    (" + train.steps_per_execution=16", {"train": {"steps_per_execution": 16}}, ""),
+    (" without L2 (lambda 0: what L2 on touched rows costs)", {"model": {"l2_embedding": 0.0}}, ""),
 ]
 
 
 def ffm_levers(data_path: str, target: float, max_epochs: int) -> list[dict]:
-    """FFM_LEVERS, cumulatively (the L2 row only on top of the row before it): time to ``target``."""
+    """FFM_LEVERS: time to ``target`` of each row, each in a fresh process."""
     from feature_schema import configs
 
-    rows, acc = [], {}
-    for name, overrides in FFM_LEVERS:
-        cfg = configs.deep_merge(acc, overrides)
+    rows, kept = [], {}
+    for name, overrides, revision in FFM_LEVERS:
+        cfg = configs.deep_merge(kept, overrides)
         if not name.startswith(" "):
-            acc = cfg
-        r = ffm_time_to_logloss("frappe_ffm", data_path, target, max_epochs, cfg)
+            kept = cfg
+        r = ffm_time_to_logloss("frappe_ffm", data_path, target, max_epochs, cfg, revision)
         rows.append({"lever": name.strip(), **{k: v for k, v in r.items() if k != "history"}})
-        print(f"bench_train: FFM lever {name.strip()}: {_fmt_rate(r['steady_examples_per_s'])}/s, "
+        print(f"bench_train: FFM {name.strip()}: {_fmt_rate(r['steady_examples_per_s'])}/s, "
               f"epochs {r['epochs']}, {r['train_seconds']} s", flush=True)
     return rows
 
@@ -473,7 +530,8 @@ def print_report(result: dict) -> None:
             print(f"  ours: eval logloss {o['target_logloss']:.5f} reached after {o['epochs']} epochs: "
                   f"{o['train_seconds']:.1f} s training ({o['seconds_with_eval']:.1f} s with the eval passes; "
                   f"first epoch {o['first_epoch_train_seconds']:.1f} s with tracing and compilation; then "
-                  f"{_fmt_rate(o['steady_examples_per_s'])} examples/s)")
+                  f"{_fmt_rate(o['steady_examples_per_s'])} examples/s, "
+                  f"{_fmt_rate(o['steady_examples_per_cpu_s'])} per CPU-second)")
         else:
             print(f"  ours: did not reach {o['target_logloss']:.5f} (best {o['best_logloss']:.5f})")
         if "ratio" in ffm:
@@ -481,11 +539,14 @@ def print_report(result: dict) -> None:
                   + _verdict(ffm["ratio"], FFM_BAR, FFM_GOAL, True))
     levers = result.get("ffm_levers")
     if levers:
-        print("\nFFM levers, one at a time (examples/s of a steady epoch; time to libffm's best eval logloss)")
-        print(f"{'lever':58s} {'examples/s':>11s} {'epochs':>6s} {'train s':>8s} {'with eval':>9s} {'1st epoch':>9s}")
+        print("\nFFM levers, one at a time (examples per second and per CPU-second of a steady epoch, the median "
+              "after the first; time to libffm's best eval logloss)")
+        print(f"{'lever':72s} {'examples/s':>11s} {'/CPU-s':>8s} {'epochs':>6s} {'train s':>8s} {'with eval':>9s} "
+              f"{'1st epoch':>9s}")
         for r in levers:
             secs = lambda k: f"{r[k]:.1f}" if r[k] is not None else "-"  # noqa: E731
-            print(f"{r['lever']:58s} {_fmt_rate(r['steady_examples_per_s']):>11s} {str(r['epochs'] or '-'):>6s} "
+            print(f"{r['lever']:72s} {_fmt_rate(r['steady_examples_per_s']):>11s} "
+                  f"{_fmt_rate(r['steady_examples_per_cpu_s']):>8s} {str(r['epochs'] or '-'):>6s} "
                   f"{secs('train_seconds'):>8s} {secs('seconds_with_eval'):>9s} "
                   f"{r['first_epoch_train_seconds']:>9.1f}")
     d = result.get("deepfm")
@@ -530,7 +591,11 @@ def main(argv=None) -> dict:
     p.add_argument("--skip", default="", help="comma list of parts to skip: ffm, deepfm, steps")
     p.add_argument("--quality", action="store_true", help="also train the frappe_* experiments against their bars")
     p.add_argument("--out", default=os.path.join("runs", "bench", "train.json"))
+    p.add_argument("--ffm_run", default="", help=argparse.SUPPRESS)  # one FFM measurement (JSON arguments)
     args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.ffm_run:
+        print(RESULT + json.dumps(_ffm_time_to_logloss(**json.loads(args.ffm_run))), flush=True)
+        return {}
     skip = set(filter(None, args.skip.split(",")))
 
     from feature_schema import load_schema
