@@ -287,13 +287,13 @@ def _ffm_time_to_logloss(experiment: str, data_path: str, target: float, max_epo
 # the row before it without being kept for the next rows.
 BASELINE_REVISION = "120b071"  # the layers before the speed work: [B, n, F, k] lookup, [B, n, n, k] gather
 FFM_LEVERS = [
-    ("before: layers of " + BASELINE_REVISION, {}, BASELINE_REVISION),
+    ("before: layers of " + BASELINE_REVISION, {"train": {"jit_compile": False}}, BASELINE_REVISION),
     (" same, train.jit_compile", {"train": {"jit_compile": True}}, BASELINE_REVISION),
-    ("field-space FFM, dense gradients (no XLA)", {}, ""),
+    ("field-space FFM, dense gradients (no XLA)", {"train": {"jit_compile": False}}, ""),
     ("+ train.jit_compile (XLA)", {"train": {"jit_compile": True}}, ""),
     (" + train.steps_per_execution=16", {"train": {"steps_per_execution": 16}}, ""),
     ("+ rate 1.0", {"optimizer": {"learning_rate": 1.0}}, ""),
-    ("+ batch 1862, eval batch 4810 (one step shape each) = frappe_ffm_fast",
+    ("+ batch 1862, eval batch 4810 (one shape per step) = frappe_ffm_fast",
      {"data": {"batch_size": 1862, "eval_batch_size": 4810},
       "optimizer": {"initial_accumulator_value": 1.0 / 1862 ** 2}}, ""),
     (" + train.steps_per_execution=16", {"train": {"steps_per_execution": 16}}, ""),
