@@ -157,8 +157,9 @@ class TrainConfig:
         ``steps_per_execution``): fewer Python round trips per epoch. Batch callbacks (and so
         ``checkpoint_every_steps``) then count calls, not steps; Keras needs the eval size
         (``validation_steps``) to evaluate with it.
-      jit_compile: compile the train and eval steps with XLA (Keras ``jit_compile``); pays off for
-        FFM, not for MLP-bound models (docs/TRAINER.md, "Training speed").
+      jit_compile: compile the training step with XLA (not the eval step, nor under
+        ``ParameterServerStrategy``); pays off for FFM, not for MLP-bound models (docs/TRAINER.md,
+        "Training speed").
     """
 
     epochs: int = 2

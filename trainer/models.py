@@ -115,10 +115,12 @@ class RankingModel(keras.Model):
     def compile(self, *args, jit_compile=False, **kwargs):
         """Keras' ``compile``; ``jit_compile`` compiles the training step with XLA, not the eval step:
         that one runs once per epoch, and compiling it cost more than it saved (about 3 s on Frappe,
-        for an eval pass no faster)."""
+        for an eval pass no faster). Under a distribution strategy (``ParameterServerStrategy``: tables
+        sharded across parameter servers) the step stays uncompiled."""
         super().compile(*args, jit_compile=False, **kwargs)
+        xla = jit_compile and not tf.distribute.has_strategy()
         self.xla_train_step = (tf.function(functools.partial(keras.Model.train_step, self), jit_compile=True,
-                                           reduce_retracing=True) if jit_compile else None)
+                                           reduce_retracing=True) if xla else None)
 
     def train_step(self, data):
         step = getattr(self, "xla_train_step", None)
