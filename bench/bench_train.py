@@ -21,7 +21,8 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
   (the best of epochs 2-3, so tracing and compilation are left out) of ``deepctr.models.DeepFM`` on
   label-encoded NumPy arrays and of ``--deepfm_experiment`` twice: on the cached TFRecord pipeline
   (parsed every epoch, as ``make train`` trains) and on one pass of parsed batches held in memory
-  (as DeepCTR's arrays). The three alternate ``--rounds`` times; the best round of each counts.
+  (as DeepCTR's arrays), next to the DNN alone on random arrays (a ceiling for any DeepFM at that
+  shape). The four alternate ``--rounds`` times; the best round of each counts.
   Needs the ``bench`` extra (DeepCTR, pandas, scikit-learn). Bar: >= 1.5x (goal 3x).
 * **Step throughput** of every registered model (its default config, ``train.jit_compile`` off and on)
   and of the input pipeline alone, at each ``--batch_sizes``: ``--steps`` timed ``fit`` steps after as
@@ -386,17 +387,34 @@ def ours_deepfm_rate(experiment: str, data_path: str, in_memory: bool, epochs: i
     return steps * cfg.data.batch_size / min(e["epoch_train_seconds"] for e in clock.epochs[1:]), cfg
 
 
+def mlp_only_rate(examples: int, fields: int, epochs: int = 3) -> float:
+    """Examples/s of DeepCTR's shape's DNN alone (fields x 10 inputs -> 400 -> 400 -> 1, Adam) on random
+    arrays in memory: a ceiling for any DeepFM at that shape, whose other parts only add time."""
+    s = DEEPCTR_SHAPE
+    keras.backend.clear_session()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(examples, fields * s["embedding_dim"])).astype(np.float32)
+    y = (rng.random(examples) < 0.33).astype(np.float32)
+    model = keras.Sequential([keras.layers.Dense(u, activation="relu") for u in s["hidden_units"]]
+                             + [keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(keras.optimizers.Adam(s["learning_rate"]), "binary_crossentropy")
+    clock = EpochClock()
+    model.fit(x, y, batch_size=s["batch_size"], epochs=epochs, verbose=0, callbacks=[clock])
+    return examples / min(e["epoch_train_seconds"] for e in clock.epochs[1:])
+
+
 def deepfm_vs_deepctr(experiment: str, data_path: str, frappe_dir: str, rounds: int) -> dict:
     try:
         import deepctr  # noqa: F401
     except ImportError:
         return {"deepctr": "not installed (pip install '.[bench]')"}
-    rates, cfg = {"ours": [], "ours_in_memory": [], "deepctr": []}, None
+    rates, cfg = {"ours": [], "ours_in_memory": [], "deepctr": [], "mlp_only": []}, None
     for r in range(rounds):
         rate, cfg = ours_deepfm_rate(experiment, data_path, in_memory=False)
         rates["ours"].append(rate)
         rates["ours_in_memory"].append(ours_deepfm_rate(experiment, data_path, in_memory=True)[0])
         rates["deepctr"].append(deepctr_rate(frappe_dir))
+        rates["mlp_only"].append(mlp_only_rate(57_722, 10))
         print(f"bench_train: DeepFM round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()),
               flush=True)
     m = cfg.model
@@ -405,7 +423,8 @@ def deepfm_vs_deepctr(experiment: str, data_path: str, frappe_dir: str, rounds: 
             "batch_size": cfg.data.batch_size, "optimizer": cfg.optimizer.name,
             "jit_compile": cfg.train.jit_compile, "steps_per_execution": cfg.train.steps_per_execution,
             "ours_examples_per_s": best["ours"], "ours_in_memory_examples_per_s": best["ours_in_memory"],
-            "deepctr_examples_per_s": best["deepctr"], "rounds": rates,
+            "deepctr_examples_per_s": best["deepctr"], "mlp_only_examples_per_s": best["mlp_only"],
+            "rounds": rates,
             "ratio": best["ours"] / best["deepctr"], "ratio_in_memory": best["ours_in_memory"] / best["deepctr"]}
 
 
@@ -572,6 +591,9 @@ def print_report(result: dict) -> None:
             print(f"  ours, parsed batches in memory: {_fmt_rate(d['ours_in_memory_examples_per_s'])}/s, "
                   f"ratio {d['ratio_in_memory']:.2f}x; "
                   + _verdict(d["ratio_in_memory"], DEEPFM_BAR, DEEPFM_GOAL, False))
+            mlp = d["mlp_only_examples_per_s"]
+            print(f"  the DNN alone (100 -> 400 -> 400 -> 1, Adam, random arrays): {_fmt_rate(mlp)}/s = "
+                  f"{mlp / d['deepctr_examples_per_s']:.2f}x DeepCTR: the ceiling of any DeepFM at this shape")
         else:
             print(f"\nDeepFM vs DeepCTR: {d['deepctr']}")
     q = result.get("quality")
