@@ -184,6 +184,13 @@ class TrainConfig:
       report: write the evaluation report (``run_dir/report``: JSON, ROC and calibration PNGs).
       warm_start: a previous run dir or TF Serving export version dir to initialise from
         (``trainer/warm_start.py``: variables by name, vocabulary rows by feature); empty: cold start.
+      steps_per_execution: training steps per call of the compiled train function (Keras
+        ``steps_per_execution``): fewer Python round trips per epoch. Batch callbacks (and so
+        ``checkpoint_every_steps``) then count calls, not steps; Keras needs the eval size
+        (``validation_steps``) to evaluate with it.
+      jit_compile: compile the training step with XLA (not the eval step, nor under
+        ``ParameterServerStrategy``); pays off for FFM, not for MLP-bound models (docs/TRAINER.md,
+        "Training speed").
     """
 
     epochs: int = 2
@@ -199,6 +206,12 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0
     report: bool = True
     warm_start: str = ""
+    steps_per_execution: int = 1
+    jit_compile: bool = False
+
+    def __post_init__(self):
+        if self.steps_per_execution < 1:
+            raise ValueError(f"train.steps_per_execution must be >= 1, got {self.steps_per_execution}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ trains on whatever binary labels the ETL wrote. Field choices in the config (``b
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import tensorflow as tf
@@ -149,6 +150,20 @@ class RankingModel(keras.Model):
         schema = Schema.from_json_dict(config["schema"])
         return cls(configs.from_dict(ModelConfig, config["model_config"]), schema, tuple(config["tasks"]))
 
+    def compile(self, *args, jit_compile=False, **kwargs):
+        """Keras' ``compile``; ``jit_compile`` compiles the training step with XLA, not the eval step:
+        that one runs once per epoch, and compiling it cost more than it saved (about 3 s on Frappe,
+        for an eval pass no faster). Under a distribution strategy (``ParameterServerStrategy``: tables
+        sharded across parameter servers) the step stays uncompiled."""
+        super().compile(*args, jit_compile=False, **kwargs)
+        xla = jit_compile and not tf.distribute.has_strategy()
+        self.xla_train_step = (tf.function(functools.partial(keras.Model.train_step, self), jit_compile=True,
+                                           reduce_retracing=True) if xla else None)
+
+    def train_step(self, data):
+        step = getattr(self, "xla_train_step", None)
+        return step(data) if step is not None else super().train_step(data)
+
     def _single(self, logit):
         return {self.tasks[0]: tf.sigmoid(tf.squeeze(logit, axis=1))}
 
@@ -173,11 +188,15 @@ class RankingModel(keras.Model):
         num = tuple(f for f in fields if f in self.numeric_fields)
         return cat, (layers.FieldValues(num, name=name) if num else None)
 
+    def _fields_of(self, emb, fields):
+        """``emb[:, fields]`` (no copy when ``fields`` are all fields in order)."""
+        return emb if tuple(fields) == tuple(range(self.num_fields)) else tf.gather(emb, list(fields), axis=1)
+
     def _deep_input(self, features, emb, cat_fields, values_layer):
         """Flattened embeddings of ``cat_fields`` (part 1) ++ dense values (part 2), ``[batch, d]``."""
         parts = []
         if cat_fields:
-            e = tf.gather(emb, list(cat_fields), axis=1)
+            e = self._fields_of(emb, cat_fields)
             parts.append(tf.reshape(e, [-1, len(cat_fields) * self.cfg.embedding_dim]))
         if values_layer is not None:
             parts.append(values_layer(features))
@@ -221,7 +240,8 @@ class FieldAwareFM(RankingModel):
         self.linear = layers.Linear(self.num_features, l2=cfg.l2_linear)
         self.ffm = layers.FFMInteraction(self.num_features, self.num_fields, cfg.embedding_dim,
                                          self.linear_only_fields, normalize=cfg.normalize, l2=cfg.l2_embedding,
-                                         init=cfg.embedding_init, init_stddev=cfg.init_stddev)
+                                         init=cfg.embedding_init, init_stddev=cfg.init_stddev,
+                                         multi_hot_fields=[f.id for f in schema.fields if f.multi_hot])
 
     def call(self, features, training=False):
         return self._single(self.linear(features) + self.ffm(features))
@@ -264,7 +284,7 @@ class DeepFM(RankingModel):
 
     def call(self, features, training=False):
         emb = self.embedding(features)
-        fm = self.fm(tf.gather(emb, list(self.deep_fields), axis=1))
+        fm = self.fm(self._fields_of(emb, self.deep_fields))
         deep = self.deep_logit(self.mlp(self._deep_input(features, emb, self.deep_fields, self.values),
                                         training=training))
         return self._single(self.linear(features) + fm + deep)
