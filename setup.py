@@ -25,5 +25,9 @@ setup(
         "numpy>=1.26",
         "matplotlib>=3.8",
     ],
-    extras_require={"dev": ["pytest>=8", "hypothesis>=6"]},
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6"],
+        # bench/bench_train.py's DeepFM comparison: DeepCTR 0.9.4 runs on tf-keras (TF_USE_LEGACY_KERAS=1).
+        "bench": ["deepctr==0.9.4", "pandas>=2", "scikit-learn>=1.4"],
+    },
 )

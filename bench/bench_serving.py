@@ -266,8 +266,11 @@ def timed(fn, n: int) -> list[float]:
 
 def start_server(config_path: str, log_path: str, *flags):
     log = open(log_path, "w")
+    # No admission limit: the QPS figure runs more closed-loop clients than cores (bench_overload
+    # measures the limit).
     proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--model_config_file", config_path,
-                             "--port", "0", "--file_system_poll_wait_seconds", "0.2", *flags],
+                             "--port", "0", "--file_system_poll_wait_seconds", "0.2",
+                             "--max_concurrent_requests", "0", *flags],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=child_env())
     line = proc.stdout.readline()
     if not line.startswith("serving: listening on "):

@@ -7,8 +7,8 @@ most ``side_input_max_bytes`` (or ``join: side_input``) and by key
 (CoGroupByKey, ``etl.transforms.KeyedLookup``) otherwise, so a dictionary never
 has to fit into one worker's memory.
 
-A side-input dictionary travels as one element, the pickled dict (``transforms.pack``),
-which each line DoFn unpickles once (``transforms.Unpacked``). As an ``AsDict`` of its entries, the SDK's state
+A side-input dictionary travels as one element, the dict as one JSON blob (``transforms.pack``),
+which each worker process decodes once (``transforms.Unpacked``). As an ``AsDict`` of its entries, the SDK's state
 cache measured every object of it (``objsize``) and held the entries and the dict: a
 100,000-row item table cost 260 MB of peak memory and seconds of CPU.
 """

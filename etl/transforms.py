@@ -29,7 +29,6 @@ import dataclasses
 import heapq
 import itertools
 import json
-import pickle
 import uuid
 import zlib
 
@@ -125,23 +124,25 @@ class Gather(beam.PTransform):
 
 
 def pack(pairs, label: str):
-    """One element: (token, the pickled dict of a PCollection of (key, value) pairs), a side input.
+    """One element: (token, the dict of a PCollection of (key, value) pairs as one blob), a side input.
 
     Keys should be unique; with duplicates one of them wins. The token names this pack so that
-    every DoFn of a worker process shares one unpickled dict (``Unpacked``).
+    every DoFn of a worker process shares one decoded dict (``Unpacked``). The blob is JSON: a
+    dictionary's keys are strings and its values strings or rows of cells (strings, floats, None;
+    ``features.table_row``), which decode to lists, as ``features.join_entity`` reads them; JSON
+    builds values without running any code, unlike pickle.
     """
     return (pairs | f"Gather{label}" >> Gather()
-            | f"Pack{label}" >> beam.Map(lambda kv: (uuid.uuid4().hex,
-                                                     pickle.dumps(dict(kv), protocol=pickle.HIGHEST_PROTOCOL))))
+            | f"Pack{label}" >> beam.Map(lambda kv: (uuid.uuid4().hex, json.dumps(dict(kv)).encode("utf-8"))))
 
 
-# Token -> dict of the packs unpickled in this process, the latest few (a job has one per dictionary).
+# Token -> dict of the packs decoded in this process, the latest few (a job has one per dictionary).
 _UNPACKED: collections.OrderedDict = collections.OrderedDict()
 _UNPACKED_KEEP = 8
 
 
 class Unpacked:
-    """The dicts of packed side inputs: unpickled once per worker process, shared by its DoFns.
+    """The dicts of packed side inputs: decoded once per worker process, shared by its DoFns.
 
     Each input's line DoFn runs in its own stage; without sharing, every stage's DoFn held its
     own copy of the item table.
@@ -152,7 +153,7 @@ class Unpacked:
         for token, blob in packed:
             d = _UNPACKED.get(token)
             if d is None:
-                d = _UNPACKED[token] = pickle.loads(blob)
+                d = _UNPACKED[token] = json.loads(blob)
                 while len(_UNPACKED) > _UNPACKED_KEEP:
                     _UNPACKED.popitem(last=False)
             out.append(d)

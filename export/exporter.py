@@ -21,6 +21,11 @@ one featurization layer; the entity tables the ETL joined are inside the graph, 
 Verification (``export.verify``): the temporary SavedModel is loaded with
 ``tf.compat.v1.saved_model.loader.load`` into a Session and every signature is compared with the
 in-process Keras model (max abs diff <= ``MAX_ABS_DIFF``); every warm-up record is replayed.
+
+A run whose config has ``fusion`` (``trainer.config.FusionConfig``) exports the ``fusion`` output
+on ``serving_default`` and ``rank`` (``export.signatures``); a fusion config naming outputs the
+model lacks is refused before anything is written. The synthesized raw Examples then carry bids,
+and verification checks ``fusion == ctr^a * cvr^b * bid`` against the bids it sent.
 """
 from __future__ import annotations
 
@@ -96,6 +101,7 @@ def export(run_dir: str, export_base: str | None = None, model_name: str | None 
       (final version directory, the ``verify`` result).
     """
     cfg, schema, model = trainer_lib.load_trained(run_dir)
+    signatures.check_fusion(cfg.fusion, model.serving_outputs, schema)  # before any directory is made
     export_base = export_base or cfg.export_base
     # The served name becomes a directory under export_base: one plain component, never ../x.
     name = paths.plain_name(model_name or cfg.served_name, "served model name")
@@ -103,20 +109,23 @@ def export(run_dir: str, export_base: str | None = None, model_name: str | None 
     os.makedirs(model_dir, exist_ok=True)
     tmp = os.path.join(model_dir, f".tmp-export-{os.getpid()}-{time.time_ns()}")
     try:
-        module = signatures.ServingModule(model, schema)
+        module = signatures.ServingModule(model, schema, cfg.fusion)
         signatures.save(module, tmp)
         _copy_assets(tmp, schema, run_dir)
         records = eval_examples(schema, verify_examples)
         feats = warmup.synthetic_features(schema, read_vocabulary(schema.vocabulary_file()), RAW_VERIFY_EXAMPLES)
-        value_fields = {f.name for f in schema.fields if f.kind != "categorical"}
+        bid = cfg.fusion.bid_feature if cfg.fusion else ""
+        if bid:  # every raw request carries a bid (rank: some candidates only through the context)
+            feats = warmup.with_bids(feats, bid)
+        value_fields = {f.name for f in schema.fields if f.kind != "categorical"} | ({bid} - {""})
         raw = [protocol.raw_example(f, value_fields) for f in feats]
-        rank = warmup.rank_request(schema, feats[:max(WARMUP_BATCH_SIZES)])
+        rank = warmup.rank_request(schema, feats[:max(WARMUP_BATCH_SIZES)], bid)
         rank_flat = [protocol.raw_example(f, value_fields)
-                     for f in warmup.merged_features(schema, feats[:max(WARMUP_BATCH_SIZES)])]
+                     for f in warmup.merged_features(schema, feats[:max(WARMUP_BATCH_SIZES)], bid)]
         logs = warmup.warmup_logs(name, records[:max(WARMUP_BATCH_SIZES)], raw, rank, schema)
         write_warmup(os.path.join(tmp, protocol.ASSETS_EXTRA, protocol.WARMUP_FILE), logs)
         check = verify(tmp, model, schema, records, raw, rank, rank_flat, logs, cfg.data.eval_batch_size,
-                       module.featurizer)
+                       module.featurizer, cfg.fusion)
         if check["max_abs_diff"] > MAX_ABS_DIFF:
             raise RuntimeError(f"export: Session predictions differ from the in-process model by "
                                f"{check['max_abs_diff']:.3g} > {MAX_ABS_DIFF} ({check['per_signature']}); "

@@ -4,6 +4,11 @@
 ``classification``, ``regression``) go through ``Featurizer.from_examples`` / ``from_context``;
 the ETL's hashed records (``predict_hashed``) through ``from_records``; dense hashed ids
 (``predict_ids``) through ``from_field_ids``. No signature maps a key to a row itself.
+
+With a fusion config (``trainer.config.FusionConfig``) the raw Predict signatures (``serving_default``,
+``rank``) add ``fusion = ctr^a * cvr^b * bid``, the bid read from a float feature of each raw
+Example (``rank``: a candidate's own, else the context's); a request without it fails with
+INVALID_ARGUMENT naming the feature. The other signatures accept the feature and ignore it.
 """
 from __future__ import annotations
 
@@ -19,9 +24,59 @@ from serving.protocol import (CLASSIFY_CLASSES, CLASSIFY_INPUTS, CLASSIFY_METHOD
                               IDS_INPUT, IDS_SIGNATURE, RANK_SIGNATURE, REGRESS_INPUTS, REGRESS_METHOD,
                               REGRESS_OUTPUTS, REGRESS_SIGNATURE, VALUES_INPUT)
 
+FUSION_OUTPUT = "fusion"
 SIGNATURES = (DEFAULT_SIGNATURE, RANK_SIGNATURE, HASHED_SIGNATURE, IDS_SIGNATURE, CLASSIFY_SIGNATURE,
               REGRESS_SIGNATURE)
 METHODS = {CLASSIFY_SIGNATURE: CLASSIFY_METHOD, REGRESS_SIGNATURE: REGRESS_METHOD}
+
+
+def check_fusion(fusion, outputs, schema: Schema) -> None:
+    """Refuses a fusion config naming outputs the model lacks, or a bid feature the Examples use otherwise.
+
+    Raises:
+      ValueError: naming the config key and what the model or schema has.
+    """
+    if fusion is None:
+        return
+    for key in ("ctr_output", "cvr_output"):
+        if getattr(fusion, key) not in outputs:
+            raise ValueError(f"fusion.{key} {getattr(fusion, key)!r} is not an output of the model "
+                             f"(outputs: {list(outputs)})")
+    taken = {f.name for f in schema.fields} | {f.name + protocol.VALUE_SUFFIX for f in schema.fields}
+    if fusion.bid_feature in taken:
+        raise ValueError(f"fusion.bid_feature {fusion.bid_feature!r} is a feature of the schema's fields; "
+                         f"name a feature of its own")
+    if FUSION_OUTPUT in outputs:
+        raise ValueError(f"the model already has an output {FUSION_OUTPUT!r}")
+
+
+def fusion_score(ctr, cvr, bid, a: float, b: float):
+    """``ctr^a * cvr^b * bid`` (multi-objective ranking score, ESM^2-style; float32 ``[n]``)."""
+    return tf.pow(ctr, a) * tf.pow(cvr, b) * bid
+
+
+def read_bids(examples, name: str):
+    """(bid ``[n]``, has one ``[n]`` bool) of serialized raw Examples ``[n]``.
+
+    Fails with InvalidArgument naming ``name`` when an Example holds more than one value, or a value
+    that is negative or not finite (a bid of another dtype fails the parse, naming the key too).
+    """
+    sp = tf.io.parse_example(examples, {name: tf.io.VarLenFeature(tf.float32)})[name]
+    n = tf.shape(examples, out_type=tf.int64)[0]
+    row = sp.indices[:, 0]
+    count = tf.math.unsorted_segment_sum(tf.ones_like(row), row, n)
+    ok = tf.debugging.Assert(
+        tf.reduce_all(count <= 1) & tf.reduce_all(tf.math.is_finite(sp.values) & (sp.values >= 0)),
+        [f"the fusion output's bid feature named {name} must hold one finite value >= 0 per Example; counts:",
+         count, "values", sp.values], summarize=20)
+    with tf.control_dependencies([ok]):
+        return tf.math.unsorted_segment_sum(sp.values, row, n), count > 0
+
+
+def _require_bids(has, name: str, where: str):
+    return tf.debugging.Assert(tf.reduce_all(has), [
+        f"{where} lack the float feature named {name} that the fusion output needs (fusion.bid_feature); "
+        f"Examples without it:", tf.where(~has)[:, 0]], summarize=20)
 
 
 class ServingModule(tf.Module):
@@ -29,19 +84,31 @@ class ServingModule(tf.Module):
 
     ``self.model`` must stay the first tracked attribute: ``trainer.warm_start`` reads an export's
     variables as ``model/variables/<i>``.
+
+    Args:
+      model: the trained model.
+      schema: its schema.
+      fusion: a ``FusionConfig`` (the raw Predict signatures add ``fusion``), or None.
     """
 
-    def __init__(self, model, schema: Schema):
+    def __init__(self, model, schema: Schema, fusion=None):
         super().__init__()
         self.model = model
         self._keys = schema.example_keys
-        self.featurizer = Featurizer(schema, raw_examples=True)
         self.outputs = tuple(model.serving_outputs)
+        check_fusion(fusion, self.outputs, schema)
+        self._fusion = fusion
+        self.featurizer = Featurizer(schema, raw_examples=True,
+                                     extra_features=(fusion.bid_feature,) if fusion else ())
         # The model traced once; every signature calls this one function after its own front end
         # (tracing the model per signature made saving several times slower).
         # The featurized batch: the sparse features, and the vectors of vector fields when the schema has them.
         self._model_fn = tf.function(self._forward, input_signature=[self.featurizer.output_signature()],
                                      autograph=False)
+        # Raw Examples -> the model's outputs, traced once for serving_default, Classify and Regress
+        # (only serving_default adds the fusion output, so Classify and Regress need no bid).
+        self._raw_fn = tf.function(self._raw_outputs, input_signature=[tf.TensorSpec([None], tf.string)],
+                                   autograph=False)
 
     def _forward(self, features: dict) -> dict:
         out = self.model(features, training=False)
@@ -50,14 +117,35 @@ class ServingModule(tf.Module):
     def run(self, features: dict) -> dict:
         return self._model_fn(features)
 
+    def _raw_outputs(self, examples) -> dict:
+        return self.run(self.featurizer.from_examples(examples))
+
+    def _fuse(self, out: dict, bid) -> dict:
+        f = self._fusion
+        return {**out, FUSION_OUTPUT: fusion_score(out[f.ctr_output], out[f.cvr_output], bid, f.a, f.b)}
+
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_examples(self, examples):
-        return self.run(self.featurizer.from_examples(examples))
+        out = self._raw_fn(examples)
+        if self._fusion is None:
+            return out
+        name = self._fusion.bid_feature
+        bid, has = read_bids(examples, name)
+        with tf.control_dependencies([_require_bids(has, name, "serving_default: request Examples")]):
+            return self._fuse(out, tf.identity(bid))
 
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.string, name=CONTEXT_INPUT),
                                   tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def rank(self, context, examples):
-        return self.run(self.featurizer.from_context(context, examples))
+        out = self.run(self.featurizer.from_context(context, examples))
+        if self._fusion is None:
+            return out
+        name = self._fusion.bid_feature
+        bid, has = read_bids(examples, name)
+        ctx_bid, ctx_has = read_bids(tf.reshape(context, [1]), name)
+        has_any = has | ctx_has[0]
+        with tf.control_dependencies([_require_bids(has_any, name, "rank: candidates (and the context)")]):
+            return self._fuse(out, tf.where(has, bid, ctx_bid[0]))
 
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_hashed(self, examples):
@@ -82,7 +170,7 @@ class ServingModule(tf.Module):
         return self.run(self.featurizer.from_field_ids(*sparse))
 
     def _primary(self, examples):
-        return self.serve_examples(examples)[self.outputs[0]]
+        return self._raw_fn(examples)[self.outputs[0]]
 
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUTS)])
     def classify(self, inputs):

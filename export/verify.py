@@ -3,7 +3,9 @@
 ``verify`` compares every signature with the in-process Keras model (max abs diff <=
 ``MAX_ABS_DIFF``): the hashed signatures on the ETL's eval records, the raw signatures on raw
 Examples, ``rank`` against the flat raw path on the same candidates, and replays every warm-up
-record.
+record. With a fusion config, the ``fusion`` output of ``serving_default`` and ``rank`` must equal
+``ctr^a * cvr^b * bid`` of the served ctr and cvr and the bids the Examples carry (relative to
+``max(1, |fusion|)``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from serving.protocol import (CLASSIFY_CLASSES, CLASSIFY_INPUTS, CLASSIFY_METHOD
                               CLASSIFY_SIGNATURE, CONTEXT_INPUT, DEFAULT_SIGNATURE, EXAMPLES_INPUT, FIELDS_INPUT,
                               HASHED_SIGNATURE, IDS_INPUT, IDS_SIGNATURE, PREDICT_METHOD, RANK_SIGNATURE,
                               REGRESS_METHOD, REGRESS_OUTPUTS, REGRESS_SIGNATURE, SERVE_TAG, VALUES_INPUT)
+from export.signatures import FUSION_OUTPUT
 from trainer import data
 
 MAX_ABS_DIFF = 1e-5
@@ -120,9 +123,40 @@ def max_diff(served: dict, expected: dict) -> float:
     return max((float(np.max(np.abs(served[k] - expected[k]), initial=0.0)) for k in expected), default=0.0)
 
 
+def example_bids(examples: list[bytes], name: str) -> np.ndarray:
+    """The float feature ``name`` of each serialized Example (NaN where it is absent), read with protobuf."""
+    from tensorflow.core.example import example_pb2
+
+    out = np.full(len(examples), np.nan)
+    for i, s in enumerate(examples):
+        values = example_pb2.Example.FromString(s).features.feature[name].float_list.value
+        if len(values) == 1:
+            out[i] = values[0]
+    return out
+
+
+def fusion_diff(served: dict, bids: np.ndarray, fusion) -> float:
+    """Max of ``|fusion - ctr^a cvr^b bid| / max(1, |ctr^a cvr^b bid|)`` (float64 reference) over a response."""
+    if np.isnan(bids).any():
+        raise RuntimeError(f"export: {int(np.isnan(bids).sum())} verification Examples carry no bid")
+    want = (served[fusion.ctr_output].astype(np.float64) ** fusion.a
+            * served[fusion.cvr_output].astype(np.float64) ** fusion.b * bids)
+    return float(np.max(np.abs(served[FUSION_OUTPUT] - want) / np.maximum(1.0, np.abs(want)), initial=0.0))
+
+
+def _split_fusion(served: dict, bids: np.ndarray, fusion, diffs: dict, signature: str) -> dict:
+    """Records the fusion check of ``signature`` in ``diffs``; returns the other outputs."""
+    if fusion is None:
+        return served
+    if FUSION_OUTPUT not in served:
+        raise RuntimeError(f"export: {signature} has no {FUSION_OUTPUT!r} output")
+    diffs[f"{signature}.{FUSION_OUTPUT}"] = fusion_diff(served, bids, fusion)
+    return {k: v for k, v in served.items() if k != FUSION_OUTPUT}
+
+
 def verify(export_dir: str, model, schema: Schema, records: list[bytes], raw: list[bytes],
            rank: tuple[bytes, list[bytes]], rank_flat: list[bytes], logs, batch_size: int = 4096,
-           featurizer=None) -> dict:
+           featurizer=None, fusion=None) -> dict:
     """Compares every signature, Session-loaded, with the in-process model.
 
     Args:
@@ -134,6 +168,7 @@ def verify(export_dir: str, model, schema: Schema, records: list[bytes], raw: li
       rank: (context, candidates) raw Examples; ``rank_flat``: the same candidates as flat Examples.
       logs: the warm-up records written into the export.
       featurizer: the in-process raw featurizer (default: a new one built from ``schema``).
+      fusion: the export's ``FusionConfig`` (``raw`` and the rank candidates or context carry bids), or None.
 
     Returns:
       {"max_abs_diff", "per_signature": {signature: max abs diff}, "examples", "warmup_records",
@@ -154,7 +189,10 @@ def verify(export_dir: str, model, schema: Schema, records: list[bytes], raw: li
         served = sm.run_examples(HASHED_SIGNATURE, records)
         diffs[HASHED_SIGNATURE] = max_diff(served, expected)
         diffs[IDS_SIGNATURE] = max_diff(sm.run_examples(IDS_SIGNATURE, records, schema), expected)
-        diffs[DEFAULT_SIGNATURE] = max_diff(sm.run_examples(DEFAULT_SIGNATURE, raw), expected_raw)
+        bid = fusion.bid_feature if fusion else ""
+        served_raw = _split_fusion(sm.run_examples(DEFAULT_SIGNATURE, raw), example_bids(raw, bid) if bid else None,
+                                   fusion, diffs, DEFAULT_SIGNATURE)
+        diffs[DEFAULT_SIGNATURE] = max_diff(served_raw, expected_raw)
         cls = sm.run_examples(CLASSIFY_SIGNATURE, raw)
         if cls[CLASSIFY_CLASSES].shape != (len(raw), 2) or not np.all(
                 cls[CLASSIFY_CLASSES] == np.array(protocol.CLASS_LABELS, dtype=object)):
@@ -164,7 +202,11 @@ def verify(export_dir: str, model, schema: Schema, records: list[bytes], raw: li
                                              {"p": p, "q": 1.0 - p})
         diffs[REGRESS_SIGNATURE] = max_diff(sm.run_examples(REGRESS_SIGNATURE, raw), {REGRESS_OUTPUTS: p})
         flat = in_process_predict_raw(model, featurizer, rank_flat, batch_size)
-        diffs[RANK_SIGNATURE] = max_diff(sm.rank(*rank), flat)
+        rank_bids = None
+        if bid:  # a candidate's own bid, else the context's
+            own, ctx = example_bids(rank[1], bid), example_bids([rank[0]], bid)[0]
+            rank_bids = np.where(np.isnan(own), ctx, own)
+        diffs[RANK_SIGNATURE] = max_diff(_split_fusion(sm.rank(*rank), rank_bids, fusion, diffs, RANK_SIGNATURE), flat)
         for log in logs:
             for v in sm.replay(log).values():
                 if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
@@ -193,4 +235,5 @@ def session_predict(export_dir: str, examples: list[bytes], signature: str = HAS
 
 
 __all__ = ["MAX_ABS_DIFF", "SessionModel", "in_process_predict", "in_process_predict_raw", "max_diff", "verify",
+           "example_bids", "fusion_diff",
            "session_predict", "PREDICT_METHOD"]

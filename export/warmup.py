@@ -57,6 +57,12 @@ def synthetic_features(schema: Schema, vocabulary, n: int) -> list[list[tuple[st
     return out
 
 
+def with_bids(features: list, bid_feature: str) -> list:
+    """Each example of ``synthetic_features`` with a bid ``(bid_feature, bid_feature, value)`` appended:
+    0.25, 0.5, ..., 2.5 cycling (the fusion output's input; a float feature like a numeric field's)."""
+    return [feats + [(bid_feature, bid_feature, 0.25 * (1 + (i * 3) % 10))] for i, feats in enumerate(features)]
+
+
 def context_fields(schema: Schema) -> frozenset:
     """Fields a ``rank`` request shares across candidates in the synthesized requests: all but the
     entity tables' key fields (the candidate, e.g. ``item``) and the linear-only fields (``position``)."""
@@ -66,20 +72,33 @@ def context_fields(schema: Schema) -> frozenset:
     return frozenset(f.name for f in schema.fields if f.name not in per_candidate)
 
 
-def rank_request(schema: Schema, features: list) -> tuple[bytes, list[bytes]]:
-    """(context, candidates) raw Examples: the first example's context fields, each example's others."""
-    ctx_fields = context_fields(schema)
-    value_fields = {f.name for f in schema.fields if f.kind != "categorical"}
-    context = protocol.raw_example([f for f in features[0] if f[0] in ctx_fields], value_fields)
-    cands = [protocol.raw_example([f for f in feats if f[0] not in ctx_fields], value_fields) for feats in features]
-    return context, cands
+def _rank_parts(schema: Schema, features: list, bid_feature: str = "") -> tuple[list, list[list]]:
+    """(context features, candidates' features) of a synthesized ``rank`` request.
 
-
-def merged_features(schema: Schema, features: list) -> list[list]:
-    """The flat equivalent of ``rank_request``: each candidate with the context's fields it lacks."""
+    With ``bid_feature`` the context holds the first example's bid and every third candidate
+    (1, 4, 7, ...) sends none, so both of ``rank``'s bid sources are exercised.
+    """
     ctx_fields = context_fields(schema)
     ctx = [f for f in features[0] if f[0] in ctx_fields]
-    return [[f for f in feats if f[0] not in ctx_fields] + ctx for feats in features]
+    cands = [[f for f in feats if f[0] not in ctx_fields] for feats in features]
+    if bid_feature:
+        ctx += [f for f in features[0] if f[0] == bid_feature]
+        cands = [[f for f in c if not (f[0] == bid_feature and i % 3 == 1)] for i, c in enumerate(cands)]
+    return ctx, cands
+
+
+def rank_request(schema: Schema, features: list, bid_feature: str = "") -> tuple[bytes, list[bytes]]:
+    """(context, candidates) raw Examples: the first example's context fields, each example's others
+    (``_rank_parts``; ``bid_feature``: the fusion output's bid, a float feature)."""
+    value_fields = {f.name for f in schema.fields if f.kind != "categorical"} | ({bid_feature} - {""})
+    ctx, cands = _rank_parts(schema, features, bid_feature)
+    return protocol.raw_example(ctx, value_fields), [protocol.raw_example(c, value_fields) for c in cands]
+
+
+def merged_features(schema: Schema, features: list, bid_feature: str = "") -> list[list]:
+    """The flat equivalent of ``rank_request``: each candidate with the context's features it lacks."""
+    ctx, cands = _rank_parts(schema, features, bid_feature)
+    return [c + [f for f in ctx if f[0] not in {g[0] for g in c}] for c in cands]
 
 
 def warmup_logs(model_name: str, records: list[bytes], raw: list[bytes], rank: tuple[bytes, list[bytes]],

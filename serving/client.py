@@ -52,6 +52,14 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 FIELD_MAP_FILE = "field_map.tsv"  # export.exporter.FIELD_MAP_FILE
 HTTP2_WINDOW_BYTES = 4 << 20
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+# What gRPC's server says when it sheds a request over its admission limit (serving.server's
+# --max_concurrent_requests): retried with backoff like UNAVAILABLE, unlike a message over the size cap.
+SHED_DETAILS = "Concurrent RPC limit exceeded"
+
+
+def _transient(e: grpc.RpcError) -> bool:
+    code = e.code()
+    return code in RETRYABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and SHED_DETAILS in (e.details() or ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +229,7 @@ class ServingClient:
                     results[i] = fut.result()
                 except grpc.RpcError as e:
                     code = e.code()
-                    transient = code in RETRYABLE or (code == grpc.StatusCode.DEADLINE_EXCEEDED
+                    transient = _transient(e) or (code == grpc.StatusCode.DEADLINE_EXCEEDED
                                                       and deadline - time.monotonic() > 0)
                     if not transient or attempt >= self.retries:
                         for f in futures.values():
@@ -281,7 +289,7 @@ class ServingClient:
             try:
                 return method(req, timeout=max(1e-3, deadline - time.monotonic()))
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.retries or time.monotonic() >= deadline:
+                if not _transient(e) or attempt == self.retries or time.monotonic() >= deadline:
                     raise ScoringError(e.code(), e.details() or "") from None
                 time.sleep(self.backoff_s * (2 ** attempt))
         raise AssertionError("unreachable")
@@ -350,13 +358,16 @@ def parse_lines(builder: examples_lib.ExampleBuilder, lines) -> tuple[list, list
 
 
 def score_lines(client: ServingClient, lines, fmt: str, schema: Schema | None = None, field_map=None,
-                signature: str = "", splits: int = 1, context_fields=()) -> tuple[Prediction, list]:
+                signature: str = "", splits: int = 1, context_fields=(), outputs=(),
+                extra=()) -> tuple[Prediction, list]:
     """Scores text lines as one request's candidates; returns (prediction, labels per line or None).
 
     ``fmt`` ``ids``: pre-hashed lines to ``predict_ids``. Otherwise libfm/libffm lines become raw
     Examples (``serving.examples``) sent to ``serving_default``, or with ``context_fields`` one
     ``rank`` request: the first line's context fields are the shared context, every line's other
-    fields a candidate.
+    fields a candidate. ``outputs`` limits the outputs (Predict's ``output_filter``); ``extra``
+    features go into every Example (e.g. ``("bid", "bid", 1.0)``: a fusion export needs a bid, which
+    log lines lack).
     """
     lines = [line for line in lines if line.strip()]
     if fmt == "ids":
@@ -368,12 +379,15 @@ def score_lines(client: ServingClient, lines, fmt: str, schema: Schema | None = 
         raise ValueError(f"the model was trained on {schema.format} lines, got --format {fmt}")
     builder = examples_lib.ExampleBuilder(schema, field_map)
     labels, feats = parse_lines(builder, lines)
+    feats = [f + list(extra) for f in feats]
+    builder.value_fields = builder.value_fields | {e[0] for e in extra}  # extra features carry numbers
     if context_fields:
         context = builder.example(builder.split(feats[0], context_fields)[0])
         cands = [builder.example(builder.split(f, context_fields)[1]) for f in feats]
-        return client.rank(context, cands), labels
+        return client.rank(context, cands, output_filter=outputs), labels
     examples = [builder.example(f) for f in feats]
-    return client.score_examples(examples, splits=splits, signature=signature or DEFAULT_SIGNATURE), labels
+    return client.score_examples(examples, splits=splits, signature=signature or DEFAULT_SIGNATURE,
+                                 output_filter=outputs), labels
 
 
 def report(pred: Prediction, labels: list, schema: Schema) -> list[str]:
@@ -410,6 +424,9 @@ def main(argv=None) -> None:
     s.add_argument("--context_fields", default="",
                    help="comma-separated fields shared by all lines: one rank request (first line's context)")
     s.add_argument("--metrics", action="store_true", help="print AUC and logloss against the lines' labels")
+    s.add_argument("--outputs", default="", help="comma-separated outputs to return (default: all)")
+    s.add_argument("--bid", type=float, default=None,
+                   help="add this bid to every Example (the float feature 'bid'): a fusion export needs one")
     s.add_argument("inputs", nargs="*", default=["-"], help="files of lines (- : stdin)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with ServingClient(args.server, args.model, args.version, args.version_label, timeout_s=args.timeout,
@@ -429,7 +446,10 @@ def main(argv=None) -> None:
         fmt = args.format or (schema.format if schema else "ids")
         field_map = _field_map(args.schema, args.field_map) if fmt == "libfm" else None
         ctx = frozenset(f for f in args.context_fields.split(",") if f)
-        pred, labels = score_lines(client, lines, fmt, schema, field_map, args.signature, args.splits, ctx)
+        outputs = tuple(o for o in args.outputs.split(",") if o)
+        extra = (("bid", "bid", args.bid),) if args.bid is not None else ()
+        pred, labels = score_lines(client, lines, fmt, schema, field_map, args.signature, args.splits, ctx, outputs,
+                                   extra)
     keys = sorted(pred.outputs)
     for i in range(len(pred.outputs[keys[0]]) if keys else 0):
         print("\t".join(f"{k}={pred.outputs[k][i]:.6f}" for k in keys))

@@ -73,3 +73,24 @@ def served_export(tiny_etl, tmp_path_factory):
             "train": {"epochs": 1, "verbose": 0}}))
         version_dirs[v], _ = exporter.export(runs[name], base, "ctr")
     return {"base": base, "model": "ctr", "runs": runs, "versions": version_dirs}
+
+
+# The fusion config of ``mtl_fusion_export``: exponents other than 1 and mtl's task names as ctr/cvr.
+MTL_FUSION = {"a": 0.5, "b": 2.0, "ctr_output": "click", "cvr_output": "conversion", "bid_feature": "bid"}
+
+
+@pytest.fixture(scope="session")
+def mtl_fusion_export(tiny_etl, tmp_path_factory):
+    """{"run_dir", "path", "check"}: ``mtl`` with uncertainty loss weighting and ``MTL_FUSION``, trained one
+    short epoch on tiny_etl and exported (tests/test_fusion.py, tests/test_weighting.py)."""
+    from export import exporter
+    from trainer import config as config_lib
+    from trainer import train as trainer_lib
+
+    run_dir = str(tmp_path_factory.mktemp("run-mtl-fusion"))
+    trainer_lib.train(config_lib.resolve("", overrides={
+        "data": {"path": tiny_etl, "batch_size": 256}, "run_dir": run_dir,
+        "model": {"name": "mtl", "loss_weighting": "uncertainty"}, "optimizer": {"learning_rate": 0.01},
+        "train": {"epochs": 1, "verbose": 0, "report": False}, "fusion": MTL_FUSION}))
+    path, check = exporter.export(run_dir, str(tmp_path_factory.mktemp("export-mtl-fusion")), "mtl")
+    return {"run_dir": run_dir, "path": path, "check": check}

@@ -57,6 +57,31 @@ def test_every_model_trains_with_finite_falling_loss_and_serves_its_outputs(name
     assert clone.tasks == model.tasks and [v.shape for v in clone.variables] == [v.shape for v in model.variables]
 
 
+# XLA compilation takes seconds per model: the default suite covers the models of the speed experiments.
+@pytest.mark.parametrize("name", [n if n in ("ffm", "deepfm") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(MODELS)])
+def test_every_model_trains_the_same_under_xla_and_steps_per_execution(name, tiny_etl, batches):
+    schema, raw = batches
+    histories, calls = [], []
+    for jit, per_call in ((False, 1), (True, 2)):
+        keras.utils.set_random_seed(1)
+        cfg = config_lib.resolve("", overrides={
+            "data": {"path": tiny_etl, "batch_size": 64},
+            "model": {"name": name, "embedding_dim": 4, "hidden_units": [16], "tower_units": [8]},
+            "optimizer": {"name": "adam", "learning_rate": 0.01},
+            "train": {"jit_compile": jit, "steps_per_execution": per_call}})
+        model = trainer_lib.build_and_compile(cfg, schema)
+        assert (model.xla_train_step is not None) is jit
+        batch_ends = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: calls.append(per_call))
+        ds = trainer_lib._select(_from_list(raw), model.tasks, cfg.train).repeat()
+        histories.append(model.fit(ds, epochs=2, steps_per_epoch=4, verbose=0, callbacks=[batch_ends]).history)
+    # Same initial weights and batches: XLA only reorders float arithmetic.
+    for key in histories[0]:
+        np.testing.assert_allclose(histories[1][key], histories[0][key], rtol=2e-3, err_msg=key)
+    # 8 steps: 8 calls of the train function one step at a time, 4 calls of two steps.
+    assert calls.count(1) == 8 and calls.count(2) == 4
+
+
 def _from_list(items):
     return tf.data.Dataset.from_generator(lambda: iter(items), output_signature=tf.nest.map_structure(
         tf.type_spec_from_value, items[0]))

@@ -56,7 +56,7 @@ def _serve_all_lines(version_dir, name, raw_eval, run_dir, etl_dir):
                 lines = f.read().splitlines()
             schema = client_lib._load_schema(version_dir)
             field_map = client_lib._field_map(version_dir, "") if schema.format == "libfm" else None
-            pred, labels = client_lib.score_lines(c, lines, schema.format, schema, field_map, splits=4)
+            pred, labels = client_lib.score_lines(c, lines, schema.format, schema, field_map, splits=2)
     finally:
         srv.stop()
     schema = load_schema(etl_dir)

@@ -227,6 +227,52 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(env):
     assert _close(c.score_examples(ex).outputs["click"], env["expected"][2])
 
 
+def test_overload_is_shed_at_once_and_the_server_keeps_serving(env):
+    """With 2 requests admitted, a third arriving while both run gets RESOURCE_EXHAUSTED at once (not
+    after them); the admitted ones finish, and the server serves the next request."""
+    manager = server.ModelManager(server.single_model_config("fm", os.path.join(env["base"], "fm")),
+                                  session_config=server.session_config())
+    release, started = threading.Event(), threading.Semaphore(0)
+    predict = manager.handlers.predict
+
+    def held(req):  # a request holds its admission slot until released
+        started.release()
+        release.wait(30)
+        return predict(req)
+    manager.handlers.predict = held  # before the Server binds the handlers
+    srv = server.Server(manager, port=0, max_concurrent_requests=2)
+    srv.start()
+    try:
+        with client_lib.ServingClient(srv.target, "fm", timeout_s=30, retries=0) as c:
+            pool = [threading.Thread(target=lambda: results.append(c.score_examples(env["examples"][:5])))
+                    for _ in range(2)]
+            results = []
+            for t in pool:
+                t.start()
+            assert started.acquire(timeout=30) and started.acquire(timeout=30)
+            t0 = time.monotonic()
+            with pytest.raises(client_lib.ScoringError) as err:
+                c.score_examples(env["examples"][:5])
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t0 < 1.0
+            # A client that retries with backoff gets through once a slot frees.
+            with client_lib.ServingClient(srv.target, "fm", timeout_s=30, retries=8, backoff_s=0.05) as patient:
+                later = []
+                waiter = threading.Thread(target=lambda: later.append(patient.score_examples(env["examples"][:5])))
+                waiter.start()
+                time.sleep(0.2)
+                assert not later  # still shed and backing off while both slots are held
+                release.set()
+                waiter.join(30)
+            assert len(later) == 1 and _close(later[0].outputs["click"], env["expected"][2][:5])
+            for t in pool:
+                t.join(30)
+            assert len(results) == 2 and all(_close(r.outputs["click"], env["expected"][2][:5]) for r in results)
+            assert _close(c.score_examples(env["examples"][:5]).outputs["click"], env["expected"][2][:5])
+    finally:
+        release.set()
+        srv.stop()
+
+
 def test_client_score_cli_on_raw_lines(env, capsys):
     """libffm lines become raw Examples (the graph joins the item table, bins the price, fills missing
     fields), as one flat request or one rank request; pre-hashed id lines go to predict_ids."""
@@ -264,7 +310,7 @@ def test_version_swap_and_rollback_under_concurrent_load_fail_no_request(env, tm
     dest = str(tmp_path / "ctr")
     sync.push(env["export"]["versions"][1], dest)
     manager = server.ModelManager(server.single_model_config("ctr", dest), session_config=server.session_config())
-    srv = server.Server(manager, port=0)
+    srv = server.Server(manager, port=0, max_concurrent_requests=0)  # 3 clients x 2 sub-requests at once
     srv.start()
     manager.start(poll_wait_s=0.05)
     results, errors, stop = [], [], threading.Event()

@@ -55,7 +55,7 @@ def soak(served_export, tiny_etl, tmp_path, seconds: float) -> dict:
     dest = str(tmp_path / "ctr")
     sync.push(served_export["versions"][1], dest)
     manager = server.ModelManager(server.single_model_config("ctr", dest), session_config=server.session_config())
-    srv = server.Server(manager, port=0)
+    srv = server.Server(manager, port=0, max_concurrent_requests=0)  # 5 requests at once by design
     srv.start()
     manager.start(poll_wait_s=0.1)
     ok, failed, bad_codes, stop = [0], [], [], threading.Event()

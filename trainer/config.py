@@ -7,6 +7,7 @@ resolved config is written to ``<run_dir>/config.yaml`` and into every export.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import yaml
@@ -82,6 +83,9 @@ class ModelConfig:
       attention_units: hidden layer sizes of the local activation unit of ``din`` and ``dicm``.
       attention_activation: its activation, ``dice`` or ``prelu`` (Zhou et al. 2018).
       vector_projection: size of ``dicm``'s projection of the item vectors (0: ``embedding_dim``).
+      loss_weighting: how multi-task losses combine: ``fixed`` (``train.loss_weights``) or ``uncertainty``
+        (learned log-variances s_t, ``sum_t exp(-s_t) L_t + s_t / 2``; Kendall et al. 2018;
+        ``trainer/weighting.py``). A model setting: the s_t are model variables.
     """
 
     name: str = "fm"
@@ -116,10 +120,13 @@ class ModelConfig:
     attention_units: tuple[int, ...] = (36,)
     attention_activation: str = "dice"
     vector_projection: int = 0
+    loss_weighting: str = "fixed"
 
     def __post_init__(self):
         if self.embedding_init not in ("normal", "uniform"):
             raise ValueError(f"model.embedding_init {self.embedding_init!r} not in normal/uniform")
+        if self.loss_weighting not in ("fixed", "uncertainty"):
+            raise ValueError(f"model.loss_weighting {self.loss_weighting!r} not in fixed/uncertainty")
         if self.embedding_combiner not in ("sum", "mean"):
             raise ValueError(f"model.embedding_combiner {self.embedding_combiner!r} not in sum/mean")
         if self.num_experts < 1 or not self.expert_units:
@@ -187,6 +194,13 @@ class TrainConfig:
       report: write the evaluation report (``run_dir/report``: JSON, ROC and calibration PNGs).
       warm_start: a previous run dir or TF Serving export version dir to initialise from
         (``trainer/warm_start.py``: variables by name, vocabulary rows by feature); empty: cold start.
+      steps_per_execution: training steps per call of the compiled train function (Keras
+        ``steps_per_execution``): fewer Python round trips per epoch. Batch callbacks (and so
+        ``checkpoint_every_steps``) then count calls, not steps; Keras needs the eval size
+        (``validation_steps``) to evaluate with it.
+      jit_compile: compile the training step with XLA (not the eval step, nor under
+        ``ParameterServerStrategy``); pays off for FFM, not for MLP-bound models (docs/TRAINER.md,
+        "Training speed").
     """
 
     epochs: int = 2
@@ -202,6 +216,39 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0
     report: bool = True
     warm_start: str = ""
+    steps_per_execution: int = 1
+    jit_compile: bool = False
+
+    def __post_init__(self):
+        if self.steps_per_execution < 1:
+            raise ValueError(f"train.steps_per_execution must be >= 1, got {self.steps_per_execution}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig:
+    """The ``fusion`` output of a multi-task export: ``ctr^a * cvr^b * bid`` (ESM^2-style ranking score).
+
+    Only the raw Predict signatures (``serving_default``, ``rank``) serve it; every request Example
+    (in ``rank``: each candidate, else the context) carries its bid (docs/SERVING.md).
+
+    Attributes:
+      a, b: the exponents of pCTR and pCVR (>= 0; a = b = 1 ranks by expected revenue per impression).
+      ctr_output, cvr_output: the model outputs used as pCTR and pCVR (``esmm``: ``ctr``/``cvr``;
+        ``mtl``/``mmoe``: task names such as ``click``/``conversion``).
+      bid_feature: the float feature of each raw Example holding the bid (not a schema field).
+    """
+
+    a: float = 1.0
+    b: float = 1.0
+    ctr_output: str = "ctr"
+    cvr_output: str = "cvr"
+    bid_feature: str = "bid"
+
+    def __post_init__(self):
+        if not (math.isfinite(self.a) and math.isfinite(self.b) and self.a >= 0 and self.b >= 0):
+            raise ValueError(f"fusion.a ({self.a}) and fusion.b ({self.b}) must be finite and >= 0")
+        if not (self.ctr_output and self.cvr_output and self.bid_feature):
+            raise ValueError("fusion.ctr_output, fusion.cvr_output and fusion.bid_feature must be non-empty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +260,7 @@ class ExperimentConfig:
       run_dir: checkpoints, TensorBoard logs, metrics.json, config.yaml.
       export_base: TF Serving base path; exports go to ``<export_base>/<model_name>/<version>``.
       model_name: served model name (default: ``model.name``).
+      fusion: the export's ``fusion`` output (``FusionConfig``), or None (the default) for none.
     """
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -222,6 +270,12 @@ class ExperimentConfig:
     run_dir: str = "runs/default"
     export_base: str = "runs/export"
     model_name: str = ""
+    fusion: FusionConfig | None = None
+
+    def __post_init__(self):
+        if self.model.loss_weighting == "uncertainty" and self.train.loss_weights:
+            raise ValueError(f"train.loss_weights {self.train.loss_weights} and model.loss_weighting=uncertainty "
+                             f"both weigh the task losses; set one")
 
     @property
     def served_name(self) -> str:

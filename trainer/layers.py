@@ -20,6 +20,42 @@ def sparse_parts(features):
     return rows, ids.values, features["values"].values, features["fields"].values, batch
 
 
+# Tables up to this many elements get a dense gradient (see ``lookup``); larger ones a sparse one.
+DENSE_GRADIENT_MAX_ELEMENTS = 1 << 22
+
+
+def lookup(table, ids: tf.Tensor) -> tf.Tensor:
+    """``table[ids]`` with the gradient the table's size calls for.
+
+    A sparse gradient (``tf.IndexedSlices``, one row per occurrence) makes the optimizer deduplicate
+    the rows (``tf.unique`` + a segment sum) and scatter its update; that pays off only when a batch
+    touches a small share of a large table. A small table (at most ``DENSE_GRADIENT_MAX_ELEMENTS``)
+    gets the summed dense gradient in one scatter-add instead and a dense optimizer update, which XLA
+    (``train.jit_compile``) fuses. Both give the same update: Keras' optimizers treat a row missing
+    from a sparse gradient like a zero row of a dense one.
+    Sharded tables (``ParameterServerStrategy``) keep ``embedding_lookup`` and sparse gradients.
+    """
+    if (tf.distribute.has_strategy() or not isinstance(table, tf.Variable)
+            or table.shape.num_elements() > DENSE_GRADIENT_MAX_ELEMENTS):
+        return tf.nn.embedding_lookup(table, ids)
+    return _gather_dense_gradient(tf.convert_to_tensor(table), ids)
+
+
+def _gather_dense_gradient(params: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
+    @tf.custom_gradient
+    def gather(p):
+        def grad(dy):
+            return tf.math.unsorted_segment_sum(dy, ids, tf.shape(p, out_type=ids.dtype)[0])
+        return tf.gather(p, ids), grad
+    return gather(params)
+
+
+def field_sums(values: tf.Tensor, rows: tf.Tensor, fields: tf.Tensor, batch, num_fields: int) -> tf.Tensor:
+    """``out[b, f] = sum of values[i] over the features i of example b in field f``: ``[batch, F, ...]``."""
+    out = tf.math.unsorted_segment_sum(values, rows * num_fields + fields, batch * num_fields)
+    return tf.reshape(out, tf.concat([[-1, num_fields], tf.shape(values)[1:]], 0))
+
+
 def _touched_l2(rows_emb: tf.Tensor, l2: float) -> tf.Tensor:
     """``l2/2 * sum ||w||^2`` over the table rows a batch touched, once per use (as libffm does:
     the gradient per use is ``l2 * w``, so ``l2`` means what ``ffm-train -l`` means)."""
@@ -55,7 +91,7 @@ class Linear(keras.layers.Layer):
 
     def call(self, features):
         rows, ids, values, fields, batch = sparse_parts(features)
-        w = tf.nn.embedding_lookup(self.w, ids)  # sharded under ParameterServerStrategy
+        w = lookup(self.w, ids)
         if self.fields:
             keep = 1.0 - _not_in(fields, self.fields)
             w = w * keep[:, None]  # other fields neither contribute nor get L2
@@ -105,7 +141,7 @@ class FMInteraction(keras.layers.Layer):
 
     def call(self, features):
         rows, ids, values, fields, batch = sparse_parts(features)
-        v = tf.nn.embedding_lookup(self.v, ids)
+        v = lookup(self.v, ids)
         if self.l2:
             self.add_loss(_touched_l2(v, self.l2) / tf.cast(batch, tf.float32))
         x = values
@@ -120,24 +156,6 @@ class FMInteraction(keras.layers.Layer):
         return {**super().get_config(), "num_features": self.num_features, "embedding_dim": self.embedding_dim,
                 "linear_only_fields": list(self.linear_only_fields), "l2": self.l2,
                 "init_stddev": self.init_stddev}
-
-
-def dense_parts(features):
-    """Pads a sparse batch to dense ``[batch, n]`` tensors (n = the batch's widest example).
-
-    Returns:
-      (ids int64, values float32, fields int64, present float32), all ``[batch, n]``;
-      padding slots have id 0, value 0, field 0 and ``present`` 0.
-    """
-    ids = features["ids"]
-    shape = ids.dense_shape
-    idx = ids.indices
-
-    def scatter(v):
-        return tf.scatter_nd(idx, v, shape)
-
-    present = scatter(tf.ones_like(features["values"].values))
-    return scatter(ids.values), scatter(features["values"].values), scatter(features["fields"].values), present
 
 
 class FFMInteraction(keras.layers.Layer):
@@ -157,6 +175,16 @@ class FFMInteraction(keras.layers.Layer):
     ``l2 * v`` per use, the same lambda as ``ffm-train -l``), summed and divided by the batch size
     like the log loss.
 
+    Computed in field space: with ``grid[b, g, h] = sum over the features i of field g in example b
+    of x_i v_{i, h}`` (``[batch, F, F, k]``),
+
+        sum_{g, h} <grid[b, g, h], grid[b, h, g]> = sum_{i, j} <v_{i, f_j}, v_{j, f_i}> x_i x_j,
+
+    every pair twice plus the ``i = j`` terms ``x_i^2 ||v_{i, f_i}||^2``, which are taken off. When no
+    crossed field is multi-hot (at most one feature per field and example, which the ETL enforces
+    for fields not declared ``multi_hot``), the grid is one gather of table rows per (example, field)
+    slot; otherwise each feature's rows are gathered and summed into the grid.
+
     Args:
       num_features: rows of the latent table (schema ``num_features``).
       num_fields: fields (schema ``num_fields``).
@@ -166,11 +194,14 @@ class FFMInteraction(keras.layers.Layer):
       l2: L2 penalty per use of a latent vector.
       init: ``normal`` (N(0, init_stddev^2)) or ``uniform`` (libffm's U(0, 1/sqrt(k))).
       init_stddev: stddev of the normal initializer.
+      multi_hot_fields: field ids whose features may repeat within an example (schema ``multi_hot``).
+        Declaring none promises at most one feature per crossed field and example; a batch that
+        breaks the promise counts only the largest id of a repeated field.
     """
 
     def __init__(self, num_features: int, num_fields: int, embedding_dim: int, linear_only_fields=(),
                  normalize: bool = False, l2: float = 0.0, init: str = "normal", init_stddev: float = 0.01,
-                 **kwargs):
+                 multi_hot_fields=(), **kwargs):
         super().__init__(**kwargs)
         if embedding_dim < 1 or num_fields < 1 or num_features < 1:
             raise ValueError(f"FFM needs positive sizes, got features={num_features} fields={num_fields} "
@@ -185,6 +216,7 @@ class FFMInteraction(keras.layers.Layer):
         self.l2 = l2
         self.init = init
         self.init_stddev = init_stddev
+        self.multi_hot_fields = tuple(int(f) for f in multi_hot_fields)
 
     def build(self, input_shape):
         if self.init == "uniform":
@@ -196,30 +228,60 @@ class FFMInteraction(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, features):
-        ids, x, fields, present = dense_parts(features)
-        crossed = present * _not_in(fields, self.linear_only_fields)
+        rows, ids, x, fields, batch = sparse_parts(features)
+        crossed = _not_in(fields, self.linear_only_fields)
         x = x * crossed
-        n = tf.shape(ids)[1]
-        rows = tf.nn.embedding_lookup(self.v, ids)                       # [B, n, F, k]
-        # v[b, i, j] = latent vector of feature i against the field of feature j.
-        target = tf.broadcast_to(fields[:, None, :], tf.stack([tf.shape(ids)[0], n, n]))
-        v = tf.gather(rows, target, axis=2, batch_dims=2)                # [B, n, n, k]
-        dots = tf.reduce_sum(v * tf.transpose(v, [0, 2, 1, 3]), axis=-1)  # <v_{i,f_j}, v_{j,f_i}>
-        upper = tf.linalg.band_part(tf.ones(tf.stack([n, n])), 0, -1) - tf.eye(n)  # i < j
-        xx = x[:, :, None] * x[:, None, :]
-        out = tf.reduce_sum(dots * xx * upper, axis=[1, 2])
+        if set(self.multi_hot_fields) - set(self.linear_only_fields):
+            both, own, penalty = self._by_feature(rows, ids, x, fields, crossed, batch)
+        else:
+            both, own, penalty = self._by_slot(rows, ids, x, fields, crossed, batch)
+        out = 0.5 * (both - own)
         if self.normalize:
-            out = out / tf.maximum(tf.reduce_sum(tf.square(x), axis=1), 1e-12)
+            out = out / tf.maximum(tf.math.unsorted_segment_sum(tf.square(x), rows, batch), 1e-12)
         if self.l2:
-            uses = crossed[:, :, None] * crossed[:, None, :] * (1.0 - tf.eye(n))  # i != j, both crossed
-            penalty = 0.5 * self.l2 * tf.reduce_sum(tf.reduce_sum(tf.square(v), -1) * uses)
-            self.add_loss(penalty / tf.cast(tf.shape(ids)[0], tf.float32))
+            self.add_loss(0.5 * self.l2 * penalty / tf.cast(batch, tf.float32))
         return out[:, None]
+
+    def _by_slot(self, rows, ids, x, fields, crossed, batch):
+        """(pairs both ways and i = j terms [B], own terms [B], sum of ||v||^2 over uses) with one
+        feature per (example, field) slot at most."""
+        f = self.num_fields
+        slots, n = rows * f + fields, batch * f
+        slot_ids = tf.maximum(tf.math.unsorted_segment_max(ids, slots, n), 0)   # an empty slot: row 0
+        xs = tf.reshape(tf.math.unsorted_segment_sum(x, slots, n), [-1, f])      # 0: empty or not crossed
+        used = tf.reshape(tf.math.unsorted_segment_sum(crossed, slots, n), [-1, f])
+        v = tf.reshape(lookup(self.v, slot_ids), [-1, f, f, self.embedding_dim])  # v[b, g, h]
+        grid = v * xs[:, :, None, None]
+        both = tf.reduce_sum(grid * tf.transpose(grid, [0, 2, 1, 3]), axis=[1, 2, 3])
+        sq = tf.reduce_sum(tf.square(v), -1)                                      # [B, F, F]
+        eye = tf.eye(f)
+        own = tf.reduce_sum(tf.reduce_sum(sq * eye, -1) * tf.square(xs), -1)     # x^2 ||v_{g, g}||^2
+        if not self.l2:
+            return both, own, 0.0
+        # Slot g uses v_{g, h} once per other crossed slot h.
+        uses = used[:, :, None] * (used[:, None, :] - eye)
+        return both, own, tf.reduce_sum(sq * uses)
+
+    def _by_feature(self, rows, ids, x, fields, crossed, batch):
+        """The same as ``_by_slot`` for any number of features per (example, field)."""
+        v = lookup(self.v, ids)                                                   # [nnz, F, k]
+        grid = field_sums(v * x[:, None, None], rows, fields, batch, self.num_fields)
+        both = tf.reduce_sum(grid * tf.transpose(grid, [0, 2, 1, 3]), axis=[1, 2, 3])
+        sq = tf.reduce_sum(tf.square(v), -1)                                      # [nnz, F]
+        own_field = tf.one_hot(fields, self.num_fields)
+        own = tf.math.unsorted_segment_sum(tf.reduce_sum(sq * own_field, -1) * tf.square(x), rows, batch)
+        if not self.l2:
+            return both, own, 0.0
+        # Feature i uses v_{i, g} once per other crossed feature of field g in its example.
+        count = field_sums(crossed, rows, fields, batch, self.num_fields)        # [B, F]
+        uses = crossed[:, None] * (tf.gather(count, rows) - own_field)
+        return both, own, tf.reduce_sum(sq * uses)
 
     def get_config(self):
         return {**super().get_config(), "num_features": self.num_features, "num_fields": self.num_fields,
                 "embedding_dim": self.embedding_dim, "linear_only_fields": list(self.linear_only_fields),
-                "normalize": self.normalize, "l2": self.l2, "init": self.init, "init_stddev": self.init_stddev}
+                "normalize": self.normalize, "l2": self.l2, "init": self.init, "init_stddev": self.init_stddev,
+                "multi_hot_fields": list(self.multi_hot_fields)}
 
 
 def _not_in(fields, excluded):
@@ -273,16 +335,14 @@ class FieldEmbedding(keras.layers.Layer):
 
     def call(self, features):
         rows, ids, values, fields, batch = sparse_parts(features)
-        v = tf.nn.embedding_lookup(self.v, ids)
+        v = lookup(self.v, ids)
         if self.l2:
             self.add_loss(_touched_l2(v, self.l2) / tf.cast(batch, tf.float32))
-        segment = rows * self.num_fields + fields
-        n = batch * self.num_fields
-        pooled = tf.math.unsorted_segment_sum(v * values[:, None], segment, n)
+        pooled = field_sums(v * values[:, None], rows, fields, batch, self.num_fields)
         if self.combiner == "mean":
-            count = tf.math.unsorted_segment_sum(tf.ones_like(values), segment, n)
-            pooled = pooled / tf.maximum(count, 1.0)[:, None]
-        return tf.reshape(pooled, tf.stack([batch, self.num_fields, self.embedding_dim]))
+            count = field_sums(tf.ones_like(values), rows, fields, batch, self.num_fields)
+            pooled = pooled / tf.maximum(count, 1.0)[:, :, None]
+        return pooled
 
     def get_config(self):
         return {**super().get_config(), "num_features": self.num_features, "num_fields": self.num_fields,

@@ -7,13 +7,14 @@ trains on whatever binary labels the ETL wrote. Field choices in the config (``b
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import tensorflow as tf
 import tf_keras as keras
 
 from feature_schema import Schema, configs
-from trainer import layers
+from trainer import layers, weighting
 from trainer.config import ModelConfig
 
 MODELS: dict[str, Callable] = {}
@@ -59,7 +60,12 @@ def build_model(cfg: ModelConfig, schema: Schema) -> keras.Model:
 
 
 class RankingModel(keras.Model):
-    """Base class: holds the config, schema sizes, task names and resolved field sets."""
+    """Base class: holds the config, schema sizes, task names and resolved field sets.
+
+    With ``model.loss_weighting=uncertainty`` its ``compute_loss`` (run by Keras' own ``train_step``
+    and ``test_step``) weighs the task losses with learned log-variances (``trainer.weighting``);
+    Keras' ``loss`` then reports that objective and ``<task>_loss_weight`` each ``exp(-s_t)``.
+    """
 
     def __init__(self, cfg: ModelConfig, schema: Schema, tasks: tuple[str, ...], **kwargs):
         super().__init__(name=cfg.name, **kwargs)
@@ -79,6 +85,39 @@ class RankingModel(keras.Model):
         self.shared_fields = tuple(f.id for f in schema.fields
                                    if f.id not in self.bias_fields and f.id not in private)
         self.numeric_fields = tuple(f.id for f in schema.fields if f.kind == "numeric")
+        self.loss_weighting = None
+        if cfg.loss_weighting == "uncertainty":
+            if len(self.tasks) < 2:
+                raise ValueError(f"model.loss_weighting=uncertainty weighs the losses of several tasks; model "
+                                 f"{cfg.name!r} has tasks {list(self.tasks)}")
+            self.loss_weighting = weighting.UncertaintyWeighting(self.tasks, name="loss_weighting")
+            self.weighted_loss = keras.metrics.Mean(name="weighted_loss")
+
+    @property
+    def metrics(self):
+        extra = [self.weighted_loss] if getattr(self, "loss_weighting", None) is not None else []
+        return super().metrics + extra
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        """Keras' compiled loss, or with uncertainty weighting ``sum_t exp(-s_t) L_t + s_t / 2`` plus the
+        regularisation terms (``L_t``: each task's compiled loss; ``trainer.weighting``)."""
+        fixed = super().compute_loss(x, y, y_pred, sample_weight)  # also Keras' per-task loss metrics
+        if self.loss_weighting is None or y is None:
+            return fixed
+        total = self.loss_weighting(weighting.task_losses(self.tasks, y, y_pred, sample_weight))
+        if self.losses:
+            total += tf.add_n(self.losses)
+        self.weighted_loss.update_state(total, sample_weight=tf.shape(y_pred[self.tasks[0]])[0])
+        # As Keras scales its compiled loss: gradients are summed over replicas.
+        return total / tf.distribute.get_strategy().num_replicas_in_sync
+
+    def compute_metrics(self, x, y, y_pred, sample_weight):
+        out = super().compute_metrics(x, y, y_pred, sample_weight)
+        if self.loss_weighting is not None:
+            # Keras' "loss" tracks the compiled (fixed-weight) loss; report the optimised objective.
+            out["loss"] = out.pop(self.weighted_loss.name)
+            out.update({f"{t}_loss_weight": w for t, w in self.loss_weighting.task_weights().items()})
+        return out
 
     def field_ids(self, names) -> tuple[int, ...]:
         """Field ids of field names (KeyError for a name not in the schema)."""
@@ -111,6 +150,20 @@ class RankingModel(keras.Model):
         schema = Schema.from_json_dict(config["schema"])
         return cls(configs.from_dict(ModelConfig, config["model_config"]), schema, tuple(config["tasks"]))
 
+    def compile(self, *args, jit_compile=False, **kwargs):
+        """Keras' ``compile``; ``jit_compile`` compiles the training step with XLA, not the eval step:
+        that one runs once per epoch, and compiling it cost more than it saved (about 3 s on Frappe,
+        for an eval pass no faster). Under a distribution strategy (``ParameterServerStrategy``: tables
+        sharded across parameter servers) the step stays uncompiled."""
+        super().compile(*args, jit_compile=False, **kwargs)
+        xla = jit_compile and not tf.distribute.has_strategy()
+        self.xla_train_step = (tf.function(functools.partial(keras.Model.train_step, self), jit_compile=True,
+                                           reduce_retracing=True) if xla else None)
+
+    def train_step(self, data):
+        step = getattr(self, "xla_train_step", None)
+        return step(data) if step is not None else super().train_step(data)
+
     def _single(self, logit):
         return {self.tasks[0]: tf.sigmoid(tf.squeeze(logit, axis=1))}
 
@@ -135,11 +188,15 @@ class RankingModel(keras.Model):
         num = tuple(f for f in fields if f in self.numeric_fields)
         return cat, (layers.FieldValues(num, name=name) if num else None)
 
+    def _fields_of(self, emb, fields):
+        """``emb[:, fields]`` (no copy when ``fields`` are all fields in order)."""
+        return emb if tuple(fields) == tuple(range(self.num_fields)) else tf.gather(emb, list(fields), axis=1)
+
     def _deep_input(self, features, emb, cat_fields, values_layer):
         """Flattened embeddings of ``cat_fields`` (part 1) ++ dense values (part 2), ``[batch, d]``."""
         parts = []
         if cat_fields:
-            e = tf.gather(emb, list(cat_fields), axis=1)
+            e = self._fields_of(emb, cat_fields)
             parts.append(tf.reshape(e, [-1, len(cat_fields) * self.cfg.embedding_dim]))
         if values_layer is not None:
             parts.append(values_layer(features))
@@ -183,7 +240,8 @@ class FieldAwareFM(RankingModel):
         self.linear = layers.Linear(self.num_features, l2=cfg.l2_linear)
         self.ffm = layers.FFMInteraction(self.num_features, self.num_fields, cfg.embedding_dim,
                                          self.linear_only_fields, normalize=cfg.normalize, l2=cfg.l2_embedding,
-                                         init=cfg.embedding_init, init_stddev=cfg.init_stddev)
+                                         init=cfg.embedding_init, init_stddev=cfg.init_stddev,
+                                         multi_hot_fields=[f.id for f in schema.fields if f.multi_hot])
 
     def call(self, features, training=False):
         return self._single(self.linear(features) + self.ffm(features))
@@ -226,7 +284,7 @@ class DeepFM(RankingModel):
 
     def call(self, features, training=False):
         emb = self.embedding(features)
-        fm = self.fm(tf.gather(emb, list(self.deep_fields), axis=1))
+        fm = self.fm(self._fields_of(emb, self.deep_fields))
         deep = self.deep_logit(self.mlp(self._deep_input(features, emb, self.deep_fields, self.values),
                                         training=training))
         return self._single(self.linear(features) + fm + deep)

@@ -104,7 +104,8 @@ def build_and_compile(cfg: config_lib.ExperimentConfig, schema: Schema):
     model.compile(optimizer=make_optimizer(cfg.optimizer, cfg.data.batch_size),
                   loss={t: binary_crossentropy for t in model.tasks},
                   loss_weights={t: cfg.train.loss_weights.get(t, 1.0) for t in model.tasks},
-                  weighted_metrics={t: [keras.metrics.AUC(name="auc"), LogLoss()] for t in model.tasks})
+                  weighted_metrics={t: [keras.metrics.AUC(name="auc"), LogLoss()] for t in model.tasks},
+                  steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
     return model
 
 

@@ -42,10 +42,11 @@ def _frappe(*parts: dict) -> dict:
 
 @register_experiment("frappe_ffm")
 def frappe_ffm() -> dict:
-    """FFM on Frappe: libffm's model (normalisation, uniform init), k=32, lambda=1e-3, summed AdaGrad."""
+    """FFM on Frappe: libffm's model (normalisation, uniform init), k=32, lambda=1e-3, summed AdaGrad, XLA."""
     return _frappe(summed_adagrad(0.5, 1024), {
         "model": {"name": "ffm", "embedding_dim": 32, "l2_embedding": 1e-3, "normalize": True,
-                  "embedding_init": "uniform"}})
+                  "embedding_init": "uniform"},
+        "train": {"jit_compile": True}})  # same figures, about a third less time (docs/TRAINER.md)
 
 
 @register_experiment("frappe_deepfm")
@@ -64,3 +65,20 @@ def frappe_wide_deep() -> dict:
                   "l2_embedding": 0.03, "l2_linear": 1e-3, "init_stddev": 0.3},
         # Its best epoch comes later and between whole passes: evaluate every half pass (57 steps = 1).
         "train": {"steps_per_epoch": 28, "early_stopping_patience": 4}})
+
+
+# Speed (bench/bench_train.py, docs/TRAINER.md "Training speed").
+@register_experiment("frappe_ffm_fast")
+def frappe_ffm_fast() -> dict:
+    """frappe_ffm for time to libffm's best logloss: rate 1.0, batch 1862 (divides 57,722: one step shape)."""
+    return configs.deep_merge(frappe_ffm(), configs.deep_merge(summed_adagrad(1.0, 1862), {
+        "data": {"eval_batch_size": 4810}}))  # divides the 28,860 eval lines: one eval step shape
+
+
+@register_experiment("frappe_deepfm_deepctr")
+def frappe_deepfm_deepctr() -> dict:
+    """DeepFM at DeepCTR's benchmark shape (k=10, DNN 400-400, batch 1024, Adam 1e-3, L2 1e-5 as DeepCTR)."""
+    return _frappe({"model": {"name": "deepfm", "embedding_dim": 10, "hidden_units": [400, 400],
+                              "l2_embedding": 1e-5, "l2_linear": 1e-5},
+                    "optimizer": {"name": "adam", "learning_rate": 1e-3},
+                    "data": {"batch_size": 1024}})
