@@ -216,7 +216,7 @@ def ffm_time_to_logloss(experiment: str, data_path: str, target: float, max_epoc
                         overrides: dict | None = None, revision: str = "") -> dict:
     """``_ffm_time_to_logloss`` in a fresh process, as ``make train`` runs (one-time costs such as
     initialising XLA's compiler fall on every run alike); ``revision``: with ``trainer/layers.py``
-    and ``trainer/models.py`` as of that git revision."""
+    and ``trainer/models.py`` (a module before ``trainer/models/`` became a package) as of that git revision."""
     payload = {"experiment": experiment, "data_path": data_path, "target": target, "max_epochs": max_epochs,
                "overrides": overrides or {}, "revision": revision}
     out = subprocess.run([sys.executable, "-m", "bench.bench_train", "--ffm_run", json.dumps(payload)],

@@ -44,7 +44,7 @@ from serving import retrieval as serving_retrieval
 from serving.protocol import DEFAULT_SIGNATURE, HASHED_SIGNATURE, IDS_SIGNATURE
 from trainer import data
 from trainer import train as trainer_lib
-from trainer.retrieval import USER_VECTOR, TwoTower
+from trainer.models.retrieval import USER_VECTOR, TwoTower
 
 
 class UserTower(tf.Module):

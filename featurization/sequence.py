@@ -4,7 +4,7 @@ A sequence field's keys (the user's last clicked items, most recent first) are e
 batch like any multi-hot field's, in their order. Its position ``j`` in an example is the j-th entry
 of that field there; only positions below ``max_length`` count. These helpers find them; the
 featurization layer uses them to drop what lies beyond ``max_length`` and to lay out the vectors of a
-sequence's keys, and ``trainer.sequence`` to turn a sequence into ``[batch, max_length]`` rows.
+sequence's keys, and ``trainer.models.sequence`` to turn a sequence into ``[batch, max_length]`` rows.
 """
 from __future__ import annotations
 

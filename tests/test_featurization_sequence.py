@@ -9,7 +9,7 @@ from feature_schema import FieldSpec, LabelSpec, Schema, VectorFieldSpec, VocabE
 from featurization import Featurizer
 from featurization import sequence as seq_lib
 from serving import protocol
-from trainer.sequence import sequence_rows
+from trainer.models.sequence import sequence_rows
 
 # user: rare 0, u1 -> 1.  item: rare 2, i1 -> 3, i2 -> 4.  hist (sequence of item keys, max 3): rare 5 only.
 FIELDS = (FieldSpec("user", 0, "categorical", 0, 2, 0),

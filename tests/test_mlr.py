@@ -14,7 +14,7 @@ from tests.test_layers import BATCH, sparse_batch
 from trainer import config as config_lib
 from trainer import layers
 from trainer import train as trainer_lib
-from trainer.mlr import PiecewiseLogistic
+from trainer.models.mlr import PiecewiseLogistic
 
 # 4 features, m = 2 regions; feature 3 is the only feature of field 2.
 U = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, -0.5], [9.0, 9.0]], np.float32)

@@ -22,7 +22,7 @@ from serving.examples import ExampleBuilder
 from trainer import config as config_lib
 from trainer import data
 from trainer import train as trainer_lib
-from trainer.retrieval import Tower, in_batch_softmax_loss, item_log_q
+from trainer.models.retrieval import Tower, in_batch_softmax_loss, item_log_q
 
 USER_FIELDS = ("user", "query", "hour", "device")
 Q = tf.constant([[1.0, 0.0], [0.0, 1.0]])

@@ -17,7 +17,7 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import train as trainer_lib
 from trainer.models import MODELS
-from trainer.sequence import Dice, LocalActivationUnit, PReLU, sequence_rows
+from trainer.models.sequence import Dice, LocalActivationUnit, PReLU, sequence_rows
 
 from conftest import generated_etl_config
 

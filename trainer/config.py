@@ -108,7 +108,7 @@ class ModelConfig:
     bias_tasks: tuple[str, ...] | None = None
     wide_fields: tuple[str, ...] = ()
     task_fields: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    # mlr (trainer/mlr.py) and two_tower (trainer/retrieval.py)
+    # mlr (trainer/models/mlr.py) and two_tower (trainer/models/retrieval.py)
     num_regions: int = 12
     user_fields: tuple[str, ...] = ("user", "query", "hour", "device")
     item_fields: tuple[str, ...] = ("item", "category", "brand", "price")
@@ -116,7 +116,7 @@ class ModelConfig:
     logq_correction: bool = True
     temperature: float = 1.0
     normalize_towers: bool = False
-    # din and dicm (trainer/sequence.py)
+    # din and dicm (trainer/models/sequence.py)
     attention_units: tuple[int, ...] = (36,)
     attention_activation: str = "dice"
     vector_projection: int = 0

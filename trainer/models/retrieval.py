@@ -24,7 +24,7 @@ import tf_keras as keras
 
 from feature_schema import Schema, read_vocabulary
 from trainer import layers
-from trainer.models import RankingModel, register_model
+from trainer.models.base import RankingModel, register_model
 
 USER_VECTOR = "user_vector"
 ITEM_VECTOR = "item_vector"

@@ -1,7 +1,7 @@
 """MLR / LS-PLM: a softmax over m regions gating m logistic regressions, as a layer and the ``mlr`` model.
 
 Gai et al., "Learning Piece-wise Linear Models from Large Scale Data for Ad Click Prediction"
-(Alibaba's MLR, arXiv 1704.05194, 2017). Registered from ``trainer/models.py``.
+(Alibaba's MLR, arXiv 1704.05194, 2017). Registered by ``trainer/models/__init__.py``.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from trainer import layers
-from trainer.models import RankingModel, register_model
+from trainer.models.base import RankingModel, register_model
 
 
 class PiecewiseLogistic(keras.layers.Layer):

@@ -10,7 +10,7 @@ pre-computed image vectors, the behaviour images pooled by attention with the ad
 A sequence field (``FieldSpec.sequence``, e.g. ``hist``) arrives as entries of the sparse batch in
 order (``featurization``); ``sequence_rows`` lays one out as ``[batch, max_length]`` rows and a mask.
 A sequence with ``vocabulary_of`` (``item``) holds that field's rows, so its embeddings are the
-candidate's table rows. Registered from ``trainer/models.py``.
+candidate's table rows. Registered by ``trainer/models/__init__.py``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import tf_keras as keras
 from featurization import sequence as seq_lib
 from featurization.layer import VECTORS
 from trainer import layers
-from trainer.models import RankingModel, register_model
+from trainer.models.base import RankingModel, register_model
 
 ATTENTION_ACTIVATIONS = ("dice", "prelu")
 
