@@ -5,7 +5,7 @@
 
 Serves the model ``bench.bench_serving`` built in ``--workdir`` (built first when missing) with
 ``python -m serving.server`` in a child process, twice: with the default admission limit
-(``--max_concurrent_requests``: 4 per core) and with none (``0``: requests queue without bound, as
+(``--max_concurrent_requests``: 1 per core) and with none (``0``: requests queue without bound, as
 in TF Serving's default). Against each server:
 
 1. steady: one client sending the same ``--ads``-candidate request back to back (closed loop):
