@@ -355,7 +355,7 @@ def _flat(batch):
 def test_cache_featurized_gives_the_batches_of_cache(tiny_etl, shuffle_buffer):
     schema = load_schema(tiny_etl)
     examples = schema.splits["train"]["examples"]
-    batch = 96
+    batch = 700
     assert examples % batch, "a partial batch per pass is part of the test"
     passes = 2 * math.ceil(examples / batch)  # two passes: the second one reads the cache, reshuffled
     got = {}
