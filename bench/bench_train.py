@@ -3,7 +3,7 @@
     python -m bench.bench_train [--etl data/frappe,data/etl] [--data ../shared/data]
         [--ffm_experiment frappe_ffm_fast] [--ffm_train PATH] [--deepfm_experiment frappe_deepfm_deepctr]
         [--rounds 2] [--batch_sizes 1024,4096] [--steps 20] [--models lr,fm,...] [--skip ffm,deepfm,steps]
-        [--ffm_levers] [--quality] [--out runs/bench/train.json]
+        [--ffm_levers] [--deepfm_levers] [--quality] [--out runs/bench/train.json]
 
 In one run, on Frappe (``make etl`` output ``data/frappe``, built first when missing):
 
@@ -34,6 +34,10 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
   ``frappe_ffm`` (``FFM_LEVERS``): the layers before the speed work (git revision
   ``BASELINE_REVISION``), the field-space layer, XLA, steps per execution, rate, batch size, L2 off.
   Each FFM measurement runs in a fresh process.
+* ``--deepfm_levers``: the DeepFM rate (on the pipeline) again for each speed lever added one at a
+  time to ``--deepfm_experiment``'s settings before the speed work (``DEEPFM_LEVERS``: inter-op
+  threads, steps per execution, XLA, the DNN in bfloat16, the featurized cache), each in a fresh
+  process, alternated with DeepCTR ``--rounds`` times.
 * ``--quality``: trains ``frappe_ffm``, ``frappe_deepfm`` and ``frappe_wide_deep`` as ``make train``
   does and checks README's bars (FFM AUC >= 0.955 and logloss <= 0.219; the others AUC >= 0.945 and
   logloss <= 0.290). About 10 minutes.
@@ -412,6 +416,57 @@ def mlp_only_rate(examples: int, fields: int, epochs: int = 3) -> float:
     return examples / min(e["epoch_train_seconds"] for e in clock.epochs[1:])
 
 
+# One lever at a time on ``--deepfm_experiment``, from the settings before the speed work: (name,
+# overrides). A name starting with a space is measured on top of the kept rows without being kept.
+DEEPFM_LEVERS = [
+    ("before: float32 DNN, 1 step per execution", DEEPFM_BEFORE),
+    (" + inter-op threads 1 (TF_NUM_INTEROP_THREADS=1)", {"_env": {"TF_NUM_INTEROP_THREADS": "1"}}),
+    ("+ train.steps_per_execution=8", {"train": {"steps_per_execution": 8}}),
+    (" + train.jit_compile (XLA)", {"train": {"jit_compile": True}}),
+    ("+ model.mlp_dtype=bfloat16 = frappe_deepfm_deepctr", {"model": {"mlp_dtype": "bfloat16"}}),
+    (" + train.jit_compile (XLA)", {"train": {"jit_compile": True}}),
+    (" + data.cache_featurized", {"data": {"cache_featurized": True, "cache": False}}),
+    (" + steps_per_execution=32", {"train": {"steps_per_execution": 32}}),
+]
+
+
+def _deepfm_rate_process(experiment: str, data_path: str, overrides: dict) -> float:
+    """``ours_deepfm_rate`` on the pipeline in a fresh process (thread settings apply at start-up)."""
+    overrides = dict(overrides)
+    env = {**os.environ, **overrides.pop("_env", {})}
+    payload = {"experiment": experiment, "data_path": data_path, "overrides": overrides}
+    out = subprocess.run([sys.executable, "-m", "bench.bench_train", "--deepfm_run", json.dumps(payload)],
+                         capture_output=True, text=True, check=False, env=env)
+    lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    if out.returncode or not lines:
+        raise RuntimeError(f"DeepFM run {payload} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def deepfm_levers(experiment: str, data_path: str, frappe_dir: str, rounds: int) -> dict:
+    """DEEPFM_LEVERS, each in a fresh process, alternated with DeepCTR ``rounds`` times (best of each)."""
+    from feature_schema import configs
+
+    named, kept = [], {}
+    for name, overrides in DEEPFM_LEVERS:
+        cfg = configs.deep_merge(kept, overrides)
+        if not name.startswith(" "):
+            kept = {k: v for k, v in cfg.items() if k != "_env"}
+        named.append((name.strip(), cfg))
+    rates = {name: [] for name, _ in named}
+    rates["DeepCTR 0.9.4"] = []
+    for r in range(rounds):
+        rates["DeepCTR 0.9.4"].append(deepctr_rate(frappe_dir))
+        for name, cfg in named:
+            rates[name].append(_deepfm_rate_process(experiment, data_path, cfg))
+        print(f"bench_train: DeepFM levers round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()),
+              flush=True)
+    deepctr = max(rates["DeepCTR 0.9.4"])
+    return {"deepctr_examples_per_s": deepctr, "rounds": rates,
+            "rows": [{"lever": name, "overrides": cfg, "examples_per_s": max(rates[name]),
+                      "ratio": max(rates[name]) / deepctr} for name, cfg in named]}
+
+
 def deepfm_vs_deepctr(experiment: str, data_path: str, frappe_dir: str, rounds: int) -> dict:
     try:
         import deepctr  # noqa: F401
@@ -613,6 +668,13 @@ def print_report(result: dict) -> None:
                   f"{mlp / d['deepctr_examples_per_s']:.2f}x DeepCTR: the ceiling of any DeepFM at this shape")
         else:
             print(f"\nDeepFM vs DeepCTR: {d['deepctr']}")
+    dl = result.get("deepfm_levers")
+    if dl:
+        print(f"\nDeepFM levers, one at a time (examples/s of a training epoch on the pipeline, best of the rounds, "
+              f"each in a fresh process; DeepCTR {_fmt_rate(dl['deepctr_examples_per_s'])}/s)")
+        print(f"{'lever':56s} {'examples/s':>11s} {'x DeepCTR':>9s}")
+        for r in dl["rows"]:
+            print(f"{r['lever']:56s} {_fmt_rate(r['examples_per_s']):>11s} {r['ratio']:>9.2f}")
     q = result.get("quality")
     if q:
         print("\nQuality bars (make train EXPERIMENT=...)")
@@ -645,10 +707,17 @@ def main(argv=None) -> dict:
     p.add_argument("--skip", default="", help="comma list of parts to skip: ffm, deepfm, steps")
     p.add_argument("--quality", action="store_true", help="also train the frappe_* experiments against their bars")
     p.add_argument("--out", default=os.path.join("runs", "bench", "train.json"))
+    p.add_argument("--deepfm_levers", action="store_true", help="also time DeepFM with one speed lever at a time")
     p.add_argument("--ffm_run", default="", help=argparse.SUPPRESS)  # one FFM measurement (JSON arguments)
+    p.add_argument("--deepfm_run", default="", help=argparse.SUPPRESS)  # one DeepFM rate (JSON arguments)
     args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.ffm_run:
         print(RESULT + json.dumps(_ffm_time_to_logloss(**json.loads(args.ffm_run))), flush=True)
+        return {}
+    if args.deepfm_run:
+        a = json.loads(args.deepfm_run)
+        print(RESULT + json.dumps(ours_deepfm_rate(a["experiment"], a["data_path"], False, overrides=a["overrides"])[0]),
+              flush=True)
         return {}
     skip = set(filter(None, args.skip.split(",")))
 
@@ -683,6 +752,8 @@ def main(argv=None) -> dict:
             result["ffm_levers"] = ffm_levers(frappe_etl, target, args.ffm_max_epochs)
     if "deepfm" not in skip and frappe_etl:
         result["deepfm"] = deepfm_vs_deepctr(args.deepfm_experiment, frappe_etl, frappe_dir, args.rounds)
+        if args.deepfm_levers:
+            result["deepfm_levers"] = deepfm_levers(args.deepfm_experiment, frappe_etl, frappe_dir, args.rounds)
     if args.quality and frappe_etl:
         result["quality"] = quality(frappe_etl)
     if "steps" not in skip:
