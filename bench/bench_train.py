@@ -418,13 +418,14 @@ def mlp_only_rate(examples: int, fields: int, epochs: int = 3) -> float:
 
 # One lever at a time on ``--deepfm_experiment``, from the settings before the speed work: (name,
 # overrides). A name starting with a space is measured on top of the kept rows without being kept.
+# Names are keys: each must be unique.
 DEEPFM_LEVERS = [
     ("before: float32 DNN, 1 step per execution", DEEPFM_BEFORE),
     (" + inter-op threads 1 (TF_NUM_INTEROP_THREADS=1)", {"_env": {"TF_NUM_INTEROP_THREADS": "1"}}),
     ("+ train.steps_per_execution=8", {"train": {"steps_per_execution": 8}}),
-    (" + train.jit_compile (XLA)", {"train": {"jit_compile": True}}),
+    (" + train.jit_compile (XLA), float32 DNN", {"train": {"jit_compile": True}}),
     ("+ model.mlp_dtype=bfloat16 = frappe_deepfm_deepctr", {"model": {"mlp_dtype": "bfloat16"}}),
-    (" + train.jit_compile (XLA)", {"train": {"jit_compile": True}}),
+    (" + train.jit_compile (XLA), bfloat16 DNN", {"train": {"jit_compile": True}}),
     (" + data.cache_featurized", {"data": {"cache_featurized": True, "cache": False}}),
     (" + steps_per_execution=32", {"train": {"steps_per_execution": 32}}),
 ]
@@ -447,6 +448,8 @@ def deepfm_levers(experiment: str, data_path: str, frappe_dir: str, rounds: int)
     """DEEPFM_LEVERS, each in a fresh process, alternated with DeepCTR ``rounds`` times (best of each)."""
     from feature_schema import configs
 
+    if len({name.strip() for name, _ in DEEPFM_LEVERS}) != len(DEEPFM_LEVERS):
+        raise ValueError("DEEPFM_LEVERS: lever names must be unique (they key the rates)")
     named, kept = [], {}
     for name, overrides in DEEPFM_LEVERS:
         cfg = configs.deep_merge(kept, overrides)
@@ -664,8 +667,8 @@ def print_report(result: dict) -> None:
             print(f"  ours before ({d['before_overrides']}), same pipeline: "
                   f"{_fmt_rate(d['ours_before_examples_per_s'])}/s, ratio {d['ratio_before']:.2f}x")
             mlp = d["mlp_only_examples_per_s"]
-            print(f"  the DNN alone (100 -> 400 -> 400 -> 1, Adam, random arrays): {_fmt_rate(mlp)}/s = "
-                  f"{mlp / d['deepctr_examples_per_s']:.2f}x DeepCTR: the ceiling of any DeepFM at this shape")
+            print(f"  the DNN alone (100 -> 400 -> 400 -> 1, float32, Adam, random arrays): {_fmt_rate(mlp)}/s = "
+                  f"{mlp / d['deepctr_examples_per_s']:.2f}x DeepCTR: the ceiling of a float32 DeepFM at this shape")
         else:
             print(f"\nDeepFM vs DeepCTR: {d['deepctr']}")
     dl = result.get("deepfm_levers")
