@@ -1,6 +1,7 @@
 """Training loop: kill-and-resume, early stopping, per-task weights, optimizers, config, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from trainer import epochs as epochs_lib
 from trainer import evaluation, experiments
 from trainer import train as trainer_lib
 from trainer.epochs import LoglossPatience
-from trainer.models import MODELS
+from trainer.models import MODELS, build_model
 
 
 def _progress(run_dir):
@@ -370,3 +371,26 @@ def test_cache_featurized_gives_the_batches_of_cache(tiny_etl, shuffle_buffer):
     # The second pass is a new order (when shuffled), so the cache did not freeze the first one.
     first, second = (got[True][j * math.ceil(examples / batch)]["ids.values"] for j in (0, 1))
     assert np.array_equal(first, second) == (shuffle_buffer == 0)
+
+
+def test_a_bfloat16_run_is_reloaded_in_float32_with_its_weights(tiny_etl, tmp_path):
+    run_dir = str(tmp_path / "run")
+    trainer_lib.train(config_lib.resolve("", overrides={
+        "data": {"path": tiny_etl, "batch_size": 256},
+        "model": {"name": "deepfm", "embedding_dim": 4, "hidden_units": [16], "mlp_dtype": "bfloat16"},
+        "optimizer": {"learning_rate": 0.01}, "run_dir": run_dir,
+        "train": {"epochs": 1, "steps_per_epoch": 5, "verbose": 0, "report": False}}))
+    assert config_lib.load(os.path.join(run_dir, "config.yaml")).model.mlp_dtype == "bfloat16"
+    cfg, schema, model = evaluation.load_trained(run_dir)
+    assert cfg.model.mlp_dtype == "float32"
+    assert [layer.compute_dtype for layer in model.mlp.dense] == ["float32"]
+    # The trained weights, not a fresh initialisation: the same model in bfloat16 predicts within
+    # bfloat16's rounding of the float32 one.
+    bf16 = evaluation.init_model(build_model(dataclasses.replace(cfg.model, mlp_dtype="bfloat16"), schema), schema)
+    bf16.set_weights(model.get_weights())
+    features, _, _ = next(iter(data.make_dataset(schema, "eval", 256)))
+    task = model.tasks[0]
+    p32, p16 = model(features)[task].numpy(), bf16(features)[task].numpy()
+    np.testing.assert_allclose(p16, p32, atol=2e-2)
+    fresh = evaluation.init_model(build_model(cfg.model, schema), schema)
+    assert not np.allclose(fresh(features)[task].numpy(), p32, atol=1e-3)

@@ -62,7 +62,7 @@ class ModelConfig:
       activation: activation of MLP layers.
       dropout: dropout rate of MLP layers.
       mlp_dtype: compute dtype of the MLPs built by ``RankingModel._mlp`` (the deep part of
-        ``wide_deep``/``deepfm``, the bottoms of ``mtl``/``esmm``): ``float32``, or ``bfloat16``
+        ``wide_deep``/``deepfm``/``din``/``dicm``, the bottoms of ``mtl``/``esmm``): ``float32``, or ``bfloat16``
         (bfloat16 matmuls, float32 variables, optimizer and outputs; faster on CPUs with AVX512-BF16
         or AMX, docs/TRAINER.md "Training speed"; not the same numerics).
       l2_embedding: L2 on embedding rows touched by a batch (``l2/2 * ||v||^2`` per use, as libffm).
