@@ -3,7 +3,7 @@
     python -m bench.bench_train [--etl data/frappe,data/etl] [--data ../shared/data]
         [--ffm_experiment frappe_ffm_fast] [--ffm_train PATH] [--deepfm_experiment frappe_deepfm_deepctr]
         [--rounds 2] [--batch_sizes 1024,4096] [--steps 20] [--models lr,fm,...] [--skip ffm,deepfm,steps]
-        [--ffm_levers] [--quality] [--out runs/bench/train.json]
+        [--ffm_levers] [--deepfm_levers] [--quality] [--out runs/bench/train.json]
 
 In one run, on Frappe (``make etl`` output ``data/frappe``, built first when missing):
 
@@ -21,8 +21,10 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
   (the best of epochs 2-3, so tracing and compilation are left out) of ``deepctr.models.DeepFM`` on
   label-encoded NumPy arrays and of ``--deepfm_experiment`` twice: on the cached TFRecord pipeline
   (parsed every epoch, as ``make train`` trains) and on one pass of parsed batches held in memory
-  (as DeepCTR's arrays), next to the DNN alone on random arrays (a ceiling for any DeepFM at that
-  shape). The four alternate ``--rounds`` times; the best round of each counts.
+  (as DeepCTR's arrays), and on the pipeline with the settings before the speed work
+  (``DEEPFM_BEFORE``: float32 DNN, one step per execution), next to the DNN alone (float32) on random
+  arrays (a ceiling for a float32 DeepFM at that shape). The five alternate ``--rounds`` times; the
+  best round of each counts.
   Needs the ``bench`` extra (DeepCTR, pandas, scikit-learn). Bar: >= 1.5x (goal 3x).
 * **Step throughput** of every registered model (its default config, ``train.jit_compile`` off and on)
   and of the input pipeline alone, at each ``--batch_sizes``: ``--steps`` timed ``fit`` steps after as
@@ -32,6 +34,10 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
   ``frappe_ffm`` (``FFM_LEVERS``): the layers before the speed work (git revision
   ``BASELINE_REVISION``), the field-space layer, XLA, steps per execution, rate, batch size, L2 off.
   Each FFM measurement runs in a fresh process.
+* ``--deepfm_levers``: the DeepFM rate (on the pipeline) again for each speed lever added one at a
+  time to ``--deepfm_experiment``'s settings before the speed work (``DEEPFM_LEVERS``: inter-op
+  threads, steps per execution, XLA, the DNN in bfloat16, the featurized cache), each in a fresh
+  process, alternated with DeepCTR ``--rounds`` times.
 * ``--quality``: trains ``frappe_ffm``, ``frappe_deepfm`` and ``frappe_wide_deep`` as ``make train``
   does and checks README's bars (FFM AUC >= 0.955 and logloss <= 0.219; the others AUC >= 0.945 and
   logloss <= 0.290). About 10 minutes.
@@ -204,7 +210,8 @@ def _datasets(cfg, schema, model):
     steps = cfg.train.steps_per_epoch or math.ceil(examples / cfg.data.batch_size)
     train_ds = train._select(data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
                                                cfg.train.seed, cfg.data.cache, cfg.data.num_parallel_reads,
-                                               repeat=True, deterministic=cfg.data.deterministic),
+                                               repeat=True, deterministic=cfg.data.deterministic,
+                                               cache_featurized=cfg.data.cache_featurized),
                              model.tasks, cfg.train, training=True)
     eval_ds = train._select(data.make_dataset(schema, "eval", cfg.data.eval_batch_size), model.tasks, cfg.train,
                             training=False)
@@ -364,18 +371,24 @@ def deepctr_rate(frappe_dir: str, epochs: int = 3) -> float:
     return len(y) / min(e["epoch_train_seconds"] for e in clock.epochs[1:])
 
 
-def ours_deepfm_rate(experiment: str, data_path: str, in_memory: bool, epochs: int = 3) -> tuple[float, object]:
+# The settings of frappe_deepfm_deepctr before this speed work: float32 DNN, one step per execution.
+DEEPFM_BEFORE = {"model": {"mlp_dtype": "float32"}, "train": {"steps_per_execution": 1}}
+
+
+def ours_deepfm_rate(experiment: str, data_path: str, in_memory: bool, epochs: int = 3,
+                     overrides: dict | None = None) -> tuple[float, object]:
     """Examples/s of a whole training epoch of a named DeepFM experiment (best of epochs 2..).
 
     ``in_memory``: one pass of parsed batches held in memory and repeated, as DeepCTR trains from
     NumPy arrays (no per-epoch reshuffle); else the cached TFRecord pipeline, parsed every epoch.
+    ``overrides``: config overrides on top of the experiment (``DEEPFM_BEFORE``).
     """
-    from feature_schema import load_schema
+    from feature_schema import configs, load_schema
     from trainer import config as config_lib
     from trainer import train
 
     keras.backend.clear_session()
-    cfg = config_lib.resolve(experiment, "", {"data": {"path": data_path}})
+    cfg = config_lib.resolve(experiment, "", configs.deep_merge(overrides or {}, {"data": {"path": data_path}}))
     keras.utils.set_random_seed(cfg.train.seed)
     schema = load_schema(data_path)
     model = train.init_model(train.build_and_compile(cfg, schema), schema)
@@ -403,15 +416,70 @@ def mlp_only_rate(examples: int, fields: int, epochs: int = 3) -> float:
     return examples / min(e["epoch_train_seconds"] for e in clock.epochs[1:])
 
 
+# One lever at a time on ``--deepfm_experiment``, from the settings before the speed work: (name,
+# overrides). A name starting with a space is measured on top of the kept rows without being kept.
+# Names are keys: each must be unique.
+DEEPFM_LEVERS = [
+    ("before: float32 DNN, 1 step per execution", DEEPFM_BEFORE),
+    (" + inter-op threads 1 (TF_NUM_INTEROP_THREADS=1)", {"_env": {"TF_NUM_INTEROP_THREADS": "1"}}),
+    ("+ train.steps_per_execution=8", {"train": {"steps_per_execution": 8}}),
+    (" + train.jit_compile (XLA), float32 DNN", {"train": {"jit_compile": True}}),
+    ("+ model.mlp_dtype=bfloat16 = frappe_deepfm_deepctr", {"model": {"mlp_dtype": "bfloat16"}}),
+    (" + train.jit_compile (XLA), bfloat16 DNN", {"train": {"jit_compile": True}}),
+    (" + data.cache_featurized", {"data": {"cache_featurized": True, "cache": False}}),
+    (" + steps_per_execution=32", {"train": {"steps_per_execution": 32}}),
+]
+
+
+def _deepfm_rate_process(experiment: str, data_path: str, overrides: dict) -> float:
+    """``ours_deepfm_rate`` on the pipeline in a fresh process (thread settings apply at start-up)."""
+    overrides = dict(overrides)
+    env = {**os.environ, **overrides.pop("_env", {})}
+    payload = {"experiment": experiment, "data_path": data_path, "overrides": overrides}
+    out = subprocess.run([sys.executable, "-m", "bench.bench_train", "--deepfm_run", json.dumps(payload)],
+                         capture_output=True, text=True, check=False, env=env)
+    lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    if out.returncode or not lines:
+        raise RuntimeError(f"DeepFM run {payload} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+def deepfm_levers(experiment: str, data_path: str, frappe_dir: str, rounds: int) -> dict:
+    """DEEPFM_LEVERS, each in a fresh process, alternated with DeepCTR ``rounds`` times (best of each)."""
+    from feature_schema import configs
+
+    if len({name.strip() for name, _ in DEEPFM_LEVERS}) != len(DEEPFM_LEVERS):
+        raise ValueError("DEEPFM_LEVERS: lever names must be unique (they key the rates)")
+    named, kept = [], {}
+    for name, overrides in DEEPFM_LEVERS:
+        cfg = configs.deep_merge(kept, overrides)
+        if not name.startswith(" "):
+            kept = {k: v for k, v in cfg.items() if k != "_env"}
+        named.append((name.strip(), cfg))
+    rates = {name: [] for name, _ in named}
+    rates["DeepCTR 0.9.4"] = []
+    for r in range(rounds):
+        rates["DeepCTR 0.9.4"].append(deepctr_rate(frappe_dir))
+        for name, cfg in named:
+            rates[name].append(_deepfm_rate_process(experiment, data_path, cfg))
+        print(f"bench_train: DeepFM levers round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()),
+              flush=True)
+    deepctr = max(rates["DeepCTR 0.9.4"])
+    return {"deepctr_examples_per_s": deepctr, "rounds": rates,
+            "rows": [{"lever": name, "overrides": cfg, "examples_per_s": max(rates[name]),
+                      "ratio": max(rates[name]) / deepctr} for name, cfg in named]}
+
+
 def deepfm_vs_deepctr(experiment: str, data_path: str, frappe_dir: str, rounds: int) -> dict:
     try:
         import deepctr  # noqa: F401
     except ImportError:
         return {"deepctr": "not installed (pip install '.[bench]')"}
-    rates, cfg = {"ours": [], "ours_in_memory": [], "deepctr": [], "mlp_only": []}, None
+    rates, cfg = {"ours": [], "ours_in_memory": [], "ours_before": [], "deepctr": [], "mlp_only": []}, None
     for r in range(rounds):
         rate, cfg = ours_deepfm_rate(experiment, data_path, in_memory=False)
         rates["ours"].append(rate)
+        rates["ours_before"].append(ours_deepfm_rate(experiment, data_path, False, overrides=DEEPFM_BEFORE)[0])
         rates["ours_in_memory"].append(ours_deepfm_rate(experiment, data_path, in_memory=True)[0])
         rates["deepctr"].append(deepctr_rate(frappe_dir))
         rates["mlp_only"].append(mlp_only_rate(57_722, 10))
@@ -424,6 +492,8 @@ def deepfm_vs_deepctr(experiment: str, data_path: str, frappe_dir: str, rounds: 
             "jit_compile": cfg.train.jit_compile, "steps_per_execution": cfg.train.steps_per_execution,
             "ours_examples_per_s": best["ours"], "ours_in_memory_examples_per_s": best["ours_in_memory"],
             "deepctr_examples_per_s": best["deepctr"], "mlp_only_examples_per_s": best["mlp_only"],
+            "mlp_dtype": m.mlp_dtype, "ours_before_examples_per_s": best["ours_before"],
+            "before_overrides": DEEPFM_BEFORE, "ratio_before": best["ours_before"] / best["deepctr"],
             "rounds": rates,
             "ratio": best["ours"] / best["deepctr"], "ratio_in_memory": best["ours_in_memory"] / best["deepctr"]}
 
@@ -431,12 +501,14 @@ def deepfm_vs_deepctr(experiment: str, data_path: str, frappe_dir: str, rounds: 
 # --------------------------------------------------------------------------------- step throughput
 
 
-def input_rate(schema, batch: int, steps: int, cache: bool) -> float:
-    """Examples/s of the training pipeline alone, timed over ``steps`` batches after ``steps`` warm-up."""
+def input_rate(schema, batch: int, steps: int, cache: bool, cache_featurized: bool = False) -> float:
+    """Examples/s of the training pipeline alone, timed over ``steps`` batches after ``steps`` warm-up
+    (``cache_featurized``: the featurized examples cached, ``data.cache_featurized``)."""
     from trainer import data
 
     ds = data.make_dataset(schema, "train", batch, shuffle_buffer=50_000, seed=1, cache=cache, repeat=True,
-                           drop_remainder=True)
+                           drop_remainder=True, deterministic=True, cache_featurized=cache_featurized)
+    cache = cache or cache_featurized
     it = iter(ds)
     per_pass = math.ceil(schema.splits["train"]["examples"] / batch)
     # Warm-up: at least one full pass when caching, so that the timed part reads the cache.
@@ -488,11 +560,11 @@ def step_throughput(args, etl_dirs, schemas) -> list[dict]:
     rows = []
     for d in sorted(set(where.values()), key=etl_dirs.index):
         for b in batches:
-            for cache in (False, True):
-                rate = input_rate(schemas[d], b, args.steps, cache)
-                rows.append({"data": d, "what": "input" + (" (cache)" if cache else ""), "batch": b,
-                             "examples_per_s": rate, "examples_per_s_jit": None})
-                print(f"bench_train: {d} input cache={cache} batch {b}: {rate:,.0f}/s", flush=True)
+            for what, cache, featurized in (("input", False, False), ("input (cache)", True, False),
+                                            ("input (cache_featurized)", False, True)):
+                rate = input_rate(schemas[d], b, args.steps, cache, featurized)
+                rows.append({"data": d, "what": what, "batch": b, "examples_per_s": rate, "examples_per_s_jit": None})
+                print(f"bench_train: {d} {what} batch {b}: {rate:,.0f}/s", flush=True)
     for name in models:
         if name not in where:
             rows.append({"data": "-", "what": name, "batch": None, "examples_per_s": f"n/a: {skipped[name]}",
@@ -583,7 +655,8 @@ def print_report(result: dict) -> None:
     if d:
         if "ratio" in d:
             print(f"\nDeepFM at DeepCTR's shape (k={d['embedding_dim']}, DNN {d['hidden_units']}, batch "
-                  f"{d['batch_size']}, {d['optimizer']}; {d['experiment']}, jit_compile={d['jit_compile']}; "
+                  f"{d['batch_size']}, {d['optimizer']}; {d['experiment']}, jit_compile={d['jit_compile']}, "
+                  f"steps_per_execution={d['steps_per_execution']}, mlp_dtype={d['mlp_dtype']}; "
                   "best of the rounds)")
             print(f"  DeepCTR 0.9.4 (NumPy arrays in memory): {_fmt_rate(d['deepctr_examples_per_s'])}/s")
             print(f"  ours, cached TFRecords parsed every epoch: {_fmt_rate(d['ours_examples_per_s'])}/s, "
@@ -591,11 +664,20 @@ def print_report(result: dict) -> None:
             print(f"  ours, parsed batches in memory: {_fmt_rate(d['ours_in_memory_examples_per_s'])}/s, "
                   f"ratio {d['ratio_in_memory']:.2f}x; "
                   + _verdict(d["ratio_in_memory"], DEEPFM_BAR, DEEPFM_GOAL, False))
+            print(f"  ours before ({d['before_overrides']}), same pipeline: "
+                  f"{_fmt_rate(d['ours_before_examples_per_s'])}/s, ratio {d['ratio_before']:.2f}x")
             mlp = d["mlp_only_examples_per_s"]
-            print(f"  the DNN alone (100 -> 400 -> 400 -> 1, Adam, random arrays): {_fmt_rate(mlp)}/s = "
-                  f"{mlp / d['deepctr_examples_per_s']:.2f}x DeepCTR: the ceiling of any DeepFM at this shape")
+            print(f"  the DNN alone (100 -> 400 -> 400 -> 1, float32, Adam, random arrays): {_fmt_rate(mlp)}/s = "
+                  f"{mlp / d['deepctr_examples_per_s']:.2f}x DeepCTR: the ceiling of a float32 DeepFM at this shape")
         else:
             print(f"\nDeepFM vs DeepCTR: {d['deepctr']}")
+    dl = result.get("deepfm_levers")
+    if dl:
+        print(f"\nDeepFM levers, one at a time (examples/s of a training epoch on the pipeline, best of the rounds, "
+              f"each in a fresh process; DeepCTR {_fmt_rate(dl['deepctr_examples_per_s'])}/s)")
+        print(f"{'lever':56s} {'examples/s':>11s} {'x DeepCTR':>9s}")
+        for r in dl["rows"]:
+            print(f"{r['lever']:56s} {_fmt_rate(r['examples_per_s']):>11s} {r['ratio']:>9.2f}")
     q = result.get("quality")
     if q:
         print("\nQuality bars (make train EXPERIMENT=...)")
@@ -606,9 +688,9 @@ def print_report(result: dict) -> None:
     if rows:
         print(f"\nStep throughput (examples/s; {result['steps']} timed steps after as many warm-up; "
               "models with their default config)")
-        print(f"{'data':14s} {'what':14s} {'batch':>6s} {'examples/s':>12s} {'jit_compile':>12s}")
+        print(f"{'data':14s} {'what':24s} {'batch':>6s} {'examples/s':>12s} {'jit_compile':>12s}")
         for r in rows:
-            print(f"{r['data']:14s} {r['what']:14s} {str(r['batch'] or '-'):>6s} "
+            print(f"{r['data']:14s} {r['what']:24s} {str(r['batch'] or '-'):>6s} "
                   f"{_fmt_rate(r['examples_per_s']):>12s} {_fmt_rate(r['examples_per_s_jit']):>12s}")
 
 
@@ -628,10 +710,17 @@ def main(argv=None) -> dict:
     p.add_argument("--skip", default="", help="comma list of parts to skip: ffm, deepfm, steps")
     p.add_argument("--quality", action="store_true", help="also train the frappe_* experiments against their bars")
     p.add_argument("--out", default=os.path.join("runs", "bench", "train.json"))
+    p.add_argument("--deepfm_levers", action="store_true", help="also time DeepFM with one speed lever at a time")
     p.add_argument("--ffm_run", default="", help=argparse.SUPPRESS)  # one FFM measurement (JSON arguments)
+    p.add_argument("--deepfm_run", default="", help=argparse.SUPPRESS)  # one DeepFM rate (JSON arguments)
     args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.ffm_run:
         print(RESULT + json.dumps(_ffm_time_to_logloss(**json.loads(args.ffm_run))), flush=True)
+        return {}
+    if args.deepfm_run:
+        a = json.loads(args.deepfm_run)
+        print(RESULT + json.dumps(ours_deepfm_rate(a["experiment"], a["data_path"], False, overrides=a["overrides"])[0]),
+              flush=True)
         return {}
     skip = set(filter(None, args.skip.split(",")))
 
@@ -666,6 +755,8 @@ def main(argv=None) -> dict:
             result["ffm_levers"] = ffm_levers(frappe_etl, target, args.ffm_max_epochs)
     if "deepfm" not in skip and frappe_etl:
         result["deepfm"] = deepfm_vs_deepctr(args.deepfm_experiment, frappe_etl, frappe_dir, args.rounds)
+        if args.deepfm_levers:
+            result["deepfm_levers"] = deepfm_levers(args.deepfm_experiment, frappe_etl, frappe_dir, args.rounds)
     if args.quality and frappe_etl:
         result["quality"] = quality(frappe_etl)
     if "steps" not in skip:

@@ -421,3 +421,24 @@ def test_mixture_of_experts_config_and_savedmodel_round_trip(tmp_path):
     tf.saved_model.save(module, str(tmp_path / "moe"))
     loaded = tf.saved_model.load(str(tmp_path / "moe"))
     np.testing.assert_allclose(loaded.f(x).numpy(), before, rtol=1e-6)
+
+
+def test_mlp_in_bfloat16_computes_in_bfloat16_keeps_float32_variables_and_output():
+    mlp = layers.MLP((2,), activation="relu", compute_dtype="bfloat16")
+    x = tf.constant([[1.0, -1.0]])
+    mlp(x)
+    # Values exact in bfloat16 (8 significant bits), so the hand-computed result is exact too.
+    mlp.dense[0].kernel.assign([[1.0, -2.0], [3.0, 1.0]])
+    mlp.dense[0].bias.assign([0.5, 0.5])
+    out = mlp(-x)
+    assert out.dtype == tf.float32
+    np.testing.assert_array_equal(out.numpy(), [[2.5, 3.5]])  # as the float32 test above
+    assert mlp.dense[0].compute_dtype == "bfloat16" and mlp.dense[0].kernel.dtype == tf.float32
+    # bfloat16 rounds: 1 + 2^-9 is not representable (it becomes 1), in float32 it is.
+    mlp.dense[0].kernel.assign([[1.0 + 2.0 ** -9, 0.0], [0.0, 0.0]])
+    mlp.dense[0].bias.assign([0.0, 0.0])
+    np.testing.assert_array_equal(mlp(tf.constant([[1.0, 0.0]])).numpy(), [[1.0, 0.0]])
+    clone = layers.MLP.from_config(mlp.get_config())
+    assert clone.get_config()["compute_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="compute_dtype"):
+        layers.MLP((2,), compute_dtype="float16")

@@ -205,3 +205,26 @@ def test_unknown_model_and_task_errors(tiny_etl, batches):
     with pytest.raises(ValueError, match="not labels"):
         build_model(_cfg(tiny_etl, "mtl", tasks=["click", "purchase"]).model, schema)
     assert issubclass(MODELS["esmm"], RankingModel)
+
+
+def test_mlp_dtype_bfloat16_puts_only_the_deep_part_in_bfloat16_and_predicts_close_to_float32(tiny_etl, batches):
+    schema, raw = batches
+    features, _, _ = raw[0]
+    models = {}
+    for dtype in ("float32", "bfloat16"):
+        keras.utils.set_random_seed(3)
+        models[dtype] = build_model(_cfg(tiny_etl, "deepfm", hidden_units=[16, 8], mlp_dtype=dtype).model, schema)
+        models[dtype](features)
+    models["bfloat16"].set_weights(models["float32"].get_weights())
+    bf16 = models["bfloat16"]
+    assert [layer.compute_dtype for layer in bf16.mlp.dense] == ["bfloat16", "bfloat16"]
+    # Embeddings, the linear and FM parts, the logit layer and every variable stay float32.
+    assert {bf16.embedding.compute_dtype, bf16.linear.compute_dtype, bf16.deep_logit.compute_dtype} == {"float32"}
+    assert {v.dtype for v in bf16.variables} == {tf.float32}
+    p32, p16 = (models[d](features)[bf16.tasks[0]] for d in ("float32", "bfloat16"))
+    assert p16.dtype == tf.float32
+    # bfloat16 keeps 8 significant bits: predictions agree to about 1e-2, not exactly.
+    np.testing.assert_allclose(p16.numpy(), p32.numpy(), atol=2e-2)
+    assert not np.array_equal(p16.numpy(), p32.numpy())
+    with pytest.raises(ValueError, match="mlp_dtype"):
+        _cfg(tiny_etl, "deepfm", mlp_dtype="float16")

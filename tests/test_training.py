@@ -1,6 +1,7 @@
 """Training loop: kill-and-resume, early stopping, per-task weights, optimizers, config, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,13 +16,14 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from feature_schema import configs
+from feature_schema import configs, load_schema
 from trainer import config as config_lib
+from trainer import data
 from trainer import epochs as epochs_lib
 from trainer import evaluation, experiments
 from trainer import train as trainer_lib
 from trainer.epochs import LoglossPatience
-from trainer.models import MODELS
+from trainer.models import MODELS, build_model
 
 
 def _progress(run_dir):
@@ -338,3 +340,57 @@ def test_trainer_modules_import_each_other_without_cycles():
 
     for name in graph:
         visit(name, [name])
+
+
+def _flat(batch):
+    """A (features, labels, weights) batch as comparable NumPy arrays."""
+    features, labels, weights = batch
+    out = {f"{k}.{part}": getattr(features[k], part).numpy() for k in data.FEATURE_KEYS
+           for part in ("indices", "values", "dense_shape")}
+    out.update({f"label.{k}": v.numpy() for k, v in labels.items()})
+    out["weights"] = weights.numpy()
+    return out
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 300])
+def test_cache_featurized_gives_the_batches_of_cache(tiny_etl, shuffle_buffer):
+    schema = load_schema(tiny_etl)
+    examples = schema.splits["train"]["examples"]
+    batch = 700
+    assert examples % batch, "a partial batch per pass is part of the test"
+    passes = 2 * math.ceil(examples / batch)  # two passes: the second one reads the cache, reshuffled
+    got = {}
+    for featurized in (False, True):
+        ds = data.make_dataset(schema, "train", batch, shuffle_buffer, seed=7, cache=not featurized, repeat=True,
+                               deterministic=True, cache_featurized=featurized)
+        got[featurized] = [_flat(b) for b in ds.take(passes)]
+    for i, (a, b) in enumerate(zip(got[False], got[True])):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {i} {key}")
+    # The second pass is a new order (when shuffled), so the cache did not freeze the first one.
+    first, second = (got[True][j * math.ceil(examples / batch)]["ids.values"] for j in (0, 1))
+    assert np.array_equal(first, second) == (shuffle_buffer == 0)
+
+
+def test_a_bfloat16_run_is_reloaded_in_float32_with_its_weights(tiny_etl, tmp_path):
+    run_dir = str(tmp_path / "run")
+    trainer_lib.train(config_lib.resolve("", overrides={
+        "data": {"path": tiny_etl, "batch_size": 256},
+        "model": {"name": "deepfm", "embedding_dim": 4, "hidden_units": [16], "mlp_dtype": "bfloat16"},
+        "optimizer": {"learning_rate": 0.01}, "run_dir": run_dir,
+        "train": {"epochs": 1, "steps_per_epoch": 5, "verbose": 0, "report": False}}))
+    assert config_lib.load(os.path.join(run_dir, "config.yaml")).model.mlp_dtype == "bfloat16"
+    cfg, schema, model = evaluation.load_trained(run_dir)
+    assert cfg.model.mlp_dtype == "float32"
+    assert [layer.compute_dtype for layer in model.mlp.dense] == ["float32"]
+    # The trained weights, not a fresh initialisation: the same model in bfloat16 predicts within
+    # bfloat16's rounding of the float32 one.
+    bf16 = evaluation.init_model(build_model(dataclasses.replace(cfg.model, mlp_dtype="bfloat16"), schema), schema)
+    bf16.set_weights(model.get_weights())
+    features, _, _ = next(iter(data.make_dataset(schema, "eval", 256)))
+    task = model.tasks[0]
+    p32, p16 = model(features)[task].numpy(), bf16(features)[task].numpy()
+    np.testing.assert_allclose(p16, p32, atol=2e-2)
+    fresh = evaluation.init_model(build_model(cfg.model, schema), schema)
+    assert not np.allclose(fresh(features)[task].numpy(), p32, atol=1e-3)

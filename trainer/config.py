@@ -25,7 +25,9 @@ class DataConfig:
       batch_size: training batch size.
       eval_batch_size: batch size for evaluation and prediction.
       shuffle_buffer: example-level shuffle buffer (0 disables shuffling).
-      cache: cache parsed batches in memory after the first epoch.
+      cache: cache the raw records in memory after the first epoch (parsed again every epoch).
+      cache_featurized: cache the parsed and featurized examples instead (later epochs skip parsing
+        and featurization; the same batches as ``cache``: ``trainer.data.make_dataset``).
       num_parallel_reads: TFRecord files read concurrently.
       deterministic: read and parse in a fixed order, so that ``train.seed`` fixes the example order
         (and, on CPU, the whole run); False lets parallel reads deliver out of order (faster when
@@ -37,6 +39,7 @@ class DataConfig:
     eval_batch_size: int = 4096
     shuffle_buffer: int = 50_000
     cache: bool = False
+    cache_featurized: bool = False
     num_parallel_reads: int = 4
     deterministic: bool = True
 
@@ -58,6 +61,10 @@ class ModelConfig:
         it ignores ``hidden_units``).
       activation: activation of MLP layers.
       dropout: dropout rate of MLP layers.
+      mlp_dtype: compute dtype of the MLPs built by ``RankingModel._mlp`` (the deep part of
+        ``wide_deep``/``deepfm``/``din``/``dicm``, the bottoms of ``mtl``/``esmm``): ``float32``, or ``bfloat16``
+        (bfloat16 matmuls, float32 variables, optimizer and outputs; faster on CPUs with AVX512-BF16
+        or AMX, docs/TRAINER.md "Training speed"; not the same numerics).
       l2_embedding: L2 on embedding rows touched by a batch (``l2/2 * ||v||^2`` per use, as libffm).
       l2_linear: L2 on first-order weights touched by a batch.
       l2_dense: L2 on MLP kernels.
@@ -97,6 +104,7 @@ class ModelConfig:
     expert_units: tuple[int, ...] = (64,)
     activation: str = "relu"
     dropout: float = 0.0
+    mlp_dtype: str = "float32"
     l2_embedding: float = 0.0
     l2_linear: float = 0.0
     l2_dense: float = 0.0
@@ -127,6 +135,8 @@ class ModelConfig:
             raise ValueError(f"model.embedding_init {self.embedding_init!r} not in normal/uniform")
         if self.loss_weighting not in ("fixed", "uncertainty"):
             raise ValueError(f"model.loss_weighting {self.loss_weighting!r} not in fixed/uncertainty")
+        if self.mlp_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.mlp_dtype {self.mlp_dtype!r} not in float32/bfloat16")
         if self.embedding_combiner not in ("sum", "mean"):
             raise ValueError(f"model.embedding_combiner {self.embedding_combiner!r} not in sum/mean")
         if self.num_experts < 1 or not self.expert_units:

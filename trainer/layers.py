@@ -411,22 +411,30 @@ class MLP(keras.layers.Layer):
       dropout: dropout rate after each layer (training only).
       l2: L2 on the kernels (``l2 * ||W||^2``).
       seed: dropout seed.
+      compute_dtype: ``float32``, or ``bfloat16``: the layers run in bfloat16 with float32 variables
+        (Keras' ``mixed_bfloat16`` policy: the matmuls take bfloat16 inputs and weights, oneDNN's
+        AVX512-BF16 kernels on CPU) and the output is cast back to float32.
     """
 
     def __init__(self, hidden_units=(), activation: str = "relu", dropout: float = 0.0, l2: float = 0.0,
-                 seed: int | None = None, **kwargs):
+                 seed: int | None = None, compute_dtype: str = "float32", **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if compute_dtype not in MLP_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(MLP_DTYPES)}, got {compute_dtype!r}")
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.activation = activation
         self.dropout = dropout
         self.l2 = l2
         self.seed = seed
+        self.compute_dtype_name = compute_dtype
+        policy = MLP_DTYPES[compute_dtype]
         reg = keras.regularizers.L2(l2) if l2 else None
-        self.dense = [keras.layers.Dense(u, activation=activation, kernel_regularizer=reg, name=f"dense_{i}")
+        self.dense = [keras.layers.Dense(u, activation=activation, kernel_regularizer=reg, name=f"dense_{i}",
+                                         dtype=policy)
                       for i, u in enumerate(self.hidden_units)]
-        self.drop = [keras.layers.Dropout(dropout, seed=None if seed is None else seed + i)
+        self.drop = [keras.layers.Dropout(dropout, seed=None if seed is None else seed + i, dtype=policy)
                      for i in range(len(self.hidden_units))] if dropout else []
 
     def call(self, x, training=False):
@@ -434,11 +442,16 @@ class MLP(keras.layers.Layer):
             x = layer(x)
             if self.drop:
                 x = self.drop[i](x, training=training)
-        return x
+        return tf.cast(x, tf.float32)
 
     def get_config(self):
         return {**super().get_config(), "hidden_units": list(self.hidden_units), "activation": self.activation,
-                "dropout": self.dropout, "l2": self.l2, "seed": self.seed}
+                "dropout": self.dropout, "l2": self.l2, "seed": self.seed,
+                "compute_dtype": self.compute_dtype_name}
+
+
+# MLP compute dtypes -> the Keras dtype policy of its layers (None: the global policy, float32).
+MLP_DTYPES = {"float32": None, "bfloat16": "mixed_bfloat16"}
 
 
 class TaskTower(keras.layers.Layer):

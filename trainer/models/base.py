@@ -176,7 +176,7 @@ class RankingModel(keras.Model):
     # Dropout seeds come from the global seed (train.seed via keras.utils.set_random_seed).
     def _mlp(self, units, name):
         c = self.cfg
-        return layers.MLP(units, c.activation, c.dropout, c.l2_dense, name=name)
+        return layers.MLP(units, c.activation, c.dropout, c.l2_dense, compute_dtype=c.mlp_dtype, name=name)
 
     def _tower(self, name):
         c = self.cfg
