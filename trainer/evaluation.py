@@ -7,7 +7,6 @@ copy of the model), the tuner and ``trainer.report``. Metrics are the NumPy ones
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import weakref
 
