@@ -208,7 +208,9 @@ class DIN(RankingModel):
         for (sid, cid, length), att in zip(self.sequences, self.attention):
             rows, mask = sequence_rows(features, sid, length)
             keys = tf.nn.embedding_lookup(self.embedding.v, rows)
-            parts.append(att(keys, emb[:, cid], mask, training=training))
+            query = emb[:, cid]
+            interest = att(keys, query, mask, training=training)
+            parts += [interest, interest * query]
         return parts
 
     def call(self, features, training=False):
@@ -255,6 +257,7 @@ class DeepImageCTR(DIN):
             ad = self.projection(features[VECTORS][key][v])
             behaviours = self.projection(features[VECTORS][s][v])
             _, mask = sequence_rows(features, sid, length)
-            parts += [ad, att(behaviours, ad, mask, training=training)]
+            interest = att(behaviours, ad, mask, training=training)
+            parts += [ad, interest, interest * ad]
         deep = tf.concat(parts, axis=1)
         return self._single(self.linear(features) + self.deep_logit(self.mlp(deep, training=training)))
