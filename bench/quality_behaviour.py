@@ -38,7 +38,7 @@ import numpy as np
 from bench import generated_data
 from generator.clicklog import GeneratorConfig
 
-GEN = GeneratorConfig.preset("behaviour", seed=7)
+GEN = GeneratorConfig.preset("behaviour")
 WORK = os.path.join("runs", "bench", "behaviour")
 ETL_CONFIG = os.path.join(generated_data.REPO, "configs", "etl_behaviour.yaml")
 MODELS = ("din", "deepfm", "dicm")
