@@ -17,7 +17,8 @@ from trainer.experiments.registry import register_experiment
 # one epoch after a flat log loss), best epoch restored. Chosen by single-seed runs of DIN on the
 # preset (200k train impressions; eval click AUC, Bayes 0.9373): embedding 16 / L2 1e-5 / Dice /
 # patience 1: 0.9136; + L2 1e-4, dropout 0.1: 0.9139; embedding 8: 0.9163; PReLU instead of Dice: 0.9170;
-# L2 3e-4: 0.9173 (MLP [64, 32]: 0.9136; attention softmax, embedding 16: below 0.907 after 6 epochs).
+# L2 3e-4: 0.9173 (MLP [64, 32]: 0.9136; softmax attention, embedding 16: 0.9067 at its 6th epoch);
+# docs/TRAINER.md#behaviour-sequences.
 _BEHAVIOUR = {"data": {"batch_size": 1024}, "train": {"epochs": 12, "early_stopping_patience": 2},
               "optimizer": {"name": "adam", "learning_rate": 0.003}}
 _DEEP = {"embedding_dim": 8, "hidden_units": [128, 64], "dropout": 0.1, "l2_embedding": 3e-4, "l2_linear": 1e-5}
