@@ -45,7 +45,8 @@ def measured(tmp_path_factory):
         per_seed = {}
         for seed in SEEDS:
             cfg = config_lib.resolve(f"behaviour_{name}", overrides={
-                "data": {"path": etl}, "run_dir": str(work / f"{name}-{seed}"), "train": {"seed": seed, "report": False}})
+                "data": {"path": etl}, "run_dir": str(work / f"{name}-{seed}"),
+                "train": {"seed": seed, "report": False}})
             per_seed[seed] = trainer_lib.train(cfg)["click"]["auc"]
         rows[name] = {"auc": {"mean": float(np.mean(list(per_seed.values())))}, "per_seed": per_seed}
     out = {"bayes": bayes, "surrogate": surrogate, "rows": rows, "bars": qb.bars(rows, bayes, surrogate)}

@@ -266,7 +266,8 @@ class DeepImageCTR(DIN):
         self.projection = keras.layers.Dense(dim, kernel_regularizer=keras.regularizers.L2(cfg.l2_dense)
                                              if cfg.l2_dense else None, name="vector_projection")
         self.image_attention = [LocalActivationUnit(cfg.attention_units, cfg.attention_activation, cfg.l2_dense,
-                                                    cfg.attention_softmax, name=f"image_attention_{s}") for _, _, s, _, _ in self.image_inputs]
+                                                    cfg.attention_softmax, name=f"image_attention_{s}")
+                                for _, _, s, _, _ in self.image_inputs]
 
     def call(self, features, training=False):
         emb = self.embedding(features)
