@@ -24,6 +24,9 @@
    (b) ``Bayes - DIN <= 0.02`` (the issue's bar).
    (c) ``Bayes - DICM <= 0.02``: DICM reads everything DIN does plus the item vectors (which carry
        e_i), so the same distance to Bayes applies; ``DICM - DIN`` is reported beside it.
+
+   Measured (docs/TRAINER.md#behaviour-sequences): (b) and (c) met, (a) not: DeepFM with a
+   mean-pooled history lands well above the surrogate, which is linear in ``<e_c, m_H>``.
 """
 from __future__ import annotations
 
