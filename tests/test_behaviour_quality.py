@@ -1,4 +1,4 @@
-"""DIN against DeepFM with a mean-pooled history on the generator's ``behaviour`` preset. Slow (~8 min).
+"""DIN against DeepFM with a mean-pooled history on the generator's ``behaviour`` preset. Slow (~5 min).
 
     .venv/bin/python -m pytest -m slow tests/test_behaviour_quality.py -s
 
