@@ -18,16 +18,17 @@ MID_DIR = os.path.join("runs", "bench", "generated-mid")
 ETL_CONFIG = os.path.join(REPO, "configs", "etl_generated.yaml")
 
 
-def prepare(out_dir: str, gcfg: GeneratorConfig) -> tuple[str, str]:
-    """Generates ``gcfg``'s log into ``out_dir/raw`` and ETLs it into ``out_dir/etl`` with the default
-    ETL config (``configs/etl_generated.yaml``); reuses both when ``out_dir`` holds the same config.
+def prepare(out_dir: str, gcfg: GeneratorConfig, etl_config: str = ETL_CONFIG) -> tuple[str, str]:
+    """Generates ``gcfg``'s log into ``out_dir/raw`` and ETLs it into ``out_dir/etl`` with ``etl_config``
+    (default ``configs/etl_generated.yaml``); reuses both when ``out_dir`` holds the same config.
 
     Returns:
       (raw dir, ETL dir).
     """
     raw, etl = os.path.join(out_dir, "raw"), os.path.join(out_dir, "etl")
     stamp = os.path.join(out_dir, "generator.json")
-    want = dataclasses.asdict(gcfg)
+    want = {**dataclasses.asdict(gcfg), "etl_config": os.path.basename(etl_config)} if etl_config != ETL_CONFIG \
+        else dataclasses.asdict(gcfg)
     if os.path.exists(stamp) and os.path.exists(os.path.join(etl, "schema.json")):
         with open(stamp, encoding="utf-8") as f:
             if json.load(f) == want:
@@ -35,7 +36,7 @@ def prepare(out_dir: str, gcfg: GeneratorConfig) -> tuple[str, str]:
     from etl import pipeline
 
     generate(raw, gcfg)
-    with open(ETL_CONFIG, encoding="utf-8") as f:
+    with open(etl_config, encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
     for table in cfg.get("entity_tables", []):  # the config names data/raw; point it at this log's tables
         table["path"] = os.path.join(raw, os.path.basename(table["path"]))

@@ -61,9 +61,9 @@ def test_prelu_by_hand():
     np.testing.assert_allclose(layer(tf.constant([[-2.0, -2.0], [3.0, 1.0]])).numpy(), [[-1.0, 0.0], [3.0, 1.0]])
 
 
-def _unit():
+def _unit(softmax=False):
     """A local activation unit whose weight is a = 0.5 |<e_j, q>| + 0.1 (PReLU, alpha 0.5, on +-<e_j, q>)."""
-    lau = LocalActivationUnit((2,), "prelu", name="lau")
+    lau = LocalActivationUnit((2,), "prelu", softmax=softmax, name="lau")
     keys, query, mask = tf.zeros([1, 3, 2]), tf.zeros([1, 2]), tf.ones([1, 3], tf.bool)
     lau(keys, query, mask)
     kernel = np.zeros([8, 2], np.float32)
@@ -87,8 +87,27 @@ def test_local_activation_unit_by_hand_no_softmax_and_masked():
     np.testing.assert_allclose(lau(keys, query, mask).numpy(), [[0.6, 1.8], [2.2, 0.0]], rtol=1e-6)
 
 
+def test_local_activation_unit_by_hand_softmax_over_the_masked_positions():
+    lau = _unit(softmax=True)
+    keys = tf.constant([[[1.0, 2.0], [0.0, 1.0], [3.0, 3.0]], [[2.0, 0.0], [1.0, 1.0], [50.0, 50.0]],
+                        [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]])
+    query = tf.constant([[1.0, -1.0], [1.0, 1.0], [1.0, 1.0]])
+    mask = tf.constant([[True, True, False], [True, True, False], [False, False, False]])
+    # Example 0: raw a = 0.6, 0.6 -> softmax 1/2, 1/2; the masked third (raw 0.1) gets 0.
+    # Example 1: <e_j, q> = 2, 2 -> raw a = 1.1, 1.1 -> 1/2, 1/2; the masked 50s (raw 50.1) get 0.
+    # Example 2: nothing real -> weights 0, pooled 0.
+    np.testing.assert_allclose(lau.weights_of(keys, query, mask).numpy(),
+                               [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(lau(keys, query, mask).numpy(), [[0.5, 1.5], [1.5, 0.5], [0.0, 0.0]], rtol=1e-6)
+    # Unequal raw weights: <e_j, q> = -1, 5 -> raw 0.6, 2.6 -> e^0.6 / (e^0.6 + e^2.6), e^2.6 / (...).
+    w = lau.weights_of(tf.constant([[[1.0, 2.0], [3.0, -2.0]]]), tf.constant([[1.0, -1.0]]),
+                       tf.constant([[True, True]])).numpy()
+    np.testing.assert_allclose(w, [[1 / (1 + np.exp(2.0)), 1 / (1 + np.exp(-2.0))]], rtol=1e-6)
+
+
 def test_attention_layers_config_and_savedmodel_round_trip(tmp_path):
-    for layer in (Dice(epsilon=1e-6, momentum=0.5), LocalActivationUnit((4, 3), "dice", l2=1e-3)):
+    for layer in (Dice(epsilon=1e-6, momentum=0.5), LocalActivationUnit((4, 3), "dice", l2=1e-3),
+                  LocalActivationUnit((4,), "prelu", softmax=True)):
         clone = type(layer).from_config(layer.get_config())
         assert clone.get_config() == layer.get_config()
     lau = _unit()

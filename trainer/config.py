@@ -89,6 +89,8 @@ class ModelConfig:
       normalize_towers: L2-normalise both towers' vectors (the score is then a cosine).
       attention_units: hidden layer sizes of the local activation unit of ``din`` and ``dicm``.
       attention_activation: its activation, ``dice`` or ``prelu`` (Zhou et al. 2018).
+      attention_softmax: normalise the unit's weights by a softmax over the sequence (the DIN authors'
+        released code) instead of the paper's unnormalised weights.
       vector_projection: size of ``dicm``'s projection of the item vectors (0: ``embedding_dim``).
       loss_weighting: how multi-task losses combine: ``fixed`` (``train.loss_weights``) or ``uncertainty``
         (learned log-variances s_t, ``sum_t exp(-s_t) L_t + s_t / 2``; Kendall et al. 2018;
@@ -127,6 +129,7 @@ class ModelConfig:
     # din and dicm (trainer/models/sequence.py)
     attention_units: tuple[int, ...] = (36,)
     attention_activation: str = "dice"
+    attention_softmax: bool = False
     vector_projection: int = 0
     loss_weighting: str = "fixed"
 
