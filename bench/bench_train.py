@@ -238,18 +238,25 @@ RESULT = "bench_train result: "
 
 
 def _load_revision(revision: str) -> None:
-    """Imports ``trainer.layers`` and ``trainer.models`` as of a git revision (before anything imports them)."""
-    import types
+    """Imports ``trainer.layers`` and ``trainer.models`` as of a git revision (before anything imports them).
+
+    The files are written by ``git show`` into a temporary directory and imported from there under
+    the package's names, so the rest of the trainer uses them.
+    """
+    import importlib.util
 
     import trainer
 
+    tmp = tempfile.mkdtemp(prefix=f"bench-train-{revision}-")
     for name in ("layers", "models"):
-        src = subprocess.run(["git", "show", f"{revision}:trainer/{name}.py"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout
-        module = types.ModuleType(f"trainer.{name}")
-        module.__file__ = f"{revision}:trainer/{name}.py"
+        path = os.path.join(tmp, f"{name}.py")
+        with open(path, "w") as f:
+            f.write(subprocess.run(["git", "show", f"{revision}:trainer/{name}.py"], cwd=REPO, capture_output=True,
+                                   text=True, check=True).stdout)
+        spec = importlib.util.spec_from_file_location(f"trainer.{name}", path)
+        module = importlib.util.module_from_spec(spec)
         sys.modules[module.__name__] = module
-        exec(compile(src, module.__file__, "exec"), module.__dict__)  # noqa: S102 (the repository's own code)
+        spec.loader.exec_module(module)
         setattr(trainer, name, module)
 
 
