@@ -1,6 +1,6 @@
 """Named experiments on the generator's ``behaviour`` preset (users' click histories, ``hist``).
 
-    make etl GEN_ARGS='--preset behaviour' CONFIG=configs/etl_behaviour.yaml RAW=data/raw-behaviour OUT=data/etl-behaviour
+    make etl GEN_ARGS='--preset behaviour --formats libffm' CONFIG=configs/etl_behaviour.yaml RAW=data/raw-behaviour OUT=data/etl-behaviour
     make train DATA=data/etl-behaviour EXPERIMENT=behaviour_din
 
 The planted click logit holds a soft maximum of the candidate's similarity to the history's items
