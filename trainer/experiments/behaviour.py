@@ -5,7 +5,8 @@
 
 The planted click logit holds a soft maximum of the candidate's similarity to the history's items
 (``generator.behaviour``), which attention over the sequence (``din``, ``dicm``) can represent and a
-mean-pooled history (``deepfm`` with ``embedding_combiner: mean``) cannot; ``bench/quality_behaviour.py``
+mean-pooled history (``deepfm`` with ``embedding_combiner: mean``) sees only through the mean of the
+items' embeddings; ``bench/quality_behaviour.py``
 measures them against the planted Bayes-optimal AUC and the best mean-pooled surrogate.
 """
 from __future__ import annotations
