@@ -210,8 +210,7 @@ def _datasets(cfg, schema, model):
     steps = cfg.train.steps_per_epoch or math.ceil(examples / cfg.data.batch_size)
     train_ds = train._select(data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
                                                cfg.train.seed, cfg.data.cache, cfg.data.num_parallel_reads,
-                                               repeat=True, deterministic=cfg.data.deterministic,
-                                               cache_featurized=cfg.data.cache_featurized),
+                                               repeat=True, deterministic=cfg.data.deterministic),
                              model.tasks, cfg.train, training=True)
     eval_ds = train._select(data.make_dataset(schema, "eval", cfg.data.eval_batch_size), model.tasks, cfg.train,
                             training=False)
@@ -433,7 +432,6 @@ DEEPFM_LEVERS = [
     (" + train.jit_compile (XLA), float32 DNN", {"train": {"jit_compile": True}}),
     ("+ model.mlp_dtype=bfloat16 = frappe_deepfm_deepctr", {"model": {"mlp_dtype": "bfloat16"}}),
     (" + train.jit_compile (XLA), bfloat16 DNN", {"train": {"jit_compile": True}}),
-    (" + data.cache_featurized", {"data": {"cache_featurized": True, "cache": False}}),
     (" + steps_per_execution=32", {"train": {"steps_per_execution": 32}}),
 ]
 
@@ -508,14 +506,12 @@ def deepfm_vs_deepctr(experiment: str, data_path: str, frappe_dir: str, rounds: 
 # --------------------------------------------------------------------------------- step throughput
 
 
-def input_rate(schema, batch: int, steps: int, cache: bool, cache_featurized: bool = False) -> float:
-    """Examples/s of the training pipeline alone, timed over ``steps`` batches after ``steps`` warm-up
-    (``cache_featurized``: the featurized examples cached, ``data.cache_featurized``)."""
+def input_rate(schema, batch: int, steps: int, cache: bool) -> float:
+    """Examples/s of the training pipeline alone, timed over ``steps`` batches after ``steps`` warm-up."""
     from trainer import data
 
     ds = data.make_dataset(schema, "train", batch, shuffle_buffer=50_000, seed=1, cache=cache, repeat=True,
-                           drop_remainder=True, deterministic=True, cache_featurized=cache_featurized)
-    cache = cache or cache_featurized
+                           drop_remainder=True, deterministic=True)
     it = iter(ds)
     per_pass = math.ceil(schema.splits["train"]["examples"] / batch)
     # Warm-up: at least one full pass when caching, so that the timed part reads the cache.
@@ -567,9 +563,8 @@ def step_throughput(args, etl_dirs, schemas) -> list[dict]:
     rows = []
     for d in sorted(set(where.values()), key=etl_dirs.index):
         for b in batches:
-            for what, cache, featurized in (("input", False, False), ("input (cache)", True, False),
-                                            ("input (cache_featurized)", False, True)):
-                rate = input_rate(schemas[d], b, args.steps, cache, featurized)
+            for what, cache in (("input", False), ("input (cache)", True)):
+                rate = input_rate(schemas[d], b, args.steps, cache)
                 rows.append({"data": d, "what": what, "batch": b, "examples_per_s": rate, "examples_per_s_jit": None})
                 print(f"bench_train: {d} {what} batch {b}: {rate:,.0f}/s", flush=True)
     for name in models:

@@ -42,7 +42,7 @@ import tensorflow as tf
 from feature_schema import SCHEMA_FILENAME, VOCAB_FILENAME, Schema, paths, read_vocabulary
 from serving import manifest, protocol
 from export import signatures, warmup
-from export.verify import MAX_ABS_DIFF, SessionModel, in_process_predict, session_predict, verify
+from export.verify import MAX_ABS_DIFF, SessionModel, check_summary, in_process_predict, session_predict, verify
 from export.warmup import WARMUP_BATCH_SIZES, read_warmup, write_warmup
 
 # Re-exported: the exporter is the export package's entry point (tests, bench, serving tools).
@@ -181,11 +181,7 @@ def main(argv=None) -> None:
     p.add_argument("--show", type=int, default=5, help="held-out examples to print")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     path, check = export(args.run_dir, args.export_base, args.model_name, version=args.version)
-    print(f"export: TF Serving loader check on {check['examples']} eval records and {check['raw_examples']} raw "
-          f"Examples: "
-          f"max |session - in-process| = {check['max_abs_diff']:.2e} (<= {MAX_ABS_DIFF}); per signature: "
-          + ", ".join(f"{s} {d:.1e}" for s, d in check["per_signature"].items())
-          + f"; {check['warmup_records']} warm-up records replayed")
+    print(f"export: TF Serving loader check on {check_summary(check)}")
     tasks = list(check["session"])
     print("export: held-out predictions (Session.run of predict_hashed on eval records):")
     for i in range(min(args.show, check["examples"])):

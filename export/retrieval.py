@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from export import exporter, signatures, warmup
-from export.verify import MAX_ABS_DIFF, SessionModel
+from export.verify import MAX_ABS_DIFF, SessionModel, check_summary
 from feature_schema import Schema, paths, read_vocabulary
 from featurization import Featurizer
 from serving import manifest, protocol
@@ -215,11 +215,7 @@ def main(argv=None) -> None:
     p.add_argument("--version", type=int, default=None, help="explicit version (default: highest + 1)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     path, check = export(args.run_dir, args.export_base, args.model_name, version=args.version)
-    print(f"export: user tower checked through the TF Serving loader on {check['examples']} eval records and "
-          f"{check['raw_examples']} raw Examples: "
-          f"max |session - in-process| = {check['max_abs_diff']:.2e} (<= {MAX_ABS_DIFF}); per signature: "
-          + ", ".join(f"{s} {d:.1e}" for s, d in check["per_signature"].items())
-          + f"; {check['warmup_records']} warm-up records replayed")
+    print(f"export: user tower checked through the TF Serving loader on {check_summary(check)}")
     print(f"export: {check['items']} item vectors in "
           f"{os.path.join(os.path.abspath(path), protocol.ASSETS_EXTRA, serving_retrieval.ITEMS_FILE)}")
     print(f"export: SavedModel at {os.path.abspath(path)}")

@@ -217,6 +217,14 @@ def verify(export_dir: str, model, schema: Schema, records: list[bytes], raw: li
             "raw_examples": len(raw), "warmup_records": len(logs), "session": served}
 
 
+def check_summary(check: dict) -> str:
+    """One line of ``verify``'s result: what was checked, the largest difference and the warm-up records."""
+    return (f"{check['examples']} eval records and {check['raw_examples']} raw Examples: "
+            f"max |session - in-process| = {check['max_abs_diff']:.2e} (<= {MAX_ABS_DIFF}); per signature: "
+            + ", ".join(f"{s} {d:.1e}" for s, d in check["per_signature"].items())
+            + f"; {check['warmup_records']} warm-up records replayed")
+
+
 def session_predict(export_dir: str, examples: list[bytes], signature: str = HASHED_SIGNATURE) -> dict:
     """Runs an Examples signature the way TF Serving does (``predict_ids``: the records' padded ids,
     schema read from the export's assets.extra)."""

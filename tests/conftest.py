@@ -16,6 +16,23 @@ TINY = GeneratorConfig(n_train=12_000, n_eval=4_000, n_users=300, n_items=200, n
                        n_categories=10, n_brands=30, seed=11)
 
 
+def tf1_run(export_dir: str, inputs: dict, signature: str = "serving_default") -> dict:
+    """Runs a SavedModel signature the way TF Serving does (TF1 loader, ``Session.run`` by tensor names).
+
+    Args:
+      export_dir: the SavedModel.
+      inputs: signature input key -> value.
+    Returns:
+      {output key: NumPy array} of every output of the signature.
+    """
+    import tensorflow as tf
+
+    with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+        sig = tf.compat.v1.saved_model.loader.load(sess, ["serve"], export_dir).signature_def[signature]
+        return sess.run({k: v.name for k, v in sig.outputs.items()},
+                        {sig.inputs[k].name: v for k, v in inputs.items()})
+
+
 def generated_etl_config(raw_dir: str, out_dir: str, **overrides) -> EtlConfig:
     """The ETL config of the generator's output (same as configs/etl_generated.yaml)."""
     kwargs = dict(

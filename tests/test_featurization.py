@@ -12,6 +12,8 @@ from feature_schema import rules
 from featurization import Featurizer, fingerprint_int64
 from serving import protocol
 
+from conftest import tf1_run
+
 # user: rare 0, u1 -> 1, u2 -> 2.  price (binned, edges 1.0, 2.5): rare 3, bin0 -> 4, bin2 -> 5 (bin1 was
 # rare in training).  age (numeric, mean 30, std 10): rare 6, age -> 7.  tag (multi-hot): rare 8, t1 -> 9.
 FIELDS = (FieldSpec("user", 0, "categorical", 0, 3, 0),
@@ -142,16 +144,9 @@ def test_saved_model_round_trip_through_the_tf1_loader(tmp_path):
     want = {k: t.numpy() for k, t in m.rows(*recs).items()}
     path = str(tmp_path / "fz")
     tf.saved_model.save(m, path, signatures={"serving_default": m.rows.get_concrete_function()})
-    graph = tf.Graph()
-    with tf.compat.v1.Session(graph=graph) as sess:
-        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
-        sig = meta.signature_def["serving_default"]
-        feed = {}
-        for name, t in zip(("h", "v", "f"), recs):
-            # A SparseTensor input is flattened into three inputs: indices, values, dense_shape.
-            for suffix, part in (("", t.indices), ("_1", t.values), ("_2", t.dense_shape)):
-                feed[sig.inputs[name + suffix].name] = part.numpy()
-        got = sess.run({k: v.name for k, v in sig.outputs.items()}, feed)
+    # A SparseTensor input is flattened into three inputs: indices, values, dense_shape.
+    got = tf1_run(path, {name + suffix: part.numpy() for name, t in zip(("h", "v", "f"), recs)
+                         for suffix, part in (("", t.indices), ("_1", t.values), ("_2", t.dense_shape))})
     assert want["ids"].tolist() == [[1, 5, 6, 8], [7, 0, 3, 8]]  # own features first, then the missing ones
     np.testing.assert_allclose(want["values"], [[1, 1, 0, 1], [2, 1, 1, 1]])
     np.testing.assert_array_equal(got["ids"], want["ids"])

@@ -11,6 +11,8 @@ from featurization import sequence as seq_lib
 from serving import protocol
 from trainer.models.sequence import sequence_rows
 
+from conftest import tf1_run
+
 # user: rare 0, u1 -> 1.  item: rare 2, i1 -> 3, i2 -> 4.  hist (sequence of item keys, max 3): rare 5 only.
 FIELDS = (FieldSpec("user", 0, "categorical", 0, 2, 0),
           FieldSpec("item", 1, "categorical", 2, 3, 2),
@@ -156,11 +158,7 @@ def test_saved_model_round_trip_through_the_tf1_loader(tmp_path):
     want = {k: t.numpy() for k, t in m.serve(tf.constant(raw)).items()}
     path = str(tmp_path / "fz")
     tf.saved_model.save(m, path, signatures={"serving_default": m.serve.get_concrete_function()})
-    graph = tf.Graph()
-    with tf.compat.v1.Session(graph=graph) as sess:
-        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
-        sig = meta.signature_def["serving_default"]
-        got = sess.run({k: v.name for k, v in sig.outputs.items()}, {sig.inputs["examples"].name: raw})
+    got = tf1_run(path, {"examples": raw})
     np.testing.assert_array_equal(want["rows"], [[4, 5, 3], [5, 0, 0], [3, 4, 0]])
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])

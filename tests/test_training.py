@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from feature_schema import configs, load_schema
+from feature_schema import configs
 from trainer import config as config_lib
 from trainer import data
 from trainer import epochs as epochs_lib
@@ -340,37 +340,6 @@ def test_trainer_modules_import_each_other_without_cycles():
 
     for name in graph:
         visit(name, [name])
-
-
-def _flat(batch):
-    """A (features, labels, weights) batch as comparable NumPy arrays."""
-    features, labels, weights = batch
-    out = {f"{k}.{part}": getattr(features[k], part).numpy() for k in data.FEATURE_KEYS
-           for part in ("indices", "values", "dense_shape")}
-    out.update({f"label.{k}": v.numpy() for k, v in labels.items()})
-    out["weights"] = weights.numpy()
-    return out
-
-
-@pytest.mark.parametrize("shuffle_buffer", [0, 300])
-def test_cache_featurized_gives_the_batches_of_cache(tiny_etl, shuffle_buffer):
-    schema = load_schema(tiny_etl)
-    examples = schema.splits["train"]["examples"]
-    batch = 700
-    assert examples % batch, "a partial batch per pass is part of the test"
-    passes = 2 * math.ceil(examples / batch)  # two passes: the second one reads the cache, reshuffled
-    got = {}
-    for featurized in (False, True):
-        ds = data.make_dataset(schema, "train", batch, shuffle_buffer, seed=7, cache=not featurized, repeat=True,
-                               deterministic=True, cache_featurized=featurized)
-        got[featurized] = [_flat(b) for b in ds.take(passes)]
-    for i, (a, b) in enumerate(zip(got[False], got[True])):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {i} {key}")
-    # The second pass is a new order (when shuffled), so the cache did not freeze the first one.
-    first, second = (got[True][j * math.ceil(examples / batch)]["ids.values"] for j in (0, 1))
-    assert np.array_equal(first, second) == (shuffle_buffer == 0)
 
 
 def test_a_bfloat16_run_is_reloaded_in_float32_with_its_weights(tiny_etl, tmp_path):

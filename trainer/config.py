@@ -26,8 +26,6 @@ class DataConfig:
       eval_batch_size: batch size for evaluation and prediction.
       shuffle_buffer: example-level shuffle buffer (0 disables shuffling).
       cache: cache the raw records in memory after the first epoch (parsed again every epoch).
-      cache_featurized: cache the parsed and featurized examples instead (later epochs skip parsing
-        and featurization; the same batches as ``cache``: ``trainer.data.make_dataset``).
       num_parallel_reads: TFRecord files read concurrently.
       deterministic: read and parse in a fixed order, so that ``train.seed`` fixes the example order
         (and, on CPU, the whole run); False lets parallel reads deliver out of order (faster when
@@ -39,7 +37,6 @@ class DataConfig:
     eval_batch_size: int = 4096
     shuffle_buffer: int = 50_000
     cache: bool = False
-    cache_featurized: bool = False
     num_parallel_reads: int = 4
     deterministic: bool = True
 

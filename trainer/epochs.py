@@ -139,8 +139,7 @@ class EpochRecorder:
         self.select = evaluation.selection_split(schema)
         self.splits = tuple(dict.fromkeys((self.select, "eval")))
         # Built once: with data.cache the eval records stay in memory across epochs.
-        self.datasets = {s: data.make_dataset(schema, s, cfg.data.eval_batch_size, cache=cfg.data.cache,
-                                                cache_featurized=cfg.data.cache_featurized)
+        self.datasets = {s: data.make_dataset(schema, s, cfg.data.eval_batch_size, cache=cfg.data.cache)
                          for s in self.splits}
         best_dir = os.path.join(cfg.run_dir, run_files.BEST_DIR)
         patience = cfg.train.early_stopping_patience
