@@ -152,6 +152,9 @@ class EtlConfig:
       ``{input_dir}``: the directory of ``input``, see ``resolve_paths``.)
       side_input_max_bytes: dictionaries up to this size are joined as side
         inputs; larger ones by key (CoGroupByKey), unless their ``join`` says.
+      inline_max_bytes: side-input dictionaries up to this size are read by the
+        launcher and travel inside the job graph (no read stages); larger ones
+        are read by the job. 0: every side input is read by the job.
       vocabulary: an earlier run's output directory (or its schema.json):
         reuse its fields and vocabulary instead of building new ones.
       vocabulary_mode: with ``vocabulary``: ``fixed`` (rows unchanged; unknown
@@ -177,6 +180,7 @@ class EtlConfig:
     fill_missing: bool = True
     strict_fields: bool = False
     side_input_max_bytes: int = 64 << 20
+    inline_max_bytes: int = 1 << 20
     field_map_join: str = "auto"
     field_ids: str = "name"
     split_key: str = ""
@@ -209,6 +213,8 @@ class EtlConfig:
             raise ValueError("num_shards must be >= 1")
         if self.side_input_max_bytes < 0:
             raise ValueError("side_input_max_bytes must be >= 0")
+        if self.inline_max_bytes < 0:
+            raise ValueError("inline_max_bytes must be >= 0")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction {self.valid_fraction} must be in [0, 1)")
         if self.valid_fraction and self.valid_input:

@@ -123,6 +123,28 @@ class Gather(beam.PTransform):
                 | "Concat" >> beam.CombinePerKey(_ConcatFn()) | "List" >> beam.Map(lambda kv: kv[1]))
 
 
+def _call(_, fn, *args):
+    return fn(*args)
+
+
+class Once(beam.PTransform):
+    """Calls ``fn(*args)`` once, on one worker, after its side-input arguments are complete.
+
+    Beam's own ``WriteImpl`` finalizes files this way. For small PCollections (file names,
+    per-bundle stats) passed as ``AsList`` this is one stage on the in-process runner, where a
+    ``Gather`` (seed, flatten, combine) is three. Apply to the pipeline; returns a PCollection
+    of ``fn``'s one result.
+    """
+
+    def __init__(self, fn, *args):
+        super().__init__()
+        self._fn = fn
+        self._args = args
+
+    def expand(self, pbegin):
+        return pbegin | "Impulse" >> beam.Impulse() | "Call" >> beam.Map(_call, self._fn, *self._args)
+
+
 def pack(pairs, label: str):
     """One element: (token, the dict of a PCollection of (key, value) pairs as one blob), a side input.
 
@@ -132,8 +154,17 @@ def pack(pairs, label: str):
     ``features.table_row``), which decode to lists, as ``features.join_entity`` reads them; JSON
     builds values without running any code, unlike pickle.
     """
-    return (pairs | f"Gather{label}" >> Gather()
-            | f"Pack{label}" >> beam.Map(lambda kv: (uuid.uuid4().hex, json.dumps(dict(kv)).encode("utf-8"))))
+    return pairs | f"Gather{label}" >> Gather() | f"Pack{label}" >> beam.Map(packed)
+
+
+def packed(pairs) -> tuple[str, bytes]:
+    """``pack``'s element of (key, value) pairs; given to a ``ParDo`` as is, it travels inside the job."""
+    return uuid.uuid4().hex, json.dumps(dict(pairs)).encode("utf-8")
+
+
+def side_input(dictionary):
+    """A ``pack`` PCollection as a singleton side input; an inline ``packed`` element as it is."""
+    return dictionary if isinstance(dictionary, tuple) else beam.pvalue.AsSingleton(dictionary)
 
 
 # Token -> dict of the packs decoded in this process, the latest few (a job has one per dictionary).
@@ -377,9 +408,10 @@ class ParseAndJoin(beam.PTransform):
       pattern: the input glob.
       source_split: TRAIN/EVAL/VALID when the input file decides the split, None for a hash split.
       field_map: for libfm input, the field map: a PCollection of (feature key, field) when it
-        is joined by key, else its ``pack``; None for libffm.
-      tables: per entity table, in ``plan.tables`` order, likewise: (key, ``table_row``) pairs
-        or their pack.
+        is joined by key, else its ``pack`` (a PCollection) or ``packed`` element (inline);
+        None for libffm.
+      tables: per entity table, in ``plan.tables`` order, likewise: (key, ``table_row``) pairs,
+        their pack or their packed element.
 
     Returns (from ``expand``):
       {"records": (split, [(labels, features)]) batches, "dead": tuple of (split, JSON)
@@ -397,13 +429,12 @@ class ParseAndJoin(beam.PTransform):
     def expand(self, pbegin):
         plan, spec, field_map = self._plan, self._plan.spec, self._field_map
         keyed_tables = [i for i, (*_, keyed) in enumerate(plan.tables) if keyed]
-        side_tables = [beam.pvalue.AsSingleton(pc) for pc, (*_, keyed) in zip(self._table_pcs, plan.tables)
-                       if not keyed]
+        side_tables = [side_input(pc) for pc, (*_, keyed) in zip(self._table_pcs, plan.tables) if not keyed]
         table_modes_side = tuple(None if keyed else "side" for *_, keyed in plan.tables)
         fm_mode = None if field_map is None else ("found" if plan.field_map_keyed else "side")
 
         lines = pbegin | "Read" >> sources.ReadLineBatches(self._pattern)
-        side = [beam.pvalue.AsSingleton(field_map)] if fm_mode == "side" else []
+        side = [side_input(field_map)] if fm_mode == "side" else []
         tables_here = () if fm_mode == "found" else table_modes_side
         if tables_here:
             side += side_tables
@@ -940,10 +971,10 @@ class WriteRecords(beam.PTransform):
                                                                self._multi_hot, self._namespaces))
                    .with_outputs(STATS, main="files")
                    for i, r in enumerate(records)]
-        files = ([w.files for w in written] | "FlattenFiles" >> beam.Flatten()
-                 | "FileList" >> Gather()
-                 | "Finalize" >> beam.Map(finalize_files, self._out, tmp, self._splits, shard_path, self._shards, True))
-        return {"files": files, "stats": [w[STATS] for w in written] | "FlattenStats" >> beam.Flatten()}
+        files = [w.files for w in written] | "FlattenFiles" >> beam.Flatten()
+        final = records[0].pipeline | "Finalize" >> Once(
+            finalize_files, beam.pvalue.AsList(files), self._out, tmp, self._splits, shard_path, self._shards, True)
+        return {"files": final, "stats": [w[STATS] for w in written] | "FlattenStats" >> beam.Flatten()}
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -961,8 +992,9 @@ class WriteDeadLetters(beam.PTransform):
     def expand(self, dead):
         tmp = FileSystems.join(self._out, f"{TMP}-dead_letter")
         files = [d | f"Write{i}" >> beam.ParDo(_DeadLetterWriterFn(tmp)) for i, d in enumerate(dead)]
-        return (files | "FlattenFiles" >> beam.Flatten() | "FileList" >> Gather()
-                | "Finalize" >> beam.Map(finalize_files, self._out, tmp, self._splits, dead_letter_path, 1, False))
+        files = files | "FlattenFiles" >> beam.Flatten()
+        return dead[0].pipeline | "Finalize" >> Once(
+            finalize_files, beam.pvalue.AsList(files), self._out, tmp, self._splits, dead_letter_path, 1, False)
 
 
 # ---------------------------------------------------------------- Report
@@ -1004,7 +1036,10 @@ class PublishCounters(beam.DoFn):
         yield stats
 
 
-def _write_stats(stats, out):
+def _write_stats(bundle_stats, out):
+    """Merges per-bundle stats (``MergeStats``) and writes ``_meta/stats.json``; returns the sums."""
+    merge = MergeStats()
+    stats = merge.merge_accumulators(bundle_stats)
     write_text(FileSystems.join(out, META, "stats.json"), json.dumps(stats, sort_keys=True))
     return stats
 
@@ -1017,7 +1052,6 @@ class Report(beam.PTransform):
         self._out = out
 
     def expand(self, stats):
-        return (stats | "FlattenStats" >> beam.Flatten()
-                | "MergeStats" >> beam.CombineGlobally(MergeStats())
-                | "WriteStats" >> beam.Map(_write_stats, self._out)
+        stats = stats | "FlattenStats" >> beam.Flatten()
+        return (stats.pipeline | "WriteStats" >> Once(_write_stats, beam.pvalue.AsList(stats), self._out)
                 | "PublishCounters" >> beam.ParDo(PublishCounters()))

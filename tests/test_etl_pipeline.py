@@ -125,17 +125,22 @@ _JOINED = [((1.0,), (("user", "u1", 1.0), ("item", "i1", 1.0), ("category", "c1"
            ((1.0,), (("user", "u2", 1.0), ("item", "i1", 1.0), ("category", "c1", 1.0), ("price", "price", 10.0)))]
 
 
-@pytest.mark.parametrize("limit", [64 << 20, 0], ids=["side_input", "keyed"])
-def test_parse_and_join_with_side_inputs_or_by_key(tmp_path, limit):
+@pytest.mark.parametrize("mode", ["inline", "inline_parquet", "side_input", "keyed"])
+def test_parse_and_join_with_side_inputs_or_by_key(tmp_path, mode):
     from etl import dictionaries
 
-    d, fmap, items = _join_inputs(tmp_path / "in", parquet=False)
-    cfg = _join_config(d, fmap, items, limit)
+    d, fmap, items = _join_inputs(tmp_path / "in", parquet=mode == "inline_parquet")
+    cfg = _join_config(d, fmap, items, 0 if mode == "keyed" else 64 << 20)
     plan = plan_lib.plan_job(cfg)
+    columns, values = ["category", "price"], {"price"}
     with TestPipeline() as p:
-        field_map = dictionaries.read_field_map(p, fmap)
-        table = dictionaries.read_entity_table(p, cfg.entity_tables[0], ["category", "price"], {"price"})
-        if limit:
+        if mode.startswith("inline"):  # read here, shipped inside the job graph
+            field_map = transforms.packed(dictionaries.field_map_here(fmap))
+            table = transforms.packed(dictionaries.entity_table_here(cfg.entity_tables[0], columns, values))
+        else:
+            field_map = dictionaries.read_field_map(p, fmap)
+            table = dictionaries.read_entity_table(p, cfg.entity_tables[0], columns, values)
+        if mode == "side_input":
             field_map, table = transforms.pack(field_map, "F"), transforms.pack(table, "T")
         parsed = p | transforms.ParseAndJoin(plan, cfg.input, feat.TRAIN, field_map, [table])
         records = parsed["records"] | beam.FlatMap(lambda b: [(b[0], r) for r in b[1]])

@@ -1,6 +1,8 @@
 """Sequence and vector fields in the ETL: config checks, truncation, the key namespace, vector tables."""
 from __future__ import annotations
 
+import dataclasses
+
 import glob
 import os
 
@@ -143,9 +145,10 @@ def _records(out, split):
     return out
 
 
-@pytest.mark.parametrize("limit", [64 << 20, 0], ids=["side_input", "keyed"])
-def test_job_truncates_hashes_in_the_item_namespace_and_records_the_vector_field(tmp_path, limit):
-    cfg = _job(tmp_path, limit=limit)
+@pytest.mark.parametrize("limit,inline", [(64 << 20, 1 << 20), (64 << 20, 0), (0, 1 << 20)],
+                         ids=["inline", "side_input", "keyed"])
+def test_job_truncates_hashes_in_the_item_namespace_and_records_the_vector_field(tmp_path, limit, inline):
+    cfg = dataclasses.replace(_job(tmp_path, limit=limit), inline_max_bytes=inline)
     with beam.Pipeline() as p:
         pipeline.build_pipeline(p, cfg)
     schema = pipeline.write_schema(cfg)
