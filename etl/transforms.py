@@ -118,7 +118,7 @@ class Gather(beam.PTransform):
     """
 
     def expand(self, pcoll):
-        seed = pcoll.pipeline | "Seed" >> beam.Create([(0, ())])
+        seed = pcoll.pipeline | "Seed" >> beam.Impulse() | "SeedKey" >> beam.Map(lambda _: (0, ()))
         return ((pcoll | "Key" >> beam.Map(lambda x: (0, (x,))), seed) | "WithSeed" >> beam.Flatten()
                 | "Concat" >> beam.CombinePerKey(_ConcatFn()) | "List" >> beam.Map(lambda kv: kv[1]))
 
@@ -726,8 +726,8 @@ class Statistics(beam.PTransform):
     hashed off it); the others (eval/valid inputs) only add the fields they show. Per-bundle
     sums (``SumFeaturesFn``) of the training input feed combiners that Beam lifts into that
     input's stage: counts per feature, counts per distinct value (-> ``ComputeBins``,
-    ``ValueStats``, bin counts), per-field totals (occurrences, lines of multi-hot fields,
-    fields seen). The features that keep a row reach one worker, which builds the layout
+    ``ValueStats``, bin counts); per-field totals (occurrences, lines of multi-hot fields,
+    fields seen) are a side input. The features that keep a row reach one worker, which builds the layout
     (``plan.make_layout``) and writes ``vocabulary.tsv`` and ``_meta/{fields,usage}.json``.
     Records do not wait for any of it.
 
@@ -747,8 +747,9 @@ class Statistics(beam.PTransform):
                 .with_outputs(COUNTS, VALUES, TOTALS) for i, r in enumerate(records)]
         # Only sums[0] counts training features: its counts and values need no Flatten, which would
         # make the runner buffer them before the combiner.
-        totals = [s[TOTALS] for s in sums] | "Totals" >> beam.Flatten() | "SumTotals" >> beam.CombinePerKey(sum)
-        side = {"totals": beam.pvalue.AsDict(totals)}  # side inputs of the layout step
+        # A few pairs per field and bundle: summed where the layout is built, with no combine stage.
+        totals = [s[TOTALS] for s in sums] | "Totals" >> beam.Flatten()
+        side = {"totals": beam.pvalue.AsList(totals)}  # side inputs of the layout step
         if plan.binned or plan.numeric:
             values = sums[0][VALUES] | "SumValues" >> beam.CombinePerKey(sum)
             bounds = values | "Bins" >> ComputeBins(plan.num_bins)
@@ -769,18 +770,22 @@ class Statistics(beam.PTransform):
         # those already in the base vocabulary too (their counts add up).
         kept = (sums[0][COUNTS] | "SumCounts" >> beam.CombinePerKey(sum)
                 | "HasRow" >> beam.Filter(_has_row, plan.mode, plan.min_counts, plan.default_min_count, known))
-        layout = kept | "GatherCounts" >> Gather() | "Layout" >> beam.Map(_layout, plan, **side)
-        _ = layout | "WriteLayout" >> beam.Map(write_layout, self._out)
-        return layout
+        return kept | "GatherCounts" >> Gather() | "Layout" >> beam.Map(_layout, plan, self._out, **side)
 
 
-def _layout(kept, plan, totals, bounds=None, stats=None, base_vocab=(), bin_counts=None):
-    """``make_layout`` of the gathered features, with the bins that keep a row added."""
+def _layout(kept, plan, out, totals, bounds=None, stats=None, base_vocab=(), bin_counts=None):
+    """``make_layout`` of the gathered features, with the bins that keep a row added; written to ``out``."""
+    sums = {}
+    for key, n in totals:
+        _add(sums, key, n)
+    totals = sums
     known = {(e.field, e.key): None for e in base_vocab}
     kept = kept + [kv for kv in (bin_counts or {}).items()
                    if _has_row(kv, plan.mode, plan.min_counts, plan.default_min_count, known)]
     seen = {f for _, f in totals}  # occurrences (training) or seen (any split)
-    return make_layout(kept, plan, bounds or {}, stats or {}, seen, base_vocab, totals)
+    layout = make_layout(kept, plan, bounds or {}, stats or {}, seen, base_vocab, totals)
+    write_layout(layout, out)
+    return layout
 
 
 # ---------------------------------------------------------------- writing
