@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import bisect
 import collections
+import concurrent.futures
 import dataclasses
 import heapq
 import itertools
@@ -807,12 +808,45 @@ class GzipWriter:
         self._file.close()
 
 
+class _BackgroundWrites:
+    """File writes (gzip compression and I/O, which release the GIL) on one thread, in order.
+
+    The DoFn's thread parses and encodes the next batch meanwhile, on the second core when
+    there is one. At most ``depth`` writes wait, so memory stays bounded; ``drain`` waits for
+    all of them and re-raises the first error.
+    """
+
+    def __init__(self, depth: int = 4):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="etl-writes")
+        self._pending: collections.deque = collections.deque()
+        self._depth = depth
+
+    def submit(self, fn, *args) -> None:
+        if len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _write_parts(files, parts) -> None:
+    for (_, f), part in zip(files, parts):
+        if part:
+            f.write(b"".join(part))
+
+
 class _ShardWriterFn(beam.DoFn):
     """Record batches -> gzip TFRecord files: each bundle deals its records round-robin to
     ``num_shards`` open files per split, under temporary names.
 
     Outputs: main (split, temporary path) per file, at the end of the bundle; ``stats`` per
     bundle: written, positives per label, most features and most repeated fields in a record.
+    Compression and file writes run behind the encoding (``_BackgroundWrites``).
     """
 
     def __init__(self, tmp_dir: str, num_shards: int, label_names, keys, multi_hot: bool, namespaces=None):
@@ -827,6 +861,7 @@ class _ShardWriterFn(beam.DoFn):
         self._encoder = feat.RecordEncoder(self._labels, self._keys, namespaces=self._namespaces)
 
     def start_bundle(self):
+        self._writes = _BackgroundWrites()  # per bundle: a failed bundle's writes stay with it
         self._files = {}  # split -> [(path, open file)]
         self._next = {}
         self._stats = {}
@@ -864,9 +899,7 @@ class _ShardWriterFn(beam.DoFn):
             if self._multi_hot and nf - 1 > repeats:
                 repeats = max(repeats, nf - len({f[0] for f in features}))
         self._next[split] = i
-        for (_, f), part in zip(files, parts):
-            if part:
-                f.write(b"".join(part))
+        self._writes.submit(_write_parts, files, parts)
         _add(stats, f"{name}.written", len(records))
         for j, v in enumerate(positives):
             _add(stats, f"{name}.positives.{j}", v)
@@ -874,6 +907,8 @@ class _ShardWriterFn(beam.DoFn):
         stats[f"{name}.max_repeats"] = repeats
 
     def finish_bundle(self):
+        self._writes.drain()
+        self._writes.close()
         for split, files in self._files.items():
             for path, f in files:
                 f.close()

@@ -591,3 +591,26 @@ def test_rerun_replaces_outputs_and_a_failed_run_leaves_them(tmp_path, capsys):
              if os.path.isfile(p) and pipeline.STAGING_PREFIX not in p}
     assert after == before
     assert load_schema(out).counts == schema.counts
+
+
+def test_background_writes_keep_order_bound_the_queue_and_reraise():
+    out, started = [], []
+
+    def write(i):
+        started.append(i)
+        if i == 7:
+            raise OSError("disk full")
+        out.append(i)
+
+    writes = transforms._BackgroundWrites(depth=2)
+    for i in range(5):
+        writes.submit(write, i)
+        assert len(writes._pending) <= 2
+    writes.drain()
+    assert out == [0, 1, 2, 3, 4]  # one thread, in submission order
+    writes.submit(write, 7)
+    writes.submit(write, 8)
+    with pytest.raises(OSError, match="disk full"):
+        writes.drain()
+    writes.close()
+    assert out == [0, 1, 2, 3, 4, 8] and started == [0, 1, 2, 3, 4, 7, 8]
