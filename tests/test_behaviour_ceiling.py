@@ -1,4 +1,4 @@
-"""The mean-pooling oracle of ``bench.behaviour_ceiling`` on small planted logs (about 50 s, no test over 30 s).
+"""The mean-pooling oracle of ``bench.behaviour_ceiling`` on small planted logs (15 s idle, 50 s at load average 6).
 
     .venv/bin/python -m pytest -q tests/test_behaviour_ceiling.py
 """
