@@ -7,7 +7,7 @@ The planted click logit holds a soft maximum of the candidate's similarity to th
 (``generator.behaviour``), which attention over the sequence (``din``, ``dicm``) can represent and a
 mean-pooled history (``deepfm`` with ``embedding_combiner: mean``) sees only through the mean of the
 items' embeddings; ``bench/quality_behaviour.py``
-measures them against the planted Bayes-optimal AUC and the best mean-pooled surrogate.
+measures them against the planted Bayes-optimal AUC and the mean-pooling ceiling (``bench/behaviour_ceiling.py``).
 """
 from __future__ import annotations
 
