@@ -535,10 +535,12 @@ def main(argv=None) -> None:
     p.add_argument("--build_only", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--echo_server", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--only", default="", choices=("", "swap"),
-                   help="swap: only the version-swap probe (the server, its swaps and the table; no floors, no QPS)")
+                   help="swap: only the version-swap probe (one line per model and server; no floors, no QPS)")
     p.add_argument("--models", default="", help="comma-separated models to measure (default: all)")
-    p.add_argument("--out", default="runs/bench/serving.json")
+    p.add_argument("--out", default="", help="the JSON (default runs/bench/serving.json; runs/bench/serving_swap.json "
+                                             "with --only swap)")
     args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args.out = args.out or ("runs/bench/serving_swap.json" if args.only == "swap" else "runs/bench/serving.json")
     if args.echo_server:
         serve_echo()
         return
