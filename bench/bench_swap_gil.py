@@ -1,7 +1,7 @@
 """Where a version swap holds the GIL: one process, the server's own load, warm-up and retire steps.
 
     python -m bench.bench_swap_gil [--workdir runs/bench/serving] [--model deepfm] [--reps 3]
-        [--out runs/bench/swap_gil.json]
+        [--contention_seconds 5] [--out runs/bench/swap_gil.json]
 
 Serves the SavedModel that ``bench.bench_serving`` built in ``--workdir`` (run it once first, or
 with ``--only swap``). Each rep is a swap as the server's poller runs it: ``LoadedVersion`` (load),
@@ -17,6 +17,11 @@ import call) and ``server`` (``serving.manager.load_saved_model``). Then the CPU
 garbage collection with two versions loaded, before and after ``gc.freeze()`` of the objects alive
 at start (``serving.server.freeze_startup_objects``). CPU times, so a loaded machine changes them
 little (they still vary with cache contention).
+
+Last, contention without gRPC: a thread calls the server's Predict handler on the version in a loop
+(the first 100 raw requests of the bench, as the swap probe sends), alone and next to a thread at
+nice +10 (as the poller) that loads and warms up versions back to back, ``--contention_seconds``
+each, twice, alternating: p50 and p99 of the handler call.
 """
 from __future__ import annotations
 
@@ -32,7 +37,10 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import tensorflow as tf  # noqa: E402
 
-from serving import manager, server  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorflow_serving.apis import predict_pb2  # noqa: E402
+
+from serving import manager, protocol, server  # noqa: E402
 from serving.handlers import Handlers  # noqa: E402
 from serving.protocol import SERVE_TAG  # noqa: E402
 
@@ -111,15 +119,58 @@ def full_gc_ms(path: str, model: str) -> dict:
     return out
 
 
+def contention(path: str, model: str, examples: list, seconds: float) -> dict:
+    """p50/p99 ms of the in-process Predict handler alone and next to back-to-back warm-ups at nice +10."""
+    import threading
+
+    host = type("Host", (), {"handlers": Handlers(None)})()
+    lv = manager.LoadedVersion(model, 1, path, server.session_config())
+    manager.ModelManager.warmup(host, lv)
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = model
+    protocol.strings_proto(examples, req.inputs["examples"])
+    state = {"mode": "alone", "stop": False}
+
+    def loader():
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        while not state["stop"]:
+            if state["mode"] == "alone":
+                time.sleep(0.01)
+                continue
+            x = manager.LoadedVersion(model, 2, path, server.session_config())
+            manager.ModelManager.warmup(host, x)
+            x.retire()
+
+    t = threading.Thread(target=loader, daemon=True)
+    t.start()
+    times = {"alone": [], "next to warm-ups": []}
+    for _ in range(2):
+        for mode in times:
+            state["mode"] = mode
+            time.sleep(0.3)
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                host.handlers.predict_on(lv, req)
+                times[mode].append((time.perf_counter() - t0) * 1e3)
+    state["stop"] = True
+    t.join()
+    lv.retire()
+    return {m: {"calls": len(v), "p50_ms": float(np.percentile(v, 50)), "p99_ms": float(np.percentile(v, 99))}
+            for m, v in times.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="runs/bench/serving", help="where bench.bench_serving built the models")
     p.add_argument("--model", default="deepfm")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--contention_seconds", type=float, default=5.0, help="each phase of the contention probe (0: skip)")
     p.add_argument("--out", default="runs/bench/swap_gil.json")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with open(os.path.join(args.workdir, "models.json")) as f:
-        path = json.load(f)[args.model]["path"]
+        entry = json.load(f)[args.model]
+    path = entry["path"]
     results = {"model": args.model, "path": path, "loadavg_start": os.getloadavg(), "loaders": {}}
     original = manager.load_saved_model
     for name, loader in (("tf1", tf1_load), ("server", original)):
@@ -129,6 +180,10 @@ def main(argv=None) -> None:
         finally:
             manager.load_saved_model = original
     results["full_gc_cpu_ms"] = full_gc_ms(path, args.model)
+    if args.contention_seconds > 0:
+        kind = "raw" if "raw" in entry["kinds"] else next(iter(entry["kinds"]))
+        examples = list(tf.compat.v1.io.tf_record_iterator(entry["kinds"][kind]))[:100]
+        results["contention"] = contention(path, args.model, examples, args.contention_seconds)
     results["loadavg_end"] = os.getloadavg()
     print(f"\n{args.model}: one swap in one thread (load + warm-up of the new version, retire of the old), "
           f"thread CPU ms; load average {results['loadavg_start'][0]:.1f} -> {results['loadavg_end'][0]:.1f}\n")
@@ -142,6 +197,9 @@ def main(argv=None) -> None:
     print(f"\nfull gc.collect() with two versions loaded: {g['unfrozen_ms']:.1f} ms CPU ({g['objects_tracked']} "
           f"objects tracked); with the {g['objects_frozen']} objects alive before the loads frozen: "
           f"{g['frozen_ms']:.1f} ms")
+    for mode, c in results.get("contention", {}).items():
+        print(f"in-process Predict handler, 100 ads, {mode}: p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms "
+              f"({c['calls']} calls)")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
