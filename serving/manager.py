@@ -42,11 +42,11 @@ def load_saved_model(session, path: str):
     """``tf.compat.v1.saved_model.loader.load(session, [serve], path)``, importing the graph in short steps.
 
     The loader imports the whole GraphDef in one C call that holds the GIL; a request thread that
-    needs the GIL meanwhile waits for all of it (DeepFM: 55-100 ms, the stall of every swap). Two
+    needs the GIL meanwhile waits for all of it (DeepFM: ~50 ms of CPU, the stall of every swap). Two
     changes, both before the loader's own steps (graph import, variable restore, init ops) run
     unchanged on the same MetaGraphDef:
 
-    * the function library is added one function per C call (each under ~4 ms) and left out of the
+    * the function library is added one function per C call (about 1 ms or less each) and left out of the
       GraphDef, which the importer would otherwise add in the same single call;
     * call ops get ``_disable_call_shape_inference``: the Python graph's shape refiner would
       otherwise infer shapes through every signature's function body at import (over half of the
@@ -58,7 +58,7 @@ def load_saved_model(session, path: str):
       The MetaGraphDef, as the loader returns it (its GraphDef without the function library).
     """
     loader = loader_impl.SavedModelLoader(path)
-    meta = loader.get_meta_graph_def_from_tags([SERVE_TAG])  # the loader's own proto: edits here are what it imports
+    meta = loader.get_meta_graph_def_from_tags([SERVE_TAG])  # the loader's own proto: what it imports
     graph_def = meta.graph_def
     with session.graph.as_default():
         for fn in tf_function.from_library(graph_def.library):

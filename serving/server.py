@@ -19,7 +19,8 @@ Model lifecycle (as in TF Serving):
 * A poller lists each model's integer version directories every
   ``--file_system_poll_wait_seconds`` and applies the version policy (``latest``,
   default 1; ``all``; ``specific``). A new version is loaded with
-  ``tf.compat.v1.saved_model.loader.load`` into its own Session, its
+  ``tf.compat.v1.saved_model.loader.load`` into its own Session (the graph
+  imported in short steps: ``serving.manager.load_saved_model``), its
   ``assets.extra/tf_serving_warmup_requests`` are replayed through the same
   request path, and only then does it take traffic. Versions leaving the policy
   are unloaded after that (availability preserving: the last serving version
