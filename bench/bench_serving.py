@@ -4,6 +4,8 @@
         [--rounds 15] [--block 10] [--concurrency 4] [--qps_seconds 2] [--swap_seconds 5]
         [--swap_repeats 3] [--swap_without_warmup 1] [--workdir runs/bench/serving]
         [--out runs/bench/serving.json]
+    python -m bench.bench_serving --only swap [--models deepfm] [--reuse_models 1] [--swap_repeats 3]
+        [--swap_without_warmup 0] [--out runs/bench/serving_swap.json]
 
 Models, each exported as a TF Serving SavedModel and served by ``serving.server`` in a child
 process (``python -m serving.server``, loopback, the default flags):
@@ -532,8 +534,13 @@ def main(argv=None) -> None:
                    help="1: serve the models a previous run left in --workdir instead of training and exporting")
     p.add_argument("--build_only", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--echo_server", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--out", default="runs/bench/serving.json")
+    p.add_argument("--only", default="", choices=("", "swap"),
+                   help="swap: only the version-swap probe (one line per model and server; no floors, no QPS)")
+    p.add_argument("--models", default="", help="comma-separated models to measure (default: all)")
+    p.add_argument("--out", default="", help="the JSON (default runs/bench/serving.json; runs/bench/serving_swap.json "
+                                             "with --only swap)")
     args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args.out = args.out or ("runs/bench/serving_swap.json" if args.only == "swap" else "runs/bench/serving.json")
     if args.echo_server:
         serve_echo()
         return
@@ -556,6 +563,9 @@ def main(argv=None) -> None:
         shutil.rmtree(args.workdir, ignore_errors=True)
         os.makedirs(args.workdir)
         models = built_models(args)
+    if args.models:
+        keep = set(args.models.split(","))
+        models = {k: v for k, v in models.items() if k in keep or k == "noop"}
     config = model_server_config_pb2.ModelServerConfig()
     for name, (path, _, _) in models.items():
         mc = config.model_config_list.config.add()
@@ -563,6 +573,9 @@ def main(argv=None) -> None:
     config_path = os.path.join(args.workdir, "models.config")
     with open(config_path, "w") as f:
         f.write(text_format.MessageToString(config))
+    if args.only == "swap":
+        swap_only(args, models, config_path, info)
+        return
     import grpc
 
     echo_proc, echo_target = start_echo()
@@ -659,6 +672,40 @@ def main(argv=None) -> None:
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["bars"] = bars(results)
     print_table(results, args.sizes)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    print(f"bench_serving: wrote {args.out}")
+
+
+def swap_only(args, models: dict, config_path: str, info: dict) -> None:
+    """``--only swap``: the swap probe of every model with requests (warm-up on, then off if asked)."""
+    results = {"machine": info, "command": "python -m bench.bench_serving " + " ".join(sys.argv[1:]), "models": {}}
+    runs = [("swap", "server.log")] + ([("swap_without_warmup", "server-nowarmup.log")]
+                                       if args.swap_without_warmup else [])
+    for key, log_name in runs:
+        flags = () if key == "swap" else ("--enable_model_warmup", "false")
+        proc, target = start_server(config_path, os.path.join(args.workdir, log_name), *flags)
+        try:
+            for name, (path, kinds, note) in models.items():
+                if not kinds:
+                    continue
+                kind = "raw" if "raw" in kinds else next(iter(kinds))
+                swap = swap_probe(target, name, os.path.dirname(path), kinds[kind][:100], args.swap_seconds,
+                                  args.swap_repeats)
+                r = results["models"].setdefault(name, {"note": note, "swap_kind": kind})
+                r[key] = swap
+                print(f"bench_serving: {name} {key}: p99 {swap['p99_ms_during_swap']:.2f} ms during "
+                      f"({swap['requests_during_swap']}) vs {swap['p99_ms_without_swap']:.2f} ms without "
+                      f"({swap['requests_without_swap']}): ratio "
+                      f"{swap['p99_ms_during_swap'] / swap['p99_ms_without_swap']:.2f}; max "
+                      f"{swap['max_ms_during_swap']:.1f} vs {swap['max_ms_without_swap']:.1f} ms; swaps "
+                      f"{', '.join(f'{w:.2f}' for w in swap['swap_seconds'])} s; failed {swap['failed_requests']}; "
+                      f"load average {os.getloadavg()[0]:.2f}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    results["machine"]["loadavg_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2, default=str)

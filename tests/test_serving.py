@@ -29,6 +29,7 @@ from export import verify as verify_lib
 from feature_schema import load_schema
 from featurization import Featurizer
 from serving import client as client_lib
+from serving import manager as manager_lib
 from serving import protocol, server, sync
 from serving.examples import ExampleBuilder
 from trainer import train as trainer_lib
@@ -113,6 +114,33 @@ def test_classify_and_regress(env):
     req.input.example_list_with_context.examples.add()
     resp = c.stub.Regress(req, timeout=10)
     assert abs(resp.result.regressions[0].value - p[3]) <= 1e-5
+
+
+def test_loader_imports_the_same_graph_in_short_steps(env):
+    """``manager.load_saved_model``: the TF1 loader's signatures, functions and answers, with the function
+    library added one function at a time and call ops marked to skip shape inference at import (the
+    one long GIL hold of a version load; docs/SERVING.md, swap)."""
+    path = env["export"]["versions"][2]
+    lv = server.LoadedVersion("fm", 2, path, server.session_config())
+    try:
+        with tf.compat.v1.Session(graph=tf.Graph()) as ref:
+            meta = tf.compat.v1.saved_model.loader.load(ref, ["serve"], path)
+            assert lv.signature_defs == dict(meta.signature_def)
+            want_fns = {f.signature.name for f in ref.graph.as_graph_def().library.function}
+            got_fns = {f.signature.name for f in lv.graph.as_graph_def().library.function}
+            assert got_fns == want_fns and len(want_fns) > 5
+            calls = [op for op in lv.graph.get_operations() if op.type in manager_lib.CALL_OPS]
+            assert calls and all(op.get_attr("_disable_call_shape_inference") for op in calls)
+            sig = meta.signature_def["serving_default"]
+            feed = {sig.inputs["examples"].name: np.array(env["examples"], dtype=object)}
+            outs = sorted(sig.outputs)
+            want = ref.run([sig.outputs[k].name for k in outs], feed)
+        got = lv.session.run([sig.outputs[k].name for k in outs], feed)
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(g, w)
+        assert _close(got[outs.index("click")], env["expected"][2])
+    finally:
+        lv.retire()
 
 
 def test_model_metadata_is_the_savedmodel_signature_map(env):
