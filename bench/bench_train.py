@@ -36,8 +36,8 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
   Each FFM measurement runs in a fresh process.
 * ``--deepfm_levers``: the DeepFM rate (on the pipeline) again for each speed lever added one at a
   time to ``--deepfm_experiment``'s settings before the speed work (``DEEPFM_LEVERS``: inter-op
-  threads, steps per execution, XLA, the DNN in bfloat16, the featurized cache), each in a fresh
-  process, alternated with DeepCTR ``--rounds`` times.
+  threads, steps per execution, XLA, the DNN in bfloat16, the dense layout of single-valued fields
+  ``data.dense_ids``), each in a fresh process, alternated with DeepCTR ``--rounds`` times.
 * ``--quality``: trains ``frappe_ffm``, ``frappe_deepfm`` and ``frappe_wide_deep`` as ``make train``
   does and checks README's bars (FFM AUC >= 0.955 and logloss <= 0.219; the others AUC >= 0.945 and
   logloss <= 0.290). About 10 minutes.
@@ -210,7 +210,8 @@ def _datasets(cfg, schema, model):
     steps = cfg.train.steps_per_epoch or math.ceil(examples / cfg.data.batch_size)
     train_ds = train._select(data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
                                                cfg.train.seed, cfg.data.cache, cfg.data.num_parallel_reads,
-                                               repeat=True, deterministic=cfg.data.deterministic),
+                                               repeat=True, deterministic=cfg.data.deterministic,
+                                               dense_ids=cfg.data.dense_ids),
                              model.tasks, cfg.train, training=True)
     eval_ds = train._select(data.make_dataset(schema, "eval", cfg.data.eval_batch_size), model.tasks, cfg.train,
                             training=False)
@@ -433,6 +434,8 @@ DEEPFM_LEVERS = [
     ("+ model.mlp_dtype=bfloat16 = frappe_deepfm_deepctr", {"model": {"mlp_dtype": "bfloat16"}}),
     (" + train.jit_compile (XLA), bfloat16 DNN", {"train": {"jit_compile": True}}),
     (" + steps_per_execution=32", {"train": {"steps_per_execution": 32}}),
+    ("+ data.dense_ids (single-valued fields as dense [batch, fields] ids)", {"data": {"dense_ids": True}}),
+    (" + inter-op threads 1 on dense ids", {"_env": {"TF_NUM_INTEROP_THREADS": "1"}}),
 ]
 
 

@@ -30,6 +30,10 @@ class DataConfig:
       deterministic: read and parse in a fixed order, so that ``train.seed`` fixes the example order
         (and, on CPU, the whole run); False lets parallel reads deliver out of order (faster when
         files are on slow storage).
+      dense_ids: train on the featurization layer's dense layout (``featurization.layer``): the
+        records' lists parsed densely, the single-valued fields as dense ``[batch, S]`` rows and
+        values, only multi-hot fields sparse. The same features; the layers read either layout, so
+        evaluation and the exported model keep the sparse one. Needs ``fill_missing`` and no vector fields.
     """
 
     path: str = "data/etl"
@@ -39,6 +43,7 @@ class DataConfig:
     cache: bool = False
     num_parallel_reads: int = 4
     deterministic: bool = True
+    dense_ids: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,9 @@ calls and prefetching tuned by AUTOTUNE.
 Each element is ``(features, labels, weights)``:
   features: {"ids", "values", "fields"} -> tf.SparseTensor [batch, max_nnz]
     (int64 vocabulary rows, float32 values, int64 field ids; missing fields included);
+    with ``dense_ids`` the featurization layer's dense layout instead: the records' lists parsed as
+    dense ``[batch, L]`` tensors (padded), the single-valued fields as ``"dense_ids"``,
+    ``"dense_values"``, ``"dense_fields"`` ``[batch, S]`` and only the multi-hot fields sparse;
   labels: {label name -> float32 [batch]};
   weights: float32 [batch] sample weights (1 where the example has none).
 """
@@ -19,30 +22,37 @@ import tensorflow as tf
 
 from feature_schema import Schema
 from featurization import Featurizer
+from featurization.layer import PAD_FIELD_HASH
 
 FEATURE_KEYS = ("ids", "values", "fields")
 
 
-def parse_spec(schema: Schema) -> dict:
-    """The `tf.io.parse_example` spec of the ETL's hashed records."""
+def parse_spec(schema: Schema, dense: bool = False) -> dict:
+    """The `tf.io.parse_example` spec of the ETL's hashed records (``dense``: the feature lists as
+    ``[batch, L]`` tensors padded with field hash ``PAD_FIELD_HASH``, for ``Featurizer.from_dense_records``)."""
     k = schema.example_keys
-    spec = {
-        k.hashes: tf.io.VarLenFeature(tf.int64),
-        k.values: tf.io.VarLenFeature(tf.float32),
-        k.field_hashes: tf.io.VarLenFeature(tf.int64),
-        k.weight: tf.io.FixedLenFeature([1], tf.float32, default_value=[1.0]),
-    }
+    if dense:
+        def listed(dtype, pad):
+            return tf.io.FixedLenSequenceFeature([], dtype, allow_missing=True, default_value=pad)
+        lists = {k.hashes: listed(tf.int64, 0), k.values: listed(tf.float32, 0.0),
+                 k.field_hashes: listed(tf.int64, PAD_FIELD_HASH)}
+    else:
+        lists = {key: tf.io.VarLenFeature(dt) for key, dt in ((k.hashes, tf.int64), (k.values, tf.float32),
+                                                             (k.field_hashes, tf.int64))}
+    spec = {**lists, k.weight: tf.io.FixedLenFeature([1], tf.float32, default_value=[1.0])}
     for name in schema.label_names:
         spec[name] = tf.io.FixedLenFeature([1], tf.float32)
     return spec
 
 
-def parse_batch(serialized: tf.Tensor, schema: Schema, featurizer: Featurizer | None = None):
-    """Parses and featurizes a batch of serialized records into (features, labels, weights)."""
+def parse_batch(serialized: tf.Tensor, schema: Schema, featurizer: Featurizer | None = None, dense: bool = False):
+    """Parses and featurizes a batch of serialized records into (features, labels, weights)
+    (``dense``: the featurization layer's dense layout)."""
     k = schema.example_keys
     featurizer = featurizer if featurizer is not None else Featurizer(schema)
-    parsed = tf.io.parse_example(serialized, parse_spec(schema))
-    features = featurizer.from_records(parsed[k.hashes], parsed[k.values], parsed[k.field_hashes])
+    parsed = tf.io.parse_example(serialized, parse_spec(schema, dense))
+    featurize = featurizer.from_dense_records if dense else featurizer.from_records
+    features = featurize(parsed[k.hashes], parsed[k.values], parsed[k.field_hashes])
     labels = {name: tf.squeeze(parsed[name], axis=1) for name in schema.label_names}
     weights = tf.squeeze(parsed[k.weight], axis=1)
     return features, labels, weights
@@ -51,7 +61,8 @@ def parse_batch(serialized: tf.Tensor, schema: Schema, featurizer: Featurizer | 
 def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: int = 0, seed: int = 0,
                  cache: bool = False, num_parallel_reads: int = 4, repeat: bool = False,
                  drop_remainder: bool = False, files: list[str] | None = None,
-                 deterministic: bool | None = None, featurizer: Featurizer | None = None) -> tf.data.Dataset:
+                 deterministic: bool | None = None, featurizer: Featurizer | None = None,
+                 dense_ids: bool = False) -> tf.data.Dataset:
     """Builds the dataset of one split.
 
     Args:
@@ -68,6 +79,8 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
       deterministic: keep the parallel interleave and map in order, so a seed fixes the example
         order; None: in order only without shuffling (a shuffled order is random anyway).
       featurizer: the featurization layer (default: built from ``schema``).
+      dense_ids: parse the feature lists densely and give the single-valued fields as dense
+        ``[batch, S]`` tensors (the featurization layer's dense layout; module docstring).
     """
     if deterministic is None:
         deterministic = not shuffle_buffer
@@ -91,7 +104,7 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     featurizer = featurizer if featurizer is not None else Featurizer(schema)
-    ds = ds.map(lambda s: parse_batch(s, schema, featurizer), num_parallel_calls=tf.data.AUTOTUNE,
+    ds = ds.map(lambda s: parse_batch(s, schema, featurizer, dense_ids), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=deterministic)
     if repeat:
         ds = ds.repeat()
