@@ -37,7 +37,8 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
 * ``--deepfm_levers``: the DeepFM rate (on the pipeline) again for each speed lever added one at a
   time to ``--deepfm_experiment``'s settings before the speed work (``DEEPFM_LEVERS``: inter-op
   threads, steps per execution, XLA, the DNN in bfloat16, the dense layout of single-valued fields
-  ``data.dense_ids``), each in a fresh process, alternated with DeepCTR ``--rounds`` times.
+  ``data.dense_ids``, the split featurized once ``data.featurize_once``), each in a fresh process,
+  alternated with DeepCTR ``--rounds`` times.
 * ``--quality``: trains ``frappe_ffm``, ``frappe_deepfm`` and ``frappe_wide_deep`` as ``make train``
   does and checks README's bars (FFM AUC >= 0.955 and logloss <= 0.219; the others AUC >= 0.945 and
   logloss <= 0.290). About 10 minutes.
@@ -211,7 +212,8 @@ def _datasets(cfg, schema, model):
     train_ds = train._select(data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
                                                cfg.train.seed, cfg.data.cache, cfg.data.num_parallel_reads,
                                                repeat=True, deterministic=cfg.data.deterministic,
-                                               dense_ids=cfg.data.dense_ids),
+                                               dense_ids=cfg.data.dense_ids,
+                                               featurize_once=cfg.data.featurize_once),
                              model.tasks, cfg.train, training=True)
     eval_ds = train._select(data.make_dataset(schema, "eval", cfg.data.eval_batch_size), model.tasks, cfg.train,
                             training=False)
@@ -436,6 +438,7 @@ DEEPFM_LEVERS = [
     (" + steps_per_execution=32", {"train": {"steps_per_execution": 32}}),
     ("+ data.dense_ids (single-valued fields as dense [batch, fields] ids)", {"data": {"dense_ids": True}}),
     (" + inter-op threads 1 on dense ids", {"_env": {"TF_NUM_INTEROP_THREADS": "1"}}),
+    ("+ data.featurize_once (dense rows held in memory, permuted every epoch)", {"data": {"featurize_once": True}}),
 ]
 
 

@@ -85,3 +85,54 @@ def test_export_of_a_dense_trained_model_serves_what_it_predicts_on_dense_batche
     served_raw = tf1_run(runs["version"], {protocol.EXAMPLES_INPUT: np.array(raw, object)})["click"]
     assert served_raw.shape == want.shape
     assert np.max(np.abs(np.sort(served_raw) - np.sort(want))) <= 1e-5
+
+
+def _held(n):
+    """featurized_split's structure for n examples: example i has ids [i, 100 + i], label i % 2."""
+    i = np.arange(n, dtype=np.int64)
+    features = {"dense_ids": tf.constant(np.stack([i, 100 + i], 1)), "dense_values": tf.ones([n, 2]),
+                "dense_fields": tf.constant(np.tile([[0, 1]], [n, 1]), tf.int64)}
+    return features, {"click": tf.constant(i % 2, tf.float32)}, tf.ones([n])
+
+
+def _passes(ds, n_batches):
+    it = iter(ds)
+    return [next(it)[0]["dense_ids"].numpy()[:, 0] for _ in range(n_batches)]
+
+
+def test_in_memory_dataset_permutes_every_pass_and_keeps_the_layout():
+    ds = data.in_memory_dataset(_held(10), 4, shuffle=True, seed=3, repeat=True)
+    got = _passes(ds, 6)  # two passes of batches 4, 4, 2
+    assert [len(b) for b in got] == [4, 4, 2] * 2
+    first, second = np.concatenate(got[:3]), np.concatenate(got[3:])
+    assert sorted(first) == sorted(second) == list(range(10))  # every example once per pass
+    assert first.tolist() != second.tolist()  # a fresh permutation per pass
+    again = np.concatenate(_passes(data.in_memory_dataset(_held(10), 4, shuffle=True, seed=3, repeat=True), 3))
+    assert again.tolist() == first.tolist()  # the seed fixes the order
+    features, labels, _ = next(iter(ds))
+    ids = features["dense_ids"].numpy()
+    assert (ids[:, 1] == ids[:, 0] + 100).all() and (labels["click"].numpy() == ids[:, 0] % 2).all()
+    assert features["ids"].dense_shape.numpy().tolist() == [4, 0]  # the empty sparse part
+    # Without shuffling: file order; drop_remainder drops the partial batch; without repeat a new
+    # iteration (Keras' next epoch) is a new permutation.
+    assert np.concatenate(_passes(data.in_memory_dataset(_held(10), 4, shuffle=False), 3)).tolist() == list(range(10))
+    assert [len(b[2]) for b in data.in_memory_dataset(_held(10), 4, False, drop_remainder=True)] == [4, 4]
+    once = data.in_memory_dataset(_held(10), 10, shuffle=True, seed=3)
+    assert [b[0]["dense_ids"].numpy()[:, 0].tolist() for b in once] != [b[0]["dense_ids"].numpy()[:, 0].tolist()
+                                                                          for b in once]
+
+
+def test_featurize_once_holds_the_dense_layout_of_every_record(tiny_etl):
+    schema = load_schema(tiny_etl)
+    features, labels, weights = data.featurized_split(schema, "eval", sorted(
+        p for pattern in schema.split_files("eval") for p in tf.io.gfile.glob(pattern)))
+    assert features["dense_ids"].shape == (N_EVAL, schema.num_fields) and weights.shape == (N_EVAL,)
+    want, want_labels, _ = data.parse_batch(tf.constant(exporter.eval_examples(schema, N_EVAL)), schema, dense=True)
+
+    def rows(f, lab):  # the records in a canonical order (the files are read interleaved)
+        keys = ("dense_ids", "dense_values", "dense_fields")
+        return sorted(zip(*(f[k].numpy().tolist() for k in keys), lab[schema.label_names[0]].numpy().tolist()))
+
+    assert rows(features, labels) == rows(want, want_labels)
+    ds = data.make_dataset(schema, "eval", 1000, shuffle_buffer=1, seed=1, featurize_once=True)
+    assert sum(int(w.shape[0]) for _, _, w in ds) == N_EVAL

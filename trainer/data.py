@@ -22,9 +22,10 @@ import tensorflow as tf
 
 from feature_schema import Schema
 from featurization import Featurizer
-from featurization.layer import PAD_FIELD_HASH
+from featurization.layer import DENSE_FIELDS, DENSE_IDS, DENSE_VALUES, PAD_FIELD_HASH
 
 FEATURE_KEYS = ("ids", "values", "fields")
+DENSE_KEYS = (DENSE_IDS, DENSE_VALUES, DENSE_FIELDS)
 
 
 def parse_spec(schema: Schema, dense: bool = False) -> dict:
@@ -62,7 +63,7 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
                  cache: bool = False, num_parallel_reads: int = 4, repeat: bool = False,
                  drop_remainder: bool = False, files: list[str] | None = None,
                  deterministic: bool | None = None, featurizer: Featurizer | None = None,
-                 dense_ids: bool = False) -> tf.data.Dataset:
+                 dense_ids: bool = False, featurize_once: bool = False) -> tf.data.Dataset:
     """Builds the dataset of one split.
 
     Args:
@@ -81,6 +82,9 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
       featurizer: the featurization layer (default: built from ``schema``).
       dense_ids: parse the feature lists densely and give the single-valued fields as dense
         ``[batch, S]`` tensors (the featurization layer's dense layout; module docstring).
+      featurize_once: parse and featurize the split once (dense layout) into tensors held in memory;
+        each pass gathers its batches from a fresh permutation of all examples (``shuffle_buffer`` > 0:
+        shuffled with ``seed``, reshuffled every pass; 0: file order). Needs every field single-valued.
     """
     if deterministic is None:
         deterministic = not shuffle_buffer
@@ -90,6 +94,9 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
             files.extend(sorted(tf.io.gfile.glob(pattern)))
     if not files:
         raise FileNotFoundError(f"no TFRecord files for split {split!r} ({schema.split_files(split)})")
+    if featurize_once:
+        held = featurized_split(schema, split, files, featurizer, num_parallel_reads)
+        return in_memory_dataset(held, batch_size, shuffle_buffer > 0, seed, repeat, drop_remainder)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_buffer:
         ds = ds.shuffle(len(files), seed=seed)
@@ -109,3 +116,59 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
     if repeat:
         ds = ds.repeat()
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def featurized_split(schema: Schema, split: str, files: list[str], featurizer: Featurizer | None = None,
+                     num_parallel_reads: int = 4):
+    """(features, labels, weights) of every record of ``files``, parsed and featurized once in the dense
+    layout and concatenated: ``[n, fields]`` tensors, ``[n]`` labels and weights.
+
+    Raises:
+      ValueError: a schema with a multi-hot field (its features have no fixed place in a dense row).
+    """
+    if len(schema.single_field_ids) != schema.num_fields:
+        raise ValueError("data.featurize_once needs every field single-valued; multi-hot: "
+                         f"{[f.name for f in schema.fields if f.multi_hot]}")
+    parts = list(make_dataset(schema, split, 8192, num_parallel_reads=num_parallel_reads, files=files,
+                              deterministic=True, featurizer=featurizer, dense_ids=True))
+    features = {k: tf.concat([p[0][k] for p in parts], 0) for k in DENSE_KEYS}
+    labels = {name: tf.concat([p[1][name] for p in parts], 0) for name in schema.label_names}
+    return features, labels, tf.concat([p[2] for p in parts], 0)
+
+
+def in_memory_dataset(held, batch_size: int, shuffle: bool, seed: int = 0, repeat: bool = False,
+                      drop_remainder: bool = False) -> tf.data.Dataset:
+    """Batches of ``featurized_split``'s tensors gathered by a permutation drawn anew every pass (the
+    way Keras feeds NumPy arrays), in the dense layout with an empty sparse part."""
+    features, labels, weights = held
+    n = int(weights.shape[0])
+    full, rest = divmod(n, batch_size)
+    if drop_remainder:
+        rest = 0
+
+    def batches(perm):
+        """One pass's batches of example indices: whole ones, then the partial one."""
+        out = tf.data.Dataset.from_tensor_slices(tf.reshape(perm[:full * batch_size], [full, batch_size]))
+        return out.concatenate(tf.data.Dataset.from_tensors(perm[full * batch_size:])) if rest else out
+
+    # One permutation op per pass, not one shuffled element per example. Each pass draws its own
+    # key from ``seed``'s stream, which a new iteration (Keras' next epoch without repeat) redraws.
+    passes = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    passes = passes if repeat else passes.take(1)
+    order = tf.range(n, dtype=tf.int64)
+
+    def permutation(key):
+        return tf.random.experimental.stateless_shuffle(order, tf.stack([tf.constant(seed, tf.int64), key]))
+
+    idx = passes.flat_map(lambda key: batches(permutation(key) if shuffle else order))
+
+    def gather(i):
+        batch = tf.shape(i, out_type=tf.int64)[0]
+        shape = tf.stack([batch, tf.constant(0, tf.int64)])
+        empty = tf.zeros([0, 2], tf.int64)
+        out = {k: tf.SparseTensor(empty, tf.zeros([0], dt), shape)
+               for k, dt in (("ids", tf.int64), ("values", tf.float32), ("fields", tf.int64))}
+        out.update({k: tf.gather(v, i) for k, v in features.items()})
+        return out, {k: tf.gather(v, i) for k, v in labels.items()}, tf.gather(weights, i)
+
+    return idx.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
