@@ -15,8 +15,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras as keras
 
-
-DENSE_IDS, DENSE_VALUES, DENSE_FIELDS = "dense_ids", "dense_values", "dense_fields"  # featurization.layer's
+from featurization.layer import DENSE_FIELDS, DENSE_IDS, DENSE_VALUES
 
 
 def sparse_parts(features):
