@@ -22,8 +22,8 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
   label-encoded NumPy arrays and of ``--deepfm_experiment`` twice: on the cached TFRecord pipeline
   (parsed every epoch, as ``make train`` trains) and on one pass of parsed batches held in memory
   (as DeepCTR's arrays), and on the pipeline with the settings before the speed work
-  (``DEEPFM_BEFORE``: float32 DNN, one step per execution), next to the DNN alone (float32) on random
-  arrays (a ceiling for a float32 DeepFM at that shape). The five alternate ``--rounds`` times; the
+  (``DEEPFM_BEFORE``: float32 DNN, one step per execution, sparse layout), next to the DNN alone
+  (float32) on random arrays (a ceiling for a float32 DeepFM at that shape). The five alternate ``--rounds`` times; the
   best round of each counts.
   Needs the ``bench`` extra (DeepCTR, pandas, scikit-learn). Bar: >= 1.5x (goal 3x).
 * **Step throughput** of every registered model (its default config, ``train.jit_compile`` off and on)
@@ -36,8 +36,9 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
   Each FFM measurement runs in a fresh process.
 * ``--deepfm_levers``: the DeepFM rate (on the pipeline) again for each speed lever added one at a
   time to ``--deepfm_experiment``'s settings before the speed work (``DEEPFM_LEVERS``: inter-op
-  threads, steps per execution, XLA, the DNN in bfloat16, the featurized cache), each in a fresh
-  process, alternated with DeepCTR ``--rounds`` times.
+  threads, steps per execution, XLA, the DNN in bfloat16, the dense layout of single-valued fields
+  ``data.dense_ids``, the split featurized once ``data.featurize_once``), each in a fresh process,
+  alternated with DeepCTR ``--rounds`` times.
 * ``--quality``: trains ``frappe_ffm``, ``frappe_deepfm`` and ``frappe_wide_deep`` as ``make train``
   does and checks README's bars (FFM AUC >= 0.955 and logloss <= 0.219; the others AUC >= 0.945 and
   logloss <= 0.290). About 10 minutes.
@@ -210,7 +211,9 @@ def _datasets(cfg, schema, model):
     steps = cfg.train.steps_per_epoch or math.ceil(examples / cfg.data.batch_size)
     train_ds = train._select(data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
                                                cfg.train.seed, cfg.data.cache, cfg.data.num_parallel_reads,
-                                               repeat=True, deterministic=cfg.data.deterministic),
+                                               repeat=True, deterministic=cfg.data.deterministic,
+                                               dense_ids=cfg.data.dense_ids,
+                                               featurize_once=cfg.data.featurize_once),
                              model.tasks, cfg.train, training=True)
     eval_ds = train._select(data.make_dataset(schema, "eval", cfg.data.eval_batch_size), model.tasks, cfg.train,
                             training=False)
@@ -377,8 +380,10 @@ def deepctr_rate(frappe_dir: str, epochs: int = 3) -> float:
     return len(y) / min(e["epoch_train_seconds"] for e in clock.epochs[1:])
 
 
-# The settings of frappe_deepfm_deepctr before this speed work: float32 DNN, one step per execution.
-DEEPFM_BEFORE = {"model": {"mlp_dtype": "float32"}, "train": {"steps_per_execution": 1}}
+# The settings of frappe_deepfm_deepctr before this speed work: float32 DNN, one step per execution,
+# the sparse layout.
+DEEPFM_BEFORE = {"model": {"mlp_dtype": "float32"}, "train": {"steps_per_execution": 1},
+                 "data": {"dense_ids": False}}
 
 
 def ours_deepfm_rate(experiment: str, data_path: str, in_memory: bool, epochs: int = 3,
@@ -430,9 +435,13 @@ DEEPFM_LEVERS = [
     (" + inter-op threads 1 (TF_NUM_INTEROP_THREADS=1)", {"_env": {"TF_NUM_INTEROP_THREADS": "1"}}),
     ("+ train.steps_per_execution=8", {"train": {"steps_per_execution": 8}}),
     (" + train.jit_compile (XLA), float32 DNN", {"train": {"jit_compile": True}}),
-    ("+ model.mlp_dtype=bfloat16 = frappe_deepfm_deepctr", {"model": {"mlp_dtype": "bfloat16"}}),
+    ("+ model.mlp_dtype=bfloat16", {"model": {"mlp_dtype": "bfloat16"}}),
     (" + train.jit_compile (XLA), bfloat16 DNN", {"train": {"jit_compile": True}}),
     (" + steps_per_execution=32", {"train": {"steps_per_execution": 32}}),
+    ("+ data.dense_ids (single-valued fields as dense [batch, fields] ids) = frappe_deepfm_deepctr",
+     {"data": {"dense_ids": True}}),
+    (" + inter-op threads 1 on dense ids", {"_env": {"TF_NUM_INTEROP_THREADS": "1"}}),
+    ("+ data.featurize_once (dense rows held in memory, permuted every epoch)", {"data": {"featurize_once": True}}),
 ]
 
 

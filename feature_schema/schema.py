@@ -300,6 +300,13 @@ class Schema:
         return len(self.fields)
 
     @property
+    def single_field_ids(self) -> tuple[int, ...]:
+        """Ids of the fields with at most one feature per example (not ``multi_hot``; the ETL
+        dead-letters a line that repeats such a field), in id order. With ``fill_missing`` each holds
+        exactly one feature per featurized example: the featurization layer's dense layout."""
+        return tuple(f.id for f in self.fields if not f.multi_hot)
+
+    @property
     def label_names(self) -> tuple[str, ...]:
         return tuple(label.name for label in self.labels)
 

@@ -21,6 +21,14 @@ Multi-hot fields simply hold several features. The output is the sparse batch ev
 ``{"ids", "values", "fields"}``, ``tf.SparseTensor``s of dense shape ``[batch, width]`` whose
 entries are, per example, its features in input order and then its missing fields.
 
+The dense layout (``from_dense_records``, the training pipeline's ``data.dense_ids``) gives the
+same features, split: the fields that hold one feature per example (``schema.single_field_ids``:
+not ``multi_hot``; with ``fill_missing``, exactly one after the missing ones are added) as dense
+``[batch, S]`` tensors ``"dense_ids"``, ``"dense_values"``, ``"dense_fields"`` (column j: the j-th
+such field, its row and value, or its rare row and missing value), and only the multi-hot fields'
+features in the sparse ``{"ids", "values", "fields"}`` (width 0 when there are none). Same rules,
+same rows: the dense layout only places them differently, without the sparse bookkeeping.
+
 With vector fields (``schema.vector_fields``: e.g. ``item_vec``, d floats per item) the batch also
 holds ``"vectors"``: ``vectors[key_field][v]`` is ``[batch, d]``, the vector of the example's key
 (``item``; zeros for a key the table lacks or a missing field), and for a sequence field whose
@@ -43,6 +51,9 @@ CATEGORICAL, BINNED, NUMERIC = 0, 1, 2
 _no_autograph = tf.autograph.experimental.do_not_convert
 _KINDS = {"categorical": CATEGORICAL, "binned": BINNED, "numeric": NUMERIC}
 VECTORS = "vectors"
+DENSE_IDS, DENSE_VALUES, DENSE_FIELDS = "dense_ids", "dense_values", "dense_fields"
+# Field hash of the padding of densely parsed records (``from_dense_records``); no field may hash to it.
+PAD_FIELD_HASH = 0
 _NO_LIMIT = np.iinfo(np.int64).max
 
 
@@ -93,6 +104,23 @@ class Featurizer(tf.Module):
         self._max_length = tf.constant([f.max_length if f.sequence else _NO_LIMIT for f in fields], tf.int64)
         self.vector_tables = [_VectorTable(schema, v) for v in schema.vector_fields]
         self.raw = raw.RawParser(schema, extra_features=extra_features) if raw_examples else None
+        self._init_dense(schema)
+
+    def _init_dense(self, schema: Schema) -> None:
+        """Constants of the dense layout: each field's column among the single-valued fields (-1: multi-hot)."""
+        fields = schema.fields
+        if any(field_hash(f.name) == PAD_FIELD_HASH for f in fields):
+            raise ValueError(f"a field name hashes to the padding field hash {PAD_FIELD_HASH}")
+        self.single_fields = schema.single_field_ids
+        self.has_multi_hot = len(self.single_fields) < len(fields)
+        slot = np.full(len(fields), -1, np.int64)
+        slot[list(self.single_fields)] = np.arange(len(self.single_fields))
+        self._slot = tf.constant(slot)
+        self._single_fids = tf.constant(self.single_fields, tf.int64)
+        self._single_rare = tf.constant([fields[f].rare_id for f in self.single_fields], tf.int64)
+        self._single_missing = tf.constant([0.0 if fields[f].kind == "numeric" else 1.0
+                                            for f in self.single_fields], tf.float32)
+        self._multi_hot = tf.constant([f.multi_hot for f in fields], tf.bool)
 
     def output_signature(self) -> dict:
         """The ``tf.TypeSpec`` structure of the featurized batch (what a model's traced call takes)."""
@@ -179,6 +207,73 @@ class Featurizer(tf.Module):
         """Featurizes hashed features whose fields are given as schema field ids."""
         return self.featurize(hashes.indices, hashes.dense_shape, hashes.values, values.values, field_ids.values)
 
+    @_no_autograph
+    def from_dense_records(self, hashes: tf.Tensor, values: tf.Tensor, field_hashes: tf.Tensor) -> dict:
+        """Featurizes the ETL's hashed records parsed densely, into the dense layout (module docstring).
+
+        Args:
+          hashes, values, field_hashes: ``[batch, L]`` feature hashes, values and field hashes of each
+            record, padded at the end with field hash ``PAD_FIELD_HASH`` (``tf.io.parse_example`` with
+            ``FixedLenSequenceFeature(allow_missing=True)``, as ``trainer.data`` parses).
+
+        Raises:
+          ValueError: a schema without ``fill_missing`` (a single-valued field would have no row to
+            hold when absent) or with vector fields.
+          tf.errors.InvalidArgumentError: a field hash that names no field of the schema, or a field
+            that is not ``multi_hot`` with several features in one record.
+        """
+        if not self.fill_missing or self.vector_tables:
+            raise ValueError("the dense layout needs a schema with fill_missing and without vector fields")
+        real = tf.reshape(tf.not_equal(field_hashes, PAD_FIELD_HASH), [-1])
+        fids = self.field_table.lookup(tf.reshape(field_hashes, [-1]))
+        check = tf.debugging.Assert(tf.reduce_all((fids >= 0) | ~real), [
+            "feat_field_hashes holds field hashes that are not fields of the schema:",
+            tf.boolean_mask(tf.reshape(field_hashes, [-1]), (fids < 0) & real)], summarize=10)
+        with tf.control_dependencies([check]):
+            fids = tf.where(real, fids, 0)  # padding: any field, masked out below
+        batch, width = tf.unstack(tf.shape(hashes, out_type=tf.int64))
+        rows, vals = self.rows_and_values(tf.reshape(hashes, [-1]), tf.cast(tf.reshape(values, [-1]), tf.float32),
+                                          fids)
+        ex = tf.reshape(tf.broadcast_to(tf.range(batch)[:, None], tf.stack([batch, width])), [-1])
+        slot = tf.where(real, tf.gather(self._slot, fids), -1)
+        out = self._dense(ex, slot, rows, vals, batch)
+        out.update(self._multi_hot_part(ex, real & (slot < 0), rows, vals, fids, batch))
+        return out
+
+    def _dense(self, ex, slot, rows, values, batch) -> dict:
+        """``[batch, S]`` rows, values and field ids of the single-valued fields from flat entries
+        (``slot``: the entry's column, -1 for an entry of another field or padding)."""
+        s = len(self.single_fields)
+        n = batch * s + 1  # the last segment takes every other entry and is dropped
+        seg = tf.where(slot >= 0, ex * s + slot, n - 1)
+        count = tf.math.unsorted_segment_sum(tf.ones_like(seg, tf.int32), seg, n)[:-1]
+        check = tf.debugging.Assert(tf.reduce_all(count <= 1), [
+            "a field that is not multi_hot holds several features in one example; field ids:",
+            tf.gather(self._single_fids, tf.math.floormod(tf.where(count > 1)[:, 0], s))], summarize=10)
+        with tf.control_dependencies([check]):
+            present = tf.reshape(count > 0, tf.stack([batch, s]))
+
+        def grid(t, missing):
+            t = tf.reshape(tf.math.unsorted_segment_sum(t, seg, n)[:-1], tf.stack([batch, s]))
+            return tf.ensure_shape(tf.where(present, t, missing[None, :]), [None, s])
+
+        return {DENSE_IDS: grid(rows, self._single_rare), DENSE_VALUES: grid(values, self._single_missing),
+                DENSE_FIELDS: tf.ensure_shape(tf.tile(self._single_fids[None, :], tf.stack([batch, 1])), [None, s])}
+
+    def _multi_hot_part(self, ex, mine, rows, values, fids, batch) -> dict:
+        """The sparse batch of the multi-hot fields' entries (``mine``), their missing fields filled."""
+        if not self.has_multi_hot:  # an empty sparse batch, without the bookkeeping
+            empty = tf.zeros([0], tf.int64)
+            return _sparse(tf.zeros([0, 2], tf.int64), tf.stack([batch, tf.constant(0, tf.int64)]), empty,
+                           tf.zeros([0], tf.float32), empty)
+        keep = tf.where(mine)[:, 0]
+        ex, rows, values, fids = (tf.gather(t, keep) for t in (ex, rows, values, fids))
+        if self.sequences:
+            keep = tf.where(self._within_max_length(ex, fids))[:, 0]
+            ex, rows, values, fids = (tf.gather(t, keep) for t in (ex, rows, values, fids))
+        _, indices, shape = raw.sparse_layout(ex, batch)  # entries are in example order already
+        return self.assemble(indices, shape, rows, values, fids, multi_hot_only=True)
+
     # ------------------------------------------------------------------ the rules
 
     @_no_autograph
@@ -206,12 +301,13 @@ class Featurizer(tf.Module):
         vrows = self.vector_rows(hashes, fids) if self.vector_tables else None
         return self.assemble(indices, dense_shape, rows, values, fids, vrows)
 
-    def assemble(self, indices, dense_shape, rows, values, fids, vrows=None) -> dict:
-        """The sparse batch of mapped features, with the missing fields' rows when the schema says so,
-        and the vectors of the vector fields (``vrows``: ``vector_rows`` of the features)."""
+    def assemble(self, indices, dense_shape, rows, values, fids, vrows=None, multi_hot_only=False) -> dict:
+        """The sparse batch of mapped features, with the missing fields' rows when the schema says so
+        (only the multi-hot fields' with ``multi_hot_only``), and the vectors of the vector fields
+        (``vrows``: ``vector_rows`` of the features)."""
         if self.fill_missing:
             indices, dense_shape, rows, values, fids, vrows = self._with_missing(indices, dense_shape[0], rows,
-                                                                                 values, fids, vrows)
+                                                                                 values, fids, vrows, multi_hot_only)
         out = _sparse(indices, dense_shape, rows, values, fids)
         if self.vector_tables:
             out[VECTORS] = self._vectors(indices, dense_shape[0], fids, vrows)
@@ -261,8 +357,9 @@ class Featurizer(tf.Module):
             values = tf.where(tf.equal(kind, NUMERIC), scaled, values)
         return rows, values
 
-    def _with_missing(self, indices, batch, rows, values, fids, vrows=None):
-        """Appends each example's missing fields (rare row) after its own features, in field order.
+    def _with_missing(self, indices, batch, rows, values, fids, vrows=None, multi_hot_only=False):
+        """Appends each example's missing fields (rare row) after its own features, in field order
+        (only the multi-hot fields with ``multi_hot_only``).
 
         Returns:
           (indices, dense_shape, rows, values, fids, vrows) of the filled batch (vrows: None without).
@@ -271,6 +368,8 @@ class Featurizer(tf.Module):
         nf = tf.constant(self.num_fields, tf.int64)
         present = tf.math.unsorted_segment_max(tf.ones_like(ex, tf.int32), ex * nf + fids, batch * nf)
         missing = tf.reshape(present <= 0, tf.stack([batch, nf]))       # empty segments give int32 min
+        if multi_hot_only:
+            missing = missing & self._multi_hot[None, :]
         miss = tf.where(missing)                                         # [m, 2] (example, field), row-major
         own = tf.math.unsorted_segment_sum(tf.ones_like(ex), ex, batch)  # features per example
         n_miss = tf.reduce_sum(tf.cast(missing, tf.int64), axis=1)

@@ -10,6 +10,7 @@ import tensorflow as tf
 from feature_schema import EntityTableSpec, FieldSpec, LabelSpec, Schema, VocabEntry, feature_hash, field_hash
 from feature_schema import rules
 from featurization import Featurizer, fingerprint_int64
+from featurization.layer import PAD_FIELD_HASH
 from serving import protocol
 
 from conftest import tf1_run
@@ -115,6 +116,69 @@ def test_unknown_field_hash_is_an_error_naming_it():
     fz = Featurizer(_schema(), VOCAB)
     with pytest.raises(tf.errors.InvalidArgumentError, match=str(field_hash("city"))):
         fz.from_records(*_records([[("city", "c1", 1.0)]]))
+
+
+def _dense_records(examples):
+    """Dense (hashes, values, field hashes) ``[batch, L]`` of examples, padded as ``trainer.data`` parses."""
+    width = max([len(ex) for ex in examples] + [0])
+    h, v, fh = (np.zeros([len(examples), width], dt) for dt in (np.int64, np.float32, np.int64))
+    fh[:] = PAD_FIELD_HASH
+    for b, ex in enumerate(examples):
+        for j, (field, key, value) in enumerate(ex):
+            h[b, j], v[b, j], fh[b, j] = feature_hash(field, key), value, field_hash(field)
+    return tf.constant(h), tf.constant(v), tf.constant(fh)
+
+
+HAND_EXAMPLES = [
+    [("user", "u1", 1.0), ("price", "price", 2.5), ("age", "age", 40.0), ("tag", "t1", 1.0), ("tag", "t9", 1.0)],
+    [("user", "u9", 2.0), ("price", "price", 0.5)],
+    [],
+    [("price", "price", 1.0), ("age", "age", 25.0), ("user", "u2", 1.0)],
+]
+
+
+def test_dense_layout_by_hand():
+    """The same four examples as the sparse layout's hand test: user, price, age (single-valued) as
+    [4, 3] columns in field order, the multi-hot tag sparse with its missing rows."""
+    out = Featurizer(_schema(), VOCAB).from_dense_records(*_dense_records(HAND_EXAMPLES))
+    assert out["dense_ids"].numpy().tolist() == [[1, 5, 7], [0, 4, 6], [0, 3, 6], [2, 3, 7]]
+    np.testing.assert_allclose(out["dense_values"].numpy(), [[1, 1, 1], [2, 1, 0], [1, 1, 0], [1, 1, -0.5]])
+    assert out["dense_fields"].numpy().tolist() == [[0, 1, 2]] * 4
+    assert _triples(out) == [[(9, 1.0, 3), (8, 1.0, 3)], [(8, 1.0, 3)], [(8, 1.0, 3)], [(8, 1.0, 3)]]
+    assert out["ids"].dense_shape.numpy().tolist() == [4, 2]
+
+
+def _as_sorted_triples(out):
+    """Per example: sorted [(row, value, field)] of both parts of a dense-layout batch (or a sparse one)."""
+    rows = _triples(out)
+    if "dense_ids" in out:
+        for b, (i, v, f) in enumerate(zip(*(out[k].numpy() for k in ("dense_ids", "dense_values", "dense_fields")))):
+            rows[b] += [(int(r), round(float(x), 6), int(g)) for r, x, g in zip(i, v, f)]
+    return [sorted(r) for r in rows]
+
+
+def test_dense_layout_has_the_sparse_layouts_features():
+    rng = np.random.default_rng(3)
+    keys = {"user": ["u1", "u2", "u7"], "price": ["price"], "age": ["age"], "tag": ["t1", "t2"]}
+    examples = []
+    for _ in range(64):  # each single-valued field present or missing, 0-3 tags, shuffled order
+        ex = [(f, str(rng.choice(k)), float(rng.normal(20, 10))) for f, k in keys.items() if f != "tag"
+              and rng.random() < 0.7]
+        ex += [("tag", str(rng.choice(keys["tag"])), 1.0) for _ in range(rng.integers(0, 4))]
+        examples.append([ex[i] for i in rng.permutation(len(ex))])
+    fz = Featurizer(_schema(), VOCAB)
+    dense = fz.from_dense_records(*_dense_records(examples))
+    assert _as_sorted_triples(dense) == _as_sorted_triples(fz.from_records(*_records(examples)))
+
+
+def test_dense_layout_refuses_repeats_of_a_single_valued_field_and_unknown_fields():
+    fz = Featurizer(_schema(), VOCAB)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not multi_hot"):
+        fz.from_dense_records(*_dense_records([[("user", "u1", 1.0)], [("user", "u1", 1.0), ("user", "u2", 1.0)]]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=str(field_hash("city"))):
+        fz.from_dense_records(*_dense_records([[("city", "c1", 1.0)]]))
+    with pytest.raises(ValueError, match="fill_missing"):
+        Featurizer(_schema(fill_missing=False), VOCAB).from_dense_records(*_dense_records([[("user", "u1", 1.0)]]))
 
 
 def test_fingerprint_matches_the_python_hash():

@@ -65,7 +65,33 @@ def _check_every_eval_record(etl_dir):
     for g, w in zip(got, want):  # same file order: record by record, entry by entry
         assert [(a, b) for a, b, _ in g] == [(a, b) for a, b, _ in w]
         np.testing.assert_allclose([v for *_, v in g], [v for *_, v in w], rtol=1e-6, atol=1e-6)
+    _check_dense_layout(schema, featurizer, records, want)
     return schema
+
+
+def _check_dense_layout(schema, featurizer, records, want):
+    """The dense layout of the same records: single-valued fields as columns in field order, the
+    multi-hot fields' entries (own, then missing) sparse, with the rules' rows and values."""
+    single = set(schema.single_field_ids)
+    assert single, "the check needs single-valued fields"
+    got_dense, got_sparse = [], []
+    for start in range(0, len(records), 4096):
+        features, _, _ = data.parse_batch(tf.constant(records[start:start + 4096]), schema, featurizer, dense=True)
+        d = [features[k].numpy() for k in ("dense_fields", "dense_ids", "dense_values")]
+        got_dense.extend(zip(*d))
+        ids, vals, flds = features["ids"], features["values"], features["fields"]
+        per = collections.defaultdict(list)
+        for (b, _), fid, row, v in zip(ids.indices.numpy(), flds.values.numpy(), ids.values.numpy(),
+                                       vals.values.numpy()):
+            per[b].append((int(fid), int(row), float(v)))
+        got_sparse.extend(per[b] for b in range(len(d[0])))
+    for (fids, rows, values), sparse, w in zip(got_dense, got_sparse, want):
+        cols = sorted(e for e in w if e[0] in single)
+        assert (fids.tolist(), rows.tolist()) == ([f for f, _, _ in cols], [r for _, r, _ in cols])
+        np.testing.assert_allclose(values, [v for *_, v in cols], rtol=1e-6, atol=1e-6)
+        multi = [e for e in w if e[0] not in single]
+        assert [(a, b) for a, b, _ in sparse] == [(a, b) for a, b, _ in multi]
+        np.testing.assert_allclose([v for *_, v in sparse], [v for *_, v in multi], rtol=1e-6, atol=1e-6)
 
 
 def test_generated_log(tiny_etl):

@@ -442,3 +442,76 @@ def test_mlp_in_bfloat16_computes_in_bfloat16_keeps_float32_variables_and_output
     assert clone.get_config()["compute_dtype"] == "bfloat16"
     with pytest.raises(ValueError, match="compute_dtype"):
         layers.MLP((2,), compute_dtype="float16")
+
+
+def dense_batch(grid, multi_hot=()):
+    """grid: [[(id, value), ...] one per dense column] with column j = field j, plus the multi-hot
+    fields' features as sparse rows [(id, value, field), ...] per example: the dense layout."""
+    sparse = sparse_batch([list(r) for r in multi_hot] if multi_hot else [[(0, 0.0, 0)]] * len(grid))
+    if not multi_hot:  # an empty sparse part of width 0
+        empty = tf.zeros([0, 2], tf.int64)
+        shape = [len(grid), 0]
+        sparse = {"ids": tf.SparseTensor(empty, tf.zeros([0], tf.int64), shape),
+                  "values": tf.SparseTensor(empty, tf.zeros([0], tf.float32), shape),
+                  "fields": tf.SparseTensor(empty, tf.zeros([0], tf.int64), shape)}
+    return {**sparse, "dense_ids": tf.constant([[i for i, _ in r] for r in grid], tf.int64),
+            "dense_values": tf.constant([[v for _, v in r] for r in grid], tf.float32),
+            "dense_fields": tf.constant([list(range(len(r))) for r in grid], tf.int64)}
+
+
+# Every field once per example, as the featurization layer fills it: the same batch in both layouts.
+GRID = [[(0, 1.0), (2, 2.0), (3, 1.0)], [(1, 0.5), (2, 1.0), (3, 0.0)]]
+GRID_SPARSE = [[(i, v, f) for f, (i, v) in enumerate(r)] for r in GRID]
+# Fields 0 and 1 dense, field 2 multi-hot (two features in example 0, none in example 1).
+MIXED_DENSE = ([[(0, 1.0), (2, 2.0)], [(1, 0.5), (2, 1.0)]], [[(3, 1.0, 2), (1, 2.0, 2)], [(3, 0.0, 2)]])
+MIXED_SPARSE = [[(0, 1.0, 0), (2, 2.0, 1), (3, 1.0, 2), (1, 2.0, 2)], [(1, 0.5, 0), (2, 1.0, 1), (3, 0.0, 2)]]
+
+
+def _dense_layers():
+    lin = layers.Linear(4, l2=0.1)
+    lin.build(None)
+    lin.w.assign([[1.0], [-2.0], [0.5], [3.0]])
+    lin.bias.assign([0.25])
+    wide = layers.Linear(4, l2=0.1, fields=(0, 2))
+    wide.build(None)
+    wide.w.assign(lin.w)
+    fm = layers.FMInteraction(4, 2, l2=0.1)
+    fm.build(None)
+    fm.v.assign(EMB)
+    ffm = layers.FFMInteraction(4, 3, 2, l2=0.1)
+    ffm.build(None)
+    ffm.v.assign(np.arange(24, dtype=np.float32).reshape(4, 3, 2) / 10.0)
+    return {"linear": lin, "linear_fields": wide, "fm": fm, "ffm": ffm, "embedding_sum": _embedding("sum", l2=0.2),
+            "embedding_mean": _embedding("mean", l2=0.2), "values": layers.FieldValues((2, 0))}
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["all-dense", "mixed"])
+def test_layers_read_the_dense_layout_as_the_sparse_one(mixed):
+    """Outputs, L2 losses and gradients of every layer agree on the two layouts of one batch."""
+    dense = dense_batch(*MIXED_DENSE) if mixed else dense_batch(GRID)
+    sparse = sparse_batch(MIXED_SPARSE if mixed else GRID_SPARSE)
+    for name, layer in _dense_layers().items():
+        results = []
+        for batch in (dense, sparse):
+            with tf.GradientTape() as tape:
+                out = layer(batch)
+                total = tf.reduce_sum(out * tf.reshape(tf.range(tf.size(out), dtype=tf.float32), out.shape))
+                total += tf.add_n(layer.losses) if layer.losses else 0.0
+            grads = tape.gradient(total, layer.trainable_weights)
+            results.append((out.numpy(), float(tf.add_n(layer.losses)) if layer.losses else 0.0,
+                            [tf.convert_to_tensor(g).numpy() for g in grads]))
+        (o1, l1, g1), (o2, l2, g2) = results
+        np.testing.assert_allclose(o1, o2, rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(l1, l2, rtol=1e-6, err_msg=name)
+        for a, b in zip(g1, g2):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_dense_layout_hand_computed():
+    """Linear and FieldEmbedding on the dense grid by hand (the one-gather paths)."""
+    lin = _dense_layers()["linear"]
+    # Example 0: 1*1 + 0.5*2 + 3*1 + 0.25 = 5.25; example 1: -2*0.5 + 0.5*1 + 3*0 + 0.25 = -0.25.
+    np.testing.assert_allclose(lin(dense_batch(GRID)).numpy(), [[5.25], [-0.25]], rtol=1e-6)
+    emb = _embedding("sum")(dense_batch(GRID)).numpy()
+    np.testing.assert_allclose(emb[0], [[1, 0], [6, 2], [-1, 1]], atol=1e-6)  # EMB rows 0, 2, 3 times 1, 2, 1
+    np.testing.assert_allclose(emb[1], [[0, 1], [3, 1], [0, 0]], atol=1e-6)

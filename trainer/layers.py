@@ -4,20 +4,38 @@ Every layer takes the batch's sparse features as a dict of ``tf.SparseTensor``s
 ``{"ids", "values", "fields"}`` of dense shape ``[batch, max_nnz]`` (vocabulary
 rows, values, field ids: see ``trainer.data``) and returns a dense tensor.
 Tables are sized from the schema (``num_features``, ``num_fields``); nothing is
-hard-coded.
+hard-coded. Every layer also reads the featurization layer's dense layout (the
+single-valued fields as ``"dense_ids"``/``"dense_values"``/``"dense_fields"``
+``[batch, S]``, the multi-hot ones sparse): ``sparse_parts`` gives both as one
+list of features, and ``Linear`` and ``FieldEmbedding`` read the dense columns
+directly (one gather, no segment sums).
 """
 from __future__ import annotations
 
 import tensorflow as tf
 import tf_keras as keras
 
+from featurization.layer import DENSE_FIELDS, DENSE_IDS, DENSE_VALUES
+
 
 def sparse_parts(features):
-    """(row of each feature in the batch, ids, values, fields, batch size) of a sparse batch."""
+    """(row of each feature in the batch, ids, values, fields, batch size) of a sparse batch; the
+    dense layout's columns are appended as features of their rows."""
     ids = features["ids"]
     rows = ids.indices[:, 0]
     batch = ids.dense_shape[0]
-    return rows, ids.values, features["values"].values, features["fields"].values, batch
+    parts = [rows, ids.values, features["values"].values, features["fields"].values]
+    if DENSE_IDS not in features:
+        return (*parts, batch)
+    d_ids = features[DENSE_IDS]
+    d_rows = tf.repeat(tf.range(batch), tf.shape(d_ids, out_type=tf.int64)[1])
+    dense = [d_rows, d_ids, features[DENSE_VALUES], features[DENSE_FIELDS]]
+    return (*[tf.concat([a, tf.reshape(b, [-1])], 0) for a, b in zip(parts, dense)], batch)
+
+
+def all_fields_dense(features, num_fields: int) -> bool:
+    """True when the batch is in the dense layout and its columns are every field (in id order)."""
+    return DENSE_IDS in features and features[DENSE_IDS].shape[1] == num_fields
 
 
 # Tables up to this many elements get a dense gradient (see ``lookup``); larger ones a sparse one.
@@ -90,6 +108,8 @@ class Linear(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, features):
+        if DENSE_IDS in features and not self.fields:
+            return self._dense_call(features)
         rows, ids, values, fields, batch = sparse_parts(features)
         w = lookup(self.w, ids)
         if self.fields:
@@ -98,6 +118,19 @@ class Linear(keras.layers.Layer):
         if self.l2:
             self.add_loss(_touched_l2(w, self.l2) / tf.cast(batch, tf.float32))
         out = tf.math.unsorted_segment_sum(w * values[:, None], rows, batch)
+        return out + self.bias
+
+    def _dense_call(self, features):
+        """The same sum on the dense layout: the dense columns' weights in one ``[batch, S]`` gather."""
+        w = lookup(self.w, features[DENSE_IDS])[..., 0]                          # [B, S]
+        out = tf.reduce_sum(w * features[DENSE_VALUES], axis=1, keepdims=True)
+        sparse = features["ids"]
+        rows, batch = sparse.indices[:, 0], sparse.dense_shape[0]
+        w_sparse = lookup(self.w, sparse.values)                                  # multi-hot fields
+        out += tf.math.unsorted_segment_sum(w_sparse * features["values"].values[:, None], rows, batch)
+        if self.l2:
+            penalty = tf.reduce_sum(tf.square(w)) + tf.reduce_sum(tf.square(w_sparse))
+            self.add_loss(0.5 * self.l2 * penalty / tf.cast(batch, tf.float32))
         return out + self.bias
 
     def get_config(self):
@@ -334,6 +367,12 @@ class FieldEmbedding(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, features):
+        if all_fields_dense(features, self.num_fields):
+            # One feature per field: e_f = v_{id_f} x_f, the [batch, F, k] gather itself (mean = sum).
+            v = lookup(self.v, features[DENSE_IDS])
+            if self.l2:
+                self.add_loss(_touched_l2(v, self.l2) / tf.cast(tf.shape(v)[0], tf.float32))
+            return v * features[DENSE_VALUES][:, :, None]
         rows, ids, values, fields, batch = sparse_parts(features)
         v = lookup(self.v, ids)
         if self.l2:

@@ -141,7 +141,8 @@ def train_dataset(cfg: config_lib.ExperimentConfig, schema: Schema, tasks, repea
     """
     ds = data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
                            cfg.train.seed if seed is None else seed, cfg.data.cache, cfg.data.num_parallel_reads,
-                           repeat=repeat, files=files, deterministic=cfg.data.deterministic)
+                           repeat=repeat, files=files, deterministic=cfg.data.deterministic,
+                           dense_ids=cfg.data.dense_ids, featurize_once=cfg.data.featurize_once)
     return _select(ds, tasks, cfg.train, training=True)
 
 
