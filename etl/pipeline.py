@@ -32,6 +32,7 @@ import os
 import sys
 import time
 import uuid
+from functools import partial
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -64,6 +65,17 @@ def _inputs(cfg: EtlConfig):
 VECTOR_FIELDS_META = "vector_fields.json"
 
 
+def _dictionary(path: str, keyed: bool, inline_max_bytes: int, label: str, read, read_here):
+    """A dictionary as ``ParseAndJoin`` takes it: its (key, value) pairs read by the job when it is
+    joined by key; else its ``packed`` element read here when the file is at most
+    ``inline_max_bytes`` (it travels inside the job graph), or its ``pack`` read by the job."""
+    if keyed:
+        return read()
+    if dictionaries.is_inline(path, inline_max_bytes):
+        return transforms.packed(read_here())
+    return transforms.pack(read(), label)
+
+
 def build_pipeline(p: beam.Pipeline, cfg: EtlConfig, keys: ExampleKeys = ExampleKeys()) -> None:
     """Adds the whole job to pipeline ``p`` (outputs under ``cfg.out``).
 
@@ -75,20 +87,13 @@ def build_pipeline(p: beam.Pipeline, cfg: EtlConfig, keys: ExampleKeys = Example
                           json.dumps([dataclasses.asdict(v) for v in plan.vectors]))
     field_map = None
     if cfg.format == "libfm":
-        if plan.field_map_keyed:
-            field_map = dictionaries.read_field_map(p, cfg.field_map)
-        elif dictionaries.is_inline(cfg.field_map, cfg.inline_max_bytes):
-            field_map = transforms.packed(dictionaries.field_map_here(cfg.field_map))
-        else:
-            field_map = transforms.pack(dictionaries.read_field_map(p, cfg.field_map), "FieldMap")
-    tables = []
-    for t, cols, values, keyed in plan.tables:
-        if keyed:
-            tables.append(dictionaries.read_entity_table(p, t, list(cols), values))
-        elif dictionaries.is_inline(t.path, cfg.inline_max_bytes):
-            tables.append(transforms.packed(dictionaries.entity_table_here(t, list(cols), values)))
-        else:
-            tables.append(transforms.pack(dictionaries.read_entity_table(p, t, list(cols), values), f"Entity_{t.name}"))
+        field_map = _dictionary(cfg.field_map, plan.field_map_keyed, cfg.inline_max_bytes, "FieldMap",
+                                partial(dictionaries.read_field_map, p, cfg.field_map),
+                                partial(dictionaries.field_map_here, cfg.field_map))
+    tables = [_dictionary(t.path, keyed, cfg.inline_max_bytes, f"Entity_{t.name}",
+                          partial(dictionaries.read_entity_table, p, t, list(cols), values),
+                          partial(dictionaries.entity_table_here, t, list(cols), values))
+              for t, cols, values, keyed in plan.tables]
     parsed = []
     for split, pattern in _inputs(cfg):
         name = "" if split is None else SPLITS[split].title()

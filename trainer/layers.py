@@ -129,8 +129,7 @@ class Linear(keras.layers.Layer):
         w_sparse = lookup(self.w, sparse.values)                                  # multi-hot fields
         out += tf.math.unsorted_segment_sum(w_sparse * features["values"].values[:, None], rows, batch)
         if self.l2:
-            penalty = tf.reduce_sum(tf.square(w)) + tf.reduce_sum(tf.square(w_sparse))
-            self.add_loss(0.5 * self.l2 * penalty / tf.cast(batch, tf.float32))
+            self.add_loss((_touched_l2(w, self.l2) + _touched_l2(w_sparse, self.l2)) / tf.cast(batch, tf.float32))
         return out + self.bias
 
     def get_config(self):
