@@ -124,6 +124,13 @@ class Gather(beam.PTransform):
                 | "Concat" >> beam.CombinePerKey(_ConcatFn()) | "List" >> beam.Map(lambda kv: kv[1]))
 
 
+def union(pcolls, label: str):
+    """PCollections as one: the only one as it is (a Flatten would be a stage of its own on the
+    portable runners), else their ``Flatten``."""
+    pcolls = tuple(pcolls)
+    return pcolls[0] if len(pcolls) == 1 else pcolls | label >> beam.Flatten()
+
+
 def _call(_, fn, *args):
     return fn(*args)
 
@@ -209,8 +216,8 @@ class _FoundTable:
 class LinesDoFn(beam.DoFn):
     """Lines -> records: parse, join dictionaries, check, split.
 
-    Input: batches (lists) of raw lines (``sources.ReadLineBatches``), or ``(record, found)``
-    pairs after a ``KeyedLookup``. A keyed join splits the work into several instances: one
+    Input: ``(source split, lines)``, batches of raw lines of one input
+    (``sources.ReadLineBatches``), or ``(record, found)`` pairs after a ``KeyedLookup``. A keyed join splits the work into several instances: one
     that parses and emits ``pending`` records ``(line id, (raw, split, labels, features))`` for
     ``KeyedLookup``, and one per lookup that takes ``(record, found)``. The last (``final``)
     instance emits ``records``: ``(split, [(labels, features), ...])`` batches. Every instance
@@ -219,9 +226,9 @@ class LinesDoFn(beam.DoFn):
 
     Args:
       spec: the ``features.LineSpec``.
-      source_split: TRAIN/EVAL/VALID when the input file decides (TRAIN: up to the valid
-        carve), else None.
-      parse: input elements are raw lines (else ``(record, found)`` pairs).
+      parse: input elements are batches of raw lines, whose source split is TRAIN/EVAL/VALID
+        when the input file decides (TRAIN: up to the valid carve), else None (else
+        ``(record, found)`` pairs).
       field_map: ``None``, ``"side"`` (first side input) or ``"found"``.
       tables: per entity table ``None`` (not in this step), ``"side"`` (next side input) or
         ``"found"``.
@@ -230,9 +237,8 @@ class LinesDoFn(beam.DoFn):
     Side inputs are ``pack``ed dicts (``AsSingleton``).
     """
 
-    def __init__(self, spec, source_split=None, parse=True, field_map=None, tables=(), final=True):
+    def __init__(self, spec, parse=True, field_map=None, tables=(), final=True):
         self._spec = spec
-        self._source_split = source_split
         self._parse = parse
         self._field_map = field_map
         self._tables = tuple(tables)
@@ -241,10 +247,10 @@ class LinesDoFn(beam.DoFn):
     def setup(self):
         self._proc = feat.LineProcessor(self._spec)
         self._unpacked = Unpacked()
-        src, spec = self._source_split, self._spec
-        # The split is known at read time from the input file, or from the raw line's hash.
-        self._fixed = src if src in (feat.EVAL, feat.VALID) or (src == feat.TRAIN and not spec.valid_per_10k) else None
-        self._early = self._parse and (self._fixed is not None or spec.split in ("line", "path"))
+        spec = self._spec
+        # The split is known at read time from the input file (-1: not), or from the raw line's hash.
+        self._fixed = {feat.EVAL: feat.EVAL, feat.VALID: feat.VALID, feat.TRAIN: -1 if spec.valid_per_10k else feat.TRAIN}
+        self._early = self._parse and spec.split in ("line", "path")
 
     def start_bundle(self):
         self._stats = {}
@@ -255,12 +261,14 @@ class LinesDoFn(beam.DoFn):
     def process(self, element, *packed):
         side = self._unpacked(packed)
         out = []
-        if self._parse:  # a batch of raw lines
-            _add(self._stats, "input.read", len(element))
-            if self._fixed is not None:
-                _add(self._stats, f"{SPLIT_NAMES[self._fixed]}.read", len(element))
-            for raw in element:
-                self._line(raw, self._fixed if self._fixed is not None else -1, None, None, None, side, out)
+        if self._parse:  # a batch of raw lines of one input
+            source, lines = element
+            split = self._fixed.get(source, -1)
+            _add(self._stats, "input.read", len(lines))
+            if split >= 0:
+                _add(self._stats, f"{SPLIT_NAMES[split]}.read", len(lines))
+            for raw in lines:
+                self._line(raw, split, None, None, None, side, out)
         else:  # (pending record, found dictionary values)
             (raw, split, labels, features), found = element
             self._line(raw, split, labels, features, found, side, out)
@@ -398,7 +406,7 @@ class KeyedLookup(beam.PTransform):
 
 
 class ParseAndJoin(beam.PTransform):
-    """One input glob -> records, dead letters and stats (apply to the pipeline).
+    """The input globs -> records, dead letters and stats (apply to the pipeline).
 
     parse -> field map -> entity tables -> checks -> split in one fused ``LinesDoFn`` when the
     dictionaries are side inputs; a dictionary joined by key adds a ``KeyedLookup`` and a
@@ -406,8 +414,8 @@ class ParseAndJoin(beam.PTransform):
 
     Args:
       plan: the job plan.
-      pattern: the input glob.
-      source_split: TRAIN/EVAL/VALID when the input file decides the split, None for a hash split.
+      inputs: ``(source split, glob)`` per input: TRAIN/EVAL/VALID when the input file decides
+        the split, None for a hash split. They are read as one source.
       field_map: for libfm input, the field map: a PCollection of (feature key, field) when it
         is joined by key, else its ``pack`` (a PCollection) or ``packed`` element (inline);
         None for libffm.
@@ -419,11 +427,10 @@ class ParseAndJoin(beam.PTransform):
       PCollections, "stats": tuple of per-bundle stats PCollections}.
     """
 
-    def __init__(self, plan: JobPlan, pattern: str, source_split=None, field_map=None, tables=()):
+    def __init__(self, plan: JobPlan, inputs, field_map=None, tables=()):
         super().__init__()
         self._plan = plan
-        self._pattern = pattern
-        self._source_split = source_split
+        self._inputs = tuple(inputs)
         self._field_map = field_map
         self._table_pcs = tuple(tables)
 
@@ -434,13 +441,13 @@ class ParseAndJoin(beam.PTransform):
         table_modes_side = tuple(None if keyed else "side" for *_, keyed in plan.tables)
         fm_mode = None if field_map is None else ("found" if plan.field_map_keyed else "side")
 
-        lines = pbegin | "Read" >> sources.ReadLineBatches(self._pattern)
+        lines = pbegin | "Read" >> sources.ReadLineBatches(self._inputs)
         side = [side_input(field_map)] if fm_mode == "side" else []
         tables_here = () if fm_mode == "found" else table_modes_side
         if tables_here:
             side += side_tables
         outputs = [run_lines(lines, "Lines", LinesDoFn(
-            spec, self._source_split, parse=True, field_map="side" if fm_mode == "side" else None,
+            spec, parse=True, field_map="side" if fm_mode == "side" else None,
             tables=tables_here, final=fm_mode != "found" and not keyed_tables), side)]
         if fm_mode == "found":
             found = (outputs[-1][PENDING], field_map) | "KeyedFieldMap" >> KeyedLookup(FeatureKeys(), "KeyedFieldMap")
@@ -749,7 +756,7 @@ class Statistics(beam.PTransform):
         # Only sums[0] counts training features: its counts and values need no Flatten, which would
         # make the runner buffer them before the combiner.
         # A few pairs per field and bundle: summed where the layout is built, with no combine stage.
-        totals = [s[TOTALS] for s in sums] | "Totals" >> beam.Flatten()
+        totals = union((s[TOTALS] for s in sums), "Totals")
         side = {"totals": beam.pvalue.AsList(totals)}  # side inputs of the layout step
         if plan.binned or plan.numeric:
             values = sums[0][VALUES] | "SumValues" >> beam.CombinePerKey(sum)
@@ -1011,10 +1018,10 @@ class WriteRecords(beam.PTransform):
                                                                self._multi_hot, self._namespaces))
                    .with_outputs(STATS, main="files")
                    for i, r in enumerate(records)]
-        files = [w.files for w in written] | "FlattenFiles" >> beam.Flatten()
+        files = union((w.files for w in written), "FlattenFiles")
         final = records[0].pipeline | "Finalize" >> Once(
             finalize_files, beam.pvalue.AsList(files), self._out, tmp, self._splits, shard_path, self._shards, True)
-        return {"files": final, "stats": [w[STATS] for w in written] | "FlattenStats" >> beam.Flatten()}
+        return {"files": final, "stats": union((w[STATS] for w in written), "FlattenStats")}
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -1032,7 +1039,7 @@ class WriteDeadLetters(beam.PTransform):
     def expand(self, dead):
         tmp = FileSystems.join(self._out, f"{TMP}-dead_letter")
         files = [d | f"Write{i}" >> beam.ParDo(_DeadLetterWriterFn(tmp)) for i, d in enumerate(dead)]
-        files = files | "FlattenFiles" >> beam.Flatten()
+        files = union(files, "FlattenFiles")
         return dead[0].pipeline | "Finalize" >> Once(
             finalize_files, beam.pvalue.AsList(files), self._out, tmp, self._splits, dead_letter_path, 1, False)
 
@@ -1092,6 +1099,6 @@ class Report(beam.PTransform):
         self._out = out
 
     def expand(self, stats):
-        stats = stats | "FlattenStats" >> beam.Flatten()
+        stats = union(stats, "FlattenStats")
         return (stats.pipeline | "WriteStats" >> Once(_write_stats, beam.pvalue.AsList(stats), self._out)
                 | "PublishCounters" >> beam.ParDo(PublishCounters()))

@@ -73,7 +73,7 @@ def test_lines_dofn_routes_each_malformed_line_to_dead_letter():
              b"1,0 user:a:1 item:x:1 item:y:1 item:z:1", b"1,0", b"1,0 item:y:z", b"0,0 item:y:1e39",
              b"0,0 item:y:1"]
     with TestPipeline() as p:
-        out = transforms.run_lines(p | beam.Create([lines]), "Lines", transforms.LinesDoFn(plan.spec, source_split=0))
+        out = transforms.run_lines(p | beam.Create([(0, lines)]), "Lines", transforms.LinesDoFn(plan.spec))
         assert_that(out[transforms.RECORDS], equal_to([(0, [((1.0, 0.0), (("user", "a", 1.0), ("item", "x", 2.0))),
                                                             ((0.0, 0.0), (("item", "y", 1.0),))])]), label="good")
         assert_that(out[transforms.DEAD] | beam.combiners.ToList() | beam.Map(_reasons), equal_to([sorted([
@@ -142,7 +142,7 @@ def test_parse_and_join_with_side_inputs_or_by_key(tmp_path, mode):
             table = dictionaries.read_entity_table(p, cfg.entity_tables[0], columns, values)
         if mode == "side_input":
             field_map, table = transforms.pack(field_map, "F"), transforms.pack(table, "T")
-        parsed = p | transforms.ParseAndJoin(plan, cfg.input, feat.TRAIN, field_map, [table])
+        parsed = p | transforms.ParseAndJoin(plan, [(feat.TRAIN, cfg.input)], field_map, [table])
         records = parsed["records"] | beam.FlatMap(lambda b: [(b[0], r) for r in b[1]])
         assert_that(records, equal_to([(feat.TRAIN, r) for r in _JOINED]), label="records")
         dead = tuple(parsed["dead"]) | "Dead" >> beam.Flatten()
