@@ -5,9 +5,8 @@ the per-element cost of the read and of handing each line to the next DoFn
 was a third of the job's time. ``ReadLineBatches`` is the same splittable
 file source (Beam's ``FileBasedSource``: globs, any filesystem, gzip/bz2 by
 extension, dynamic splitting) emitting lists of raw lines instead, each
-tagged with its input. All inputs (train, eval, valid globs) are one read:
-one stage instead of one per input, whose fixed cost was a tenth of a small
-job (Frappe).
+tagged with its input. All inputs (train, eval, valid globs) are one read,
+so the runner reads them in one stage instead of one stage each.
 
 Line semantics are those of ``ReadFromText`` with ``BytesCoder``: a line ends
 at ``\\n`` (a preceding ``\\r`` is removed too), the last line of a file needs

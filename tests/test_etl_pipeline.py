@@ -208,6 +208,24 @@ def test_statistics_builds_the_vocabulary_from_training_records(tmp_path):
     assert read_vocabulary(str(tmp_path / "vocabulary.tsv"))[0].key == "a"
 
 
+def test_feature_counts_travel_as_stable_shard_dicts():
+    """A bundle's training counts leave as one dict per shard; a feature's shard is the same in
+    every process (Python's own str hash is salted per process)."""
+    train = [((1.0,), (("user", "a", 1.0), ("item", "x", 1.0))), ((0.0,), (("user", "a", 1.0), ("user", "b", 1.0)))]
+    evals = [((1.0,), (("user", "c", 1.0),))]
+    expected = {("user", "a"): 2, ("user", "b"): 1, ("item", "x"): 1}  # eval features are not counted
+    with TestPipeline() as p:
+        sums = (p | beam.Create([(feat.TRAIN, train), (feat.EVAL, evals)])
+                | beam.ParDo(transforms.SumFeaturesFn((), (), ())).with_outputs(
+                    transforms.COUNTS, transforms.VALUES, transforms.TOTALS))
+        assert_that(sums[transforms.COUNTS] | beam.FlatMap(lambda kv: [(kv[0], k, n) for k, n in kv[1].items()]),
+                    equal_to([(transforms.count_shard(*k), k, n) for k, n in expected.items()]))
+    code = "from etl.transforms import count_shard; print([count_shard(*k) for k in (('user', 'a'), ('item', 'x'))])"
+    shards = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, check=True,
+                             capture_output=True, text=True).stdout for seed in ("1", "2")}
+    assert shards == {f"{[transforms.count_shard('user', 'a'), transforms.count_shard('item', 'x')]}\n"}
+
+
 def test_write_records_deals_round_robin_to_num_shards_files(tmp_path):
     out = str(tmp_path)
     recs = [((float(i % 2),), (("user", f"u{i}", 1.0), ("tag", "t", 1.0), ("tag", "s", 1.0))[:1 + i % 3])
