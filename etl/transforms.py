@@ -941,20 +941,16 @@ class _ShardWriterFn(beam.DoFn):
         i = self._next[split]
         name = SPLIT_NAMES[split]
         stats = self._stats
-        positives = [0.0] * len(self._labels)
-        most = stats.get(f"{name}.max_features", 0)
-        repeats = stats.get(f"{name}.max_repeats", 0)
         encode, frame = self._encoder.encode, tfrecord.frame
         for labels, features in records:
             parts[i].append(frame(encode(labels, features)))
             i = i + 1 if i + 1 < n else 0
-            for j, v in enumerate(labels):
-                positives[j] += v
-            nf = len(features)
-            if nf > most:
-                most = nf
-            if self._multi_hot and nf - 1 > repeats:
-                repeats = max(repeats, nf - len({f[0] for f in features}))
+        # The batch's sums in C loops (zip, sum, max), not per record in Python.
+        positives = [sum(column) for column in zip(*(labels for labels, _ in records))]
+        most = max(stats.get(f"{name}.max_features", 0), max(map(len, (f for _, f in records))))
+        repeats = stats.get(f"{name}.max_repeats", 0)
+        if self._multi_hot:
+            repeats = max(repeats, max(len(f) - len({x[0] for x in f}) for _, f in records))
         self._next[split] = i
         self._writes.submit(_write_parts, files, parts)
         _add(stats, f"{name}.written", len(records))
