@@ -490,6 +490,7 @@ def swap_probe(target: str, model: str, model_dir: str, examples, seconds: float
             while time.perf_counter() < window["start"] + 120:
                 states = {v: st for v, st, _ in watcher.status()}
                 if states.get(old) == "END" and states.get(new) == "AVAILABLE":
+                    window["unloaded"] = True
                     break
                 time.sleep(0.05)
         window["end"] = time.perf_counter()
@@ -519,7 +520,7 @@ def swap_probe(target: str, model: str, model_dir: str, examples, seconds: float
             windows.append(window["end"] - window["start"])
             phases.append({"phase": "during swap", "requests": len(during), "p99_ms": pct(during, 99),
                            "swap_s": windows[-1], "failed": err})
-            if old != first:  # unloaded (END) by now; the version the run started from stays
+            if old != first and window.get("unloaded"):  # the version the run started from stays
                 shutil.rmtree(os.path.join(model_dir, str(old)), ignore_errors=True)
     return {"p99_ms_without_swap": pct(base_all, 99), "requests_without_swap": len(base_all),
             "p99_ms_during_swap": pct(during_all, 99), "requests_during_swap": len(during_all),
@@ -830,7 +831,8 @@ def print_table(results: dict, sizes) -> None:
                 continue
             s = r[key]
             (dl, dh), (bl, bh), w = s["p99_ci95_ms_during_swap"], s["p99_ci95_ms_without_swap"], s["swap_seconds"]
-            print(f"| {name} | {label} | {s['p99_ms_during_swap']:.2f} ({s['requests_during_swap']}; {dl:.2f}-{dh:.2f}) | "
+            print(f"| {name} | {label} | {s['p99_ms_during_swap']:.2f} ({s['requests_during_swap']}; "
+                  f"{dl:.2f}-{dh:.2f}) | "
                   f"{s['p99_ms_without_swap']:.2f} ({s['requests_without_swap']}; {bl:.2f}-{bh:.2f}) | "
                   f"{s['p99_ms_during_swap'] / s['p99_ms_without_swap']:.2f} | "
                   f"{s['max_ms_during_swap']:.1f} | {s['max_ms_without_swap']:.1f} | "
