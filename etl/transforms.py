@@ -112,22 +112,16 @@ class _ConcatFn(beam.CombineFn):
 
 
 class Gather(beam.PTransform):
-    """All elements of a (small) PCollection as one list, an empty list when there are none;
-    with ``lists``, the elements are lists and the result their concatenation.
+    """All elements of a (small) PCollection as one list, an empty list when there are none.
 
     ``beam.combiners.ToList()`` makes its empty default through a side input of the result,
     which the SDK's state cache then measures object by object; a keyed combine with a seed
     element makes the same list on the main path.
     """
 
-    def __init__(self, lists: bool = False):
-        super().__init__()
-        self._lists = lists
-
     def expand(self, pcoll):
         seed = pcoll.pipeline | "Seed" >> beam.Impulse() | "SeedKey" >> beam.Map(lambda _: (0, ()))
-        key = (lambda x: (0, x)) if self._lists else (lambda x: (0, (x,)))
-        return ((pcoll | "Key" >> beam.Map(key), seed) | "WithSeed" >> beam.Flatten()
+        return ((pcoll | "Key" >> beam.Map(lambda x: (0, (x,))), seed) | "WithSeed" >> beam.Flatten()
                 | "Concat" >> beam.CombinePerKey(_ConcatFn()) | "List" >> beam.Map(lambda kv: kv[1]))
 
 
@@ -138,12 +132,12 @@ def union(pcolls, label: str):
     return pcolls[0] if len(pcolls) == 1 else pcolls | label >> beam.Flatten()
 
 
-def _call(_, fn, *args):
-    return fn(*args)
+def _call(_, fn, *args, **kwargs):
+    return fn(*args, **kwargs)
 
 
 class Once(beam.PTransform):
-    """Calls ``fn(*args)`` once, on one worker, after its side-input arguments are complete.
+    """Calls ``fn(*args, **kwargs)`` once, on one worker, after its side-input arguments are complete.
 
     Beam's own ``WriteImpl`` finalizes files this way. For small PCollections (file names,
     per-bundle stats) passed as ``AsList`` this is one stage on the in-process runner, where a
@@ -151,13 +145,14 @@ class Once(beam.PTransform):
     of ``fn``'s one result.
     """
 
-    def __init__(self, fn, *args):
+    def __init__(self, fn, *args, **kwargs):
         super().__init__()
         self._fn = fn
         self._args = args
+        self._kwargs = kwargs
 
     def expand(self, pbegin):
-        return pbegin | "Impulse" >> beam.Impulse() | "Call" >> beam.Map(_call, self._fn, *self._args)
+        return pbegin | "Impulse" >> beam.Impulse() | "Call" >> beam.Map(_call, self._fn, *self._args, **self._kwargs)
 
 
 def pack(pairs, label: str):
@@ -828,11 +823,13 @@ class Statistics(beam.PTransform):
         # those already in the base vocabulary too (their counts add up).
         kept = (sums[0][COUNTS] | "SumCounts" >> beam.CombinePerKey(_SumDictsFn())
                 | "HasRow" >> beam.Map(_with_row, plan.mode, plan.min_counts, plan.default_min_count, known))
-        return kept | "GatherCounts" >> Gather(lists=True) | "Layout" >> beam.Map(_layout, plan, self._out, **side)
+        # One list per count shard, a side input of the one step that builds the layout.
+        return p | "Layout" >> Once(_layout, beam.pvalue.AsList(kept), plan, self._out, **side)
 
 
-def _layout(kept, plan, out, totals, bounds=None, stats=None, base_vocab=(), bin_counts=None):
-    """``make_layout`` of the gathered features, with the bins that keep a row added; written to ``out``."""
+def _layout(kept_per_shard, plan, out, totals, bounds=None, stats=None, base_vocab=(), bin_counts=None):
+    """``make_layout`` of the features that keep a row, with the bins that keep a row added; written to ``out``."""
+    kept = [kv for shard in kept_per_shard for kv in shard]
     sums = {}
     for key, n in totals:
         _add(sums, key, n)
