@@ -2,7 +2,7 @@
 
     python -m bench.bench_serving [--data data/etl] [--sizes 1,10,100,500] [--split_sizes 100,500]
         [--rounds 15] [--block 10] [--concurrency 4] [--qps_seconds 2] [--swap_seconds 5]
-        [--swap_repeats 3] [--swap_without_warmup 1] [--workdir runs/bench/serving]
+        [--swap_repeats 3] [--swap_min_requests 2000] [--swap_without_warmup 1] [--workdir runs/bench/serving]
         [--out runs/bench/serving.json]
     python -m bench.bench_serving --only swap [--models deepfm] [--reuse_models 1] [--swap_repeats 3]
         [--swap_without_warmup 0] [--out runs/bench/serving_swap.json]
@@ -38,7 +38,8 @@ PredictRequest bytes sent to a bare grpcio server in another child process whose
 64 bytes (no protobuf, no TensorFlow): what Python gRPC alone costs here for those bytes; (d) the
 no-op Predict round trip. Then QPS with ``--concurrency`` closed-loop clients. Last, p99 at 100
 raw ads of requests sent while a new version is loaded, warmed up, switched to and the old one
-unloaded, next to p99 of the same loop without a swap, then the same with warm-up off.
+unloaded, next to p99 of the same loop without a swap, swaps repeated until at least
+``--swap_min_requests`` requests were sent during them (``swap_probe``), then the same with warm-up off.
 
 Bars (printed, never asserted in tests), each judged on the row named here: at 100 ads, ``raw``
 and ``rank`` e2e p50 <= 1.25 x (1-thread floor p50 + gRPC floor p50 of the same bytes); ``rank``
@@ -436,14 +437,35 @@ def qps(target: str, model: str, request: Request, concurrency: int, seconds: fl
     return done / elapsed, len(errors)
 
 
-def swap_probe(target: str, model: str, model_dir: str, examples, seconds: float, repeats: int) -> dict:
-    """p99 of a sequential 100-ad loop without a swap, then of the requests sent during one; ``repeats`` times.
+def p99_interval(xs, z: float = 1.96) -> tuple[float, float]:
+    """A distribution-free ~95 % confidence interval of the p99 of ``xs`` (ms): the order statistics
+    at ranks 0.99 n -/+ z sqrt(0.99 x 0.01 n) (the normal approximation of the binomial count of
+    samples below the true p99). With 277 samples it spans the slowest to the 8th slowest; with
+    2,000, the 12th to the 30th slowest."""
+    if not len(xs):
+        return float("nan"), float("nan")
+    s = np.sort(np.asarray(xs)) * 1e3
+    n = len(s)
+    half = z * np.sqrt(n * 0.99 * 0.01)
+    return float(s[max(0, int(np.floor(0.99 * n - half)) - 1)]), float(s[min(n - 1, int(np.ceil(0.99 * n + half)) - 1)])
+
+
+def swap_probe(target: str, model: str, model_dir: str, examples, seconds: float, repeats: int,
+               min_requests: int = 0, max_repeats: int = 40) -> dict:
+    """p99 of a sequential 100-ad loop without a swap, then of the requests sent during one, repeated.
 
     A swap: a copy of the live version appears under the next version number (a hidden copy
     renamed, as the exporter and sync publish); the server's poller loads it, replays its warm-up
     records, switches, and unloads the old one. "During" is from the rename to the old version's END;
     the loop runs until then, however long the swap takes, so every swap is covered whole. One
     client sends the same 100-ad request in every phase.
+
+    Swaps repeat until there were at least ``repeats`` of them and at least ``min_requests`` requests
+    during swaps (at most ``max_repeats`` swaps), so the pooled p99 rests on enough samples whether a
+    swap takes 2.5 s (DeepFM: ~1,000 requests each) or 0.3 s (the MLP: ~100). The first phase without
+    a swap lasts ``seconds``; each later one as long as the swap before it (0.5 s at least, ``seconds``
+    at most), so both sides get about the same number of requests under the same background load.
+    Version directories the probe created are removed once unloaded (the newest stays, served).
     """
     from serving.client import ServingClient
 
@@ -468,15 +490,18 @@ def swap_probe(target: str, model: str, model_dir: str, examples, seconds: float
             while time.perf_counter() < window["start"] + 120:
                 states = {v: st for v, st, _ in watcher.status()}
                 if states.get(old) == "END" and states.get(new) == "AVAILABLE":
+                    window["unloaded"] = True
                     break
                 time.sleep(0.05)
         window["end"] = time.perf_counter()
 
     base_all, during_all, phases, windows, failed, versions = [], [], [], [], 0, set()
+    first = max(int(d) for d in os.listdir(model_dir) if d.isdigit())
     with ServingClient(target, model, timeout_s=30) as c:
         c.score_examples(examples)  # untimed: the live version's first request (no warm-up: its executor)
-        for _ in range(repeats):
-            t_end = time.perf_counter() + seconds
+        while len(windows) < max_repeats and (len(windows) < repeats or len(during_all) < min_requests):
+            base_s = seconds if not windows else min(seconds, max(0.5, windows[-1]))
+            t_end = time.perf_counter() + base_s
             base, err = loop(c, lambda: time.perf_counter() >= t_end)
             failed += err
             base_all += [d for _, d, _ in base]
@@ -495,11 +520,14 @@ def swap_probe(target: str, model: str, model_dir: str, examples, seconds: float
             windows.append(window["end"] - window["start"])
             phases.append({"phase": "during swap", "requests": len(during), "p99_ms": pct(during, 99),
                            "swap_s": windows[-1], "failed": err})
+            if old != first and window.get("unloaded"):  # the version the run started from stays
+                shutil.rmtree(os.path.join(model_dir, str(old)), ignore_errors=True)
     return {"p99_ms_without_swap": pct(base_all, 99), "requests_without_swap": len(base_all),
             "p99_ms_during_swap": pct(during_all, 99), "requests_during_swap": len(during_all),
+            "p99_ci95_ms_without_swap": p99_interval(base_all), "p99_ci95_ms_during_swap": p99_interval(during_all),
             "p50_ms_without_swap": pct(base_all, 50), "p50_ms_during_swap": pct(during_all, 50),
             "max_ms_without_swap": pct(base_all, 100), "max_ms_during_swap": pct(during_all, 100),
-            "swap_seconds": windows, "swaps": repeats, "phases": phases, "versions_seen": sorted(versions),
+            "swap_seconds": windows, "swaps": len(windows), "phases": phases, "versions_seen": sorted(versions),
             "failed_requests": failed}
 
 
@@ -527,7 +555,9 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="closed-loop clients of the QPS figure")
     p.add_argument("--qps_seconds", type=float, default=2.0)
     p.add_argument("--swap_seconds", type=float, default=5.0, help="length of each loop without a swap")
-    p.add_argument("--swap_repeats", type=int, default=3, help="swaps (each after a loop without one)")
+    p.add_argument("--swap_repeats", type=int, default=3, help="swaps at least (each after a loop without one)")
+    p.add_argument("--swap_min_requests", type=int, default=2000,
+                   help="more swaps (40 at most) until at least this many requests were sent during swaps")
     p.add_argument("--swap_without_warmup", type=int, default=1, help="also probe a swap with warm-up off")
     p.add_argument("--workdir", default="runs/bench/serving")
     p.add_argument("--reuse_models", type=int, default=0,
@@ -636,11 +666,8 @@ def main(argv=None) -> None:
                 lv.retire()
             client.close()
             swap = swap_probe(target, name, os.path.dirname(path), kinds[kind100][:100], args.swap_seconds,
-                              args.swap_repeats)
-            print(f"bench_serving: {name} swap: p99 {swap['p99_ms_during_swap']:.2f} ms during "
-                  f"({swap['requests_during_swap']} requests) vs "
-                  f"{swap['p99_ms_without_swap']:.2f} ms without ({swap['requests_without_swap']}); "
-                  f"failed {swap['failed_requests']}", flush=True)
+                              args.swap_repeats, args.swap_min_requests)
+            print(f"bench_serving: {name} swap: {swap_line(swap)}", flush=True)
             results["models"][name] = {"note": note, "kinds": rows, "profile_100_ads_us": prof, "swap": swap,
                                        "swap_kind": kind100}
         noop.close()
@@ -660,10 +687,9 @@ def main(argv=None) -> None:
                     continue
                 swap = swap_probe(target, name, os.path.dirname(path),
                                   kinds[results["models"][name]["swap_kind"]][:100], args.swap_seconds,
-                                  args.swap_repeats)
+                                  args.swap_repeats, args.swap_min_requests)
                 results["models"][name]["swap_without_warmup"] = swap
-                print(f"bench_serving: {name} swap, warm-up off: p99 {swap['p99_ms_during_swap']:.2f} ms during vs "
-                      f"{swap['p99_ms_without_swap']:.2f} ms without; failed {swap['failed_requests']}", flush=True)
+                print(f"bench_serving: {name} swap, warm-up off: {swap_line(swap)}", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -692,16 +718,11 @@ def swap_only(args, models: dict, config_path: str, info: dict) -> None:
                     continue
                 kind = "raw" if "raw" in kinds else next(iter(kinds))
                 swap = swap_probe(target, name, os.path.dirname(path), kinds[kind][:100], args.swap_seconds,
-                                  args.swap_repeats)
+                                  args.swap_repeats, args.swap_min_requests)
                 r = results["models"].setdefault(name, {"note": note, "swap_kind": kind})
                 r[key] = swap
-                print(f"bench_serving: {name} {key}: p99 {swap['p99_ms_during_swap']:.2f} ms during "
-                      f"({swap['requests_during_swap']}) vs {swap['p99_ms_without_swap']:.2f} ms without "
-                      f"({swap['requests_without_swap']}): ratio "
-                      f"{swap['p99_ms_during_swap'] / swap['p99_ms_without_swap']:.2f}; max "
-                      f"{swap['max_ms_during_swap']:.1f} vs {swap['max_ms_without_swap']:.1f} ms; swaps "
-                      f"{', '.join(f'{w:.2f}' for w in swap['swap_seconds'])} s; failed {swap['failed_requests']}; "
-                      f"load average {os.getloadavg()[0]:.2f}", flush=True)
+                print(f"bench_serving: {name} {key}: {swap_line(swap)}; load average {os.getloadavg()[0]:.2f}",
+                      flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -710,6 +731,17 @@ def swap_only(args, models: dict, config_path: str, info: dict) -> None:
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2, default=str)
     print(f"bench_serving: wrote {args.out}")
+
+
+def swap_line(s: dict) -> str:
+    """One line of a swap probe's figures: p99s with their 95 % intervals, the ratio, maxima, swaps."""
+    (dl, dh), (bl, bh) = s["p99_ci95_ms_during_swap"], s["p99_ci95_ms_without_swap"]
+    w = s["swap_seconds"]
+    return (f"p99 {s['p99_ms_during_swap']:.2f} ms during ({s['requests_during_swap']} requests, 95 % interval "
+            f"{dl:.2f}-{dh:.2f}) vs {s['p99_ms_without_swap']:.2f} ms without ({s['requests_without_swap']}, "
+            f"{bl:.2f}-{bh:.2f}): ratio {s['p99_ms_during_swap'] / s['p99_ms_without_swap']:.2f}; max "
+            f"{s['max_ms_during_swap']:.1f} vs {s['max_ms_without_swap']:.1f} ms; {s['swaps']} swaps of "
+            f"{min(w):.2f}-{max(w):.2f} s; failed {s['failed_requests']}")
 
 
 def size_row(req: Request, times: dict, q: float, q_err: int, b: int) -> dict:
@@ -790,19 +822,21 @@ def print_table(results: dict, sizes) -> None:
                 if "e2e_s2_p50_ms" in x:
                     print(f"| {name} | {kind} | {b} | {x['e2e_s2_p50_ms']:.3f} | {x['e2e_s2_p99_ms']:.3f} | "
                           f"{x['e2e_s2_over_best_floor']:.2f} |")
-    print("\n| model | warm-up | p99 ms during swap (requests) | p99 ms without swap (requests) | ratio | "
-          "max ms during | max ms without | swaps took s | failed |")
+    print("\n| model | warm-up | p99 ms during swap (requests; 95 % interval) | p99 ms without swap (requests; "
+          "95 % interval) | ratio | max ms during | max ms without | swaps (s each) | failed |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results["models"].items():
         for key, label in (("swap", "on"), ("swap_without_warmup", "off")):
             if key not in r:
                 continue
             s = r[key]
-            print(f"| {name} | {label} | {s['p99_ms_during_swap']:.2f} ({s['requests_during_swap']}) | "
-                  f"{s['p99_ms_without_swap']:.2f} ({s['requests_without_swap']}) | "
+            (dl, dh), (bl, bh), w = s["p99_ci95_ms_during_swap"], s["p99_ci95_ms_without_swap"], s["swap_seconds"]
+            print(f"| {name} | {label} | {s['p99_ms_during_swap']:.2f} ({s['requests_during_swap']}; "
+                  f"{dl:.2f}-{dh:.2f}) | "
+                  f"{s['p99_ms_without_swap']:.2f} ({s['requests_without_swap']}; {bl:.2f}-{bh:.2f}) | "
                   f"{s['p99_ms_during_swap'] / s['p99_ms_without_swap']:.2f} | "
                   f"{s['max_ms_during_swap']:.1f} | {s['max_ms_without_swap']:.1f} | "
-                  f"{', '.join(f'{w:.2f}' for w in s['swap_seconds'])} | {s['failed_requests']} |")
+                  f"{s['swaps']} ({min(w):.2f}-{max(w):.2f}) | {s['failed_requests']} |")
     print("\n100-ad request path, in-process stages, p50 us (gRPC's own hops are not in them):\n")
     keys = [k for k in next(iter(results["models"].values())).get("profile_100_ads_us", {}) if "bytes" not in k]
     print("| model | request | " + " | ".join(keys) + " |")

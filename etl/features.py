@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from typing import Callable, Iterable, Mapping, Sequence
 
 from etl import parsing, tfrecord
@@ -227,6 +228,9 @@ def line_split(raw: bytes | str, eval_percent: int, valid_per_10k: int = 0) -> i
     return hash_split(line_hash(raw), eval_percent, valid_per_10k)
 
 
+_NO_DROPS: Mapping[str, int] = types.MappingProxyType({})  # no dict per line without sequence fields
+
+
 class LineProcessor:
     """Parses, joins and checks lines, and decides their split (all pure)."""
 
@@ -245,10 +249,10 @@ class LineProcessor:
     def join(self, features, table_index: int, table) -> tuple[tuple, ...]:
         return join_entity(features, self.spec.table_keys[table_index], table, self.spec.table_columns[table_index])
 
-    def truncate(self, features) -> tuple[tuple, dict[str, int]]:
+    def truncate(self, features) -> tuple[tuple, Mapping[str, int]]:
         """``truncate_sequences`` with the spec's sequence fields (no copy without any)."""
         if not self._max_lengths:
-            return features, {}
+            return features, _NO_DROPS
         return truncate_sequences(features, self._max_lengths)
 
     def finish(self, features) -> tuple[tuple, ...]:

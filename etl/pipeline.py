@@ -19,14 +19,16 @@ Output layout (``out``):
 only after the job succeeded (``publish``), so a rerun never mixes shards of
 two runs and a failed run leaves the previous output untouched.
 
-The graph (``build_pipeline``): per input ``ParseAndJoin`` (parse, joins, checks, split),
+The graph (``build_pipeline``): ``ParseAndJoin`` of all inputs as one read (parse, joins, checks, split),
 then ``WriteRecords`` (hash, encode, write while streaming), ``Statistics`` (counts, bins,
 value statistics -> vocabulary) and ``WriteDeadLetters``, ``Report`` (stats, counters).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -94,19 +96,15 @@ def build_pipeline(p: beam.Pipeline, cfg: EtlConfig, keys: ExampleKeys = Example
                           partial(dictionaries.read_entity_table, p, t, list(cols), values),
                           partial(dictionaries.entity_table_here, t, list(cols), values))
               for t, cols, values, keyed in plan.tables]
-    parsed = []
-    for split, pattern in _inputs(cfg):
-        name = "" if split is None else SPLITS[split].title()
-        parsed.append(p | f"ParseAndJoin{name}" >> transforms.ParseAndJoin(plan, pattern, split, field_map, tables))
-    # One record PCollection per input: no Flatten, so nothing makes the runner hold records.
-    records = tuple(x["records"] for x in parsed)
+    # All inputs are one read and one record PCollection: no Flatten, so nothing makes the runner hold records.
+    parsed = p | "ParseAndJoin" >> transforms.ParseAndJoin(plan, _inputs(cfg), field_map, tables)
+    records = (parsed["records"],)
     _ = records | "Statistics" >> transforms.Statistics(plan, cfg.out)
     written = records | "WriteRecords" >> transforms.WriteRecords(
         cfg.out, plan.splits, cfg.num_shards, cfg.labels, keys, multi_hot=bool(plan.spec.multi_hot),
         namespaces=plan.namespaces)
-    _ = tuple(d for x in parsed for d in x["dead"]) | "WriteDeadLetters" >> transforms.WriteDeadLetters(
-        cfg.out, plan.splits)
-    _ = (*(s for x in parsed for s in x["stats"]), written["stats"]) | "Report" >> transforms.Report(cfg.out)
+    _ = parsed["dead"] | "WriteDeadLetters" >> transforms.WriteDeadLetters(cfg.out, plan.splits)
+    _ = (*parsed["stats"], written["stats"]) | "Report" >> transforms.Report(cfg.out)
 
 
 def _split_counts(stats: dict, split: str) -> dict:
@@ -307,6 +305,29 @@ def short_state_sampling(period_ms: int = 10) -> None:
         init.__defaults__ = (min(period_ms, statesampler.DEFAULT_SAMPLING_PERIOD_MS),)
 
 
+# CPython's default: a young collection after 700 more container allocations than frees.
+GC_YOUNG_THRESHOLD = 100_000
+
+
+@contextlib.contextmanager
+def rare_young_collections(threshold: int = GC_YOUNG_THRESHOLD):
+    """Raises the young-generation threshold of Python's cyclic GC for the block.
+
+    Bundles hold batches of records (a few small containers per line) while they fill, so at
+    the default threshold the collector ran about 800 times during the Frappe job (the plain
+    loop, which frees each record at once, 40 times), and promoted batches into full
+    collections over every object of the Beam runtime: 0.1-0.2 s of its 2 s (``bench_etl``,
+    docs/ETL.md). The records hold no cycles; cycles elsewhere wait for at most ``threshold``
+    allocations. Only this process is affected (the in-memory runner runs the job here).
+    """
+    young, *older = gc.get_threshold()
+    gc.set_threshold(max(young, threshold), *older)
+    try:
+        yield
+    finally:
+        gc.set_threshold(young, *older)
+
+
 def run(argv=None) -> Schema:
     """Parses flags, runs the Beam job into a staging dir, publishes it, returns the schema."""
     args, beam_args = parse_args(argv)
@@ -318,8 +339,9 @@ def run(argv=None) -> Schema:
     staging = FileSystems.join(cfg.out, f"{STAGING_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     p = beam.Pipeline(options=PipelineOptions(beam_options(beam_args)))
     build_pipeline(p, dataclasses.replace(cfg, out=staging))
-    result = p.run()
-    result.wait_until_finish()
+    with rare_young_collections():
+        result = p.run()
+        result.wait_until_finish()
     schema = write_schema(cfg, out_dir=staging)
     publish(staging, cfg.out)
     schema = dataclasses.replace(schema, base_dir=cfg.out if "://" in cfg.out else os.path.abspath(cfg.out))

@@ -15,7 +15,8 @@ Rules that keep the job fast on the Python runners:
   pickling, and travel in lists of up to ``BATCH_SIZE`` (one element per input batch), so
   per-element runner costs are paid per batch.
 * What is summed over lines (feature counts, values, line counts) is summed per bundle in a
-  dict and emitted once per bundle (or when the dict grows past ``_FLUSH_AT`` keys).
+  dict and emitted once per bundle (or when the dict grows past ``_FLUSH_AT`` keys); feature
+  counts as ``COUNT_SHARDS`` dicts, not one element per feature.
 * Files are written by the DoFns themselves: no shuffle into shards.
 
 Bad lines leave through the ``dead`` output as ``(split, JSON record)``.
@@ -111,17 +112,30 @@ class _ConcatFn(beam.CombineFn):
 
 
 class Gather(beam.PTransform):
-    """All elements of a (small) PCollection as one list, an empty list when there are none.
+    """All elements of a (small) PCollection as one list, an empty list when there are none;
+    with ``lists``, the elements are lists and the result their concatenation.
 
     ``beam.combiners.ToList()`` makes its empty default through a side input of the result,
     which the SDK's state cache then measures object by object; a keyed combine with a seed
     element makes the same list on the main path.
     """
 
+    def __init__(self, lists: bool = False):
+        super().__init__()
+        self._lists = lists
+
     def expand(self, pcoll):
         seed = pcoll.pipeline | "Seed" >> beam.Impulse() | "SeedKey" >> beam.Map(lambda _: (0, ()))
-        return ((pcoll | "Key" >> beam.Map(lambda x: (0, (x,))), seed) | "WithSeed" >> beam.Flatten()
+        key = (lambda x: (0, x)) if self._lists else (lambda x: (0, (x,)))
+        return ((pcoll | "Key" >> beam.Map(key), seed) | "WithSeed" >> beam.Flatten()
                 | "Concat" >> beam.CombinePerKey(_ConcatFn()) | "List" >> beam.Map(lambda kv: kv[1]))
+
+
+def union(pcolls, label: str):
+    """PCollections as one: the only one as it is (a Flatten would be a stage of its own on the
+    portable runners), else their ``Flatten``."""
+    pcolls = tuple(pcolls)
+    return pcolls[0] if len(pcolls) == 1 else pcolls | label >> beam.Flatten()
 
 
 def _call(_, fn, *args):
@@ -176,8 +190,8 @@ _UNPACKED_KEEP = 8
 class Unpacked:
     """The dicts of packed side inputs: decoded once per worker process, shared by its DoFns.
 
-    Each input's line DoFn runs in its own stage; without sharing, every stage's DoFn held its
-    own copy of the item table.
+    With keyed joins, line DoFns run in several stages; without sharing, every stage's DoFn held
+    its own copy of the item table.
     """
 
     def __call__(self, packed) -> tuple:
@@ -209,8 +223,8 @@ class _FoundTable:
 class LinesDoFn(beam.DoFn):
     """Lines -> records: parse, join dictionaries, check, split.
 
-    Input: batches (lists) of raw lines (``sources.ReadLineBatches``), or ``(record, found)``
-    pairs after a ``KeyedLookup``. A keyed join splits the work into several instances: one
+    Input: ``(source split, lines)``, batches of raw lines of one input
+    (``sources.ReadLineBatches``), or ``(record, found)`` pairs after a ``KeyedLookup``. A keyed join splits the work into several instances: one
     that parses and emits ``pending`` records ``(line id, (raw, split, labels, features))`` for
     ``KeyedLookup``, and one per lookup that takes ``(record, found)``. The last (``final``)
     instance emits ``records``: ``(split, [(labels, features), ...])`` batches. Every instance
@@ -219,9 +233,9 @@ class LinesDoFn(beam.DoFn):
 
     Args:
       spec: the ``features.LineSpec``.
-      source_split: TRAIN/EVAL/VALID when the input file decides (TRAIN: up to the valid
-        carve), else None.
-      parse: input elements are raw lines (else ``(record, found)`` pairs).
+      parse: input elements are batches of raw lines, whose source split is TRAIN/EVAL/VALID
+        when the input file decides (TRAIN: up to the valid carve), else None (else
+        ``(record, found)`` pairs).
       field_map: ``None``, ``"side"`` (first side input) or ``"found"``.
       tables: per entity table ``None`` (not in this step), ``"side"`` (next side input) or
         ``"found"``.
@@ -230,9 +244,8 @@ class LinesDoFn(beam.DoFn):
     Side inputs are ``pack``ed dicts (``AsSingleton``).
     """
 
-    def __init__(self, spec, source_split=None, parse=True, field_map=None, tables=(), final=True):
+    def __init__(self, spec, parse=True, field_map=None, tables=(), final=True):
         self._spec = spec
-        self._source_split = source_split
         self._parse = parse
         self._field_map = field_map
         self._tables = tuple(tables)
@@ -241,10 +254,10 @@ class LinesDoFn(beam.DoFn):
     def setup(self):
         self._proc = feat.LineProcessor(self._spec)
         self._unpacked = Unpacked()
-        src, spec = self._source_split, self._spec
-        # The split is known at read time from the input file, or from the raw line's hash.
-        self._fixed = src if src in (feat.EVAL, feat.VALID) or (src == feat.TRAIN and not spec.valid_per_10k) else None
-        self._early = self._parse and (self._fixed is not None or spec.split in ("line", "path"))
+        spec = self._spec
+        # The split is known at read time from the input file (-1: not), or from the raw line's hash.
+        self._fixed = {feat.EVAL: feat.EVAL, feat.VALID: feat.VALID, feat.TRAIN: -1 if spec.valid_per_10k else feat.TRAIN}
+        self._early = self._parse and spec.split in ("line", "path")
 
     def start_bundle(self):
         self._stats = {}
@@ -255,12 +268,14 @@ class LinesDoFn(beam.DoFn):
     def process(self, element, *packed):
         side = self._unpacked(packed)
         out = []
-        if self._parse:  # a batch of raw lines
-            _add(self._stats, "input.read", len(element))
-            if self._fixed is not None:
-                _add(self._stats, f"{SPLIT_NAMES[self._fixed]}.read", len(element))
-            for raw in element:
-                self._line(raw, self._fixed if self._fixed is not None else -1, None, None, None, side, out)
+        if self._parse:  # a batch of raw lines of one input
+            source, lines = element
+            split = self._fixed.get(source, -1)
+            _add(self._stats, "input.read", len(lines))
+            if split >= 0:
+                _add(self._stats, f"{SPLIT_NAMES[split]}.read", len(lines))
+            for raw in lines:
+                self._line(raw, split, None, None, None, side, out)
         else:  # (pending record, found dictionary values)
             (raw, split, labels, features), found = element
             self._line(raw, split, labels, features, found, side, out)
@@ -398,7 +413,7 @@ class KeyedLookup(beam.PTransform):
 
 
 class ParseAndJoin(beam.PTransform):
-    """One input glob -> records, dead letters and stats (apply to the pipeline).
+    """The input globs -> records, dead letters and stats (apply to the pipeline).
 
     parse -> field map -> entity tables -> checks -> split in one fused ``LinesDoFn`` when the
     dictionaries are side inputs; a dictionary joined by key adds a ``KeyedLookup`` and a
@@ -406,8 +421,8 @@ class ParseAndJoin(beam.PTransform):
 
     Args:
       plan: the job plan.
-      pattern: the input glob.
-      source_split: TRAIN/EVAL/VALID when the input file decides the split, None for a hash split.
+      inputs: ``(source split, glob)`` per input: TRAIN/EVAL/VALID when the input file decides
+        the split, None for a hash split. They are read as one source.
       field_map: for libfm input, the field map: a PCollection of (feature key, field) when it
         is joined by key, else its ``pack`` (a PCollection) or ``packed`` element (inline);
         None for libffm.
@@ -419,11 +434,10 @@ class ParseAndJoin(beam.PTransform):
       PCollections, "stats": tuple of per-bundle stats PCollections}.
     """
 
-    def __init__(self, plan: JobPlan, pattern: str, source_split=None, field_map=None, tables=()):
+    def __init__(self, plan: JobPlan, inputs, field_map=None, tables=()):
         super().__init__()
         self._plan = plan
-        self._pattern = pattern
-        self._source_split = source_split
+        self._inputs = tuple(inputs)
         self._field_map = field_map
         self._table_pcs = tuple(tables)
 
@@ -434,13 +448,13 @@ class ParseAndJoin(beam.PTransform):
         table_modes_side = tuple(None if keyed else "side" for *_, keyed in plan.tables)
         fm_mode = None if field_map is None else ("found" if plan.field_map_keyed else "side")
 
-        lines = pbegin | "Read" >> sources.ReadLineBatches(self._pattern)
+        lines = pbegin | "Read" >> sources.ReadLineBatches(self._inputs)
         side = [side_input(field_map)] if fm_mode == "side" else []
         tables_here = () if fm_mode == "found" else table_modes_side
         if tables_here:
             side += side_tables
         outputs = [run_lines(lines, "Lines", LinesDoFn(
-            spec, self._source_split, parse=True, field_map="side" if fm_mode == "side" else None,
+            spec, parse=True, field_map="side" if fm_mode == "side" else None,
             tables=tables_here, final=fm_mode != "found" and not keyed_tables), side)]
         if fm_mode == "found":
             found = (outputs[-1][PENDING], field_map) | "KeyedFieldMap" >> KeyedLookup(FeatureKeys(), "KeyedFieldMap")
@@ -460,11 +474,46 @@ class ParseAndJoin(beam.PTransform):
 
 # ---------------------------------------------------------------- Statistics
 
+# Feature counts travel as this many dicts per bundle (by a stable hash of the feature), not as
+# one element per feature: on the Python runners each element costs about 10 us per stage it
+# crosses, which for Frappe's 5,400 features was a tenth of the job. The shards keep the sums
+# spread over workers.
+COUNT_SHARDS = 64
+
+
+def count_shard(field: str, key: str) -> int:
+    """The shard of a feature's count: stable across processes (unlike ``hash`` of a str)."""
+    return zlib.crc32(f"{field}\t{key}".encode("utf-8")) % COUNT_SHARDS
+
+
+class _SumDictsFn(beam.CombineFn):
+    """Dicts of counts -> one dict of their sums per key."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, counts):
+        get = acc.get
+        for k, n in counts.items():
+            acc[k] = get(k, 0) + n
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = iter(accs)
+        out = next(accs, {})
+        for acc in accs:
+            self.add_input(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
 class SumFeaturesFn(beam.DoFn):
     """Record batches -> per-bundle training sums, and the fields of every split.
 
-    Outputs: ``counts`` ((field, key), n) of categorical and numeric features of the training
-    split; ``values`` ((field, float32 value), n) of its binned and numeric features;
+    Outputs: ``counts`` (shard, {(field, key): n}) of categorical and numeric features of the
+    training split (``count_shard``); ``values`` ((field, float32 value), n) of its binned and numeric features;
     ``totals`` ((what, field), n): ``occurrences`` (training features of the field),
     ``lines`` (training lines holding a multi-hot field) and ``seen`` (0, for every field of
     any split). Sequences of another field's keys (``shared``: their ``vocabulary_of``) count only
@@ -500,6 +549,7 @@ class SumFeaturesFn(beam.DoFn):
         # Streamed, not folded into dicts first: the combiners downstream merge equal keys.
         totals = self._totals
         value_fields, binned, shared = self._value_fields, self._binned, self._shared
+        shards = collections.defaultdict(dict)
         for (field, key, value), n in self._tuples.items():
             _add(totals, ("occurrences", field), n)
             if field in shared:
@@ -508,7 +558,9 @@ class SumFeaturesFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(VALUES, wrap(((field, to_float32(value)), n)))
                 if field in binned:
                     continue
-            yield beam.pvalue.TaggedOutput(COUNTS, wrap(((field, key), n)))
+            _add(shards[count_shard(field, key)], (field, key), n)
+        for kv in shards.items():
+            yield beam.pvalue.TaggedOutput(COUNTS, wrap(kv))
         for kv in totals.items():
             yield beam.pvalue.TaggedOutput(TOTALS, wrap(kv))
         self._tuples, self._totals = collections.Counter(), {}
@@ -694,6 +746,11 @@ def _has_row(kv, mode, min_counts, default, known):
     return mode != "fixed" and kv[1] >= min_counts.get(kv[0][0], default)
 
 
+def _with_row(shard_counts, mode, min_counts, default, known):
+    """The (feature, count) pairs of one shard's summed counts that ``_has_row``."""
+    return [kv for kv in shard_counts[1].items() if _has_row(kv, mode, min_counts, default, known)]
+
+
 def write_text(path: str, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` on any Beam filesystem."""
     with FileSystems.create(path) as f:
@@ -749,7 +806,7 @@ class Statistics(beam.PTransform):
         # Only sums[0] counts training features: its counts and values need no Flatten, which would
         # make the runner buffer them before the combiner.
         # A few pairs per field and bundle: summed where the layout is built, with no combine stage.
-        totals = [s[TOTALS] for s in sums] | "Totals" >> beam.Flatten()
+        totals = union((s[TOTALS] for s in sums), "Totals")
         side = {"totals": beam.pvalue.AsList(totals)}  # side inputs of the layout step
         if plan.binned or plan.numeric:
             values = sums[0][VALUES] | "SumValues" >> beam.CombinePerKey(sum)
@@ -769,9 +826,9 @@ class Statistics(beam.PTransform):
             known = beam.pvalue.AsDict(base_vocab | "BaseKeys" >> beam.Map(lambda e: ((e.field, e.key), None)))
         # Only features with a row reach the one worker that builds the layout; when extending,
         # those already in the base vocabulary too (their counts add up).
-        kept = (sums[0][COUNTS] | "SumCounts" >> beam.CombinePerKey(sum)
-                | "HasRow" >> beam.Filter(_has_row, plan.mode, plan.min_counts, plan.default_min_count, known))
-        return kept | "GatherCounts" >> Gather() | "Layout" >> beam.Map(_layout, plan, self._out, **side)
+        kept = (sums[0][COUNTS] | "SumCounts" >> beam.CombinePerKey(_SumDictsFn())
+                | "HasRow" >> beam.Map(_with_row, plan.mode, plan.min_counts, plan.default_min_count, known))
+        return kept | "GatherCounts" >> Gather(lists=True) | "Layout" >> beam.Map(_layout, plan, self._out, **side)
 
 
 def _layout(kept, plan, out, totals, bounds=None, stats=None, base_vocab=(), bin_counts=None):
@@ -884,20 +941,16 @@ class _ShardWriterFn(beam.DoFn):
         i = self._next[split]
         name = SPLIT_NAMES[split]
         stats = self._stats
-        positives = [0.0] * len(self._labels)
-        most = stats.get(f"{name}.max_features", 0)
-        repeats = stats.get(f"{name}.max_repeats", 0)
         encode, frame = self._encoder.encode, tfrecord.frame
         for labels, features in records:
             parts[i].append(frame(encode(labels, features)))
             i = i + 1 if i + 1 < n else 0
-            for j, v in enumerate(labels):
-                positives[j] += v
-            nf = len(features)
-            if nf > most:
-                most = nf
-            if self._multi_hot and nf - 1 > repeats:
-                repeats = max(repeats, nf - len({f[0] for f in features}))
+        # The batch's sums in C loops (zip, sum, max), not per record in Python.
+        positives = [sum(column) for column in zip(*(labels for labels, _ in records))]
+        most = max(stats.get(f"{name}.max_features", 0), max(map(len, (f for _, f in records))))
+        repeats = stats.get(f"{name}.max_repeats", 0)
+        if self._multi_hot:
+            repeats = max(repeats, max(len(f) - len({x[0] for x in f}) for _, f in records))
         self._next[split] = i
         self._writes.submit(_write_parts, files, parts)
         _add(stats, f"{name}.written", len(records))
@@ -1011,10 +1064,10 @@ class WriteRecords(beam.PTransform):
                                                                self._multi_hot, self._namespaces))
                    .with_outputs(STATS, main="files")
                    for i, r in enumerate(records)]
-        files = [w.files for w in written] | "FlattenFiles" >> beam.Flatten()
+        files = union((w.files for w in written), "FlattenFiles")
         final = records[0].pipeline | "Finalize" >> Once(
             finalize_files, beam.pvalue.AsList(files), self._out, tmp, self._splits, shard_path, self._shards, True)
-        return {"files": final, "stats": [w[STATS] for w in written] | "FlattenStats" >> beam.Flatten()}
+        return {"files": final, "stats": union((w[STATS] for w in written), "FlattenStats")}
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -1032,7 +1085,7 @@ class WriteDeadLetters(beam.PTransform):
     def expand(self, dead):
         tmp = FileSystems.join(self._out, f"{TMP}-dead_letter")
         files = [d | f"Write{i}" >> beam.ParDo(_DeadLetterWriterFn(tmp)) for i, d in enumerate(dead)]
-        files = files | "FlattenFiles" >> beam.Flatten()
+        files = union(files, "FlattenFiles")
         return dead[0].pipeline | "Finalize" >> Once(
             finalize_files, beam.pvalue.AsList(files), self._out, tmp, self._splits, dead_letter_path, 1, False)
 
@@ -1092,6 +1145,6 @@ class Report(beam.PTransform):
         self._out = out
 
     def expand(self, stats):
-        stats = stats | "FlattenStats" >> beam.Flatten()
+        stats = union(stats, "FlattenStats")
         return (stats.pipeline | "WriteStats" >> Once(_write_stats, beam.pvalue.AsList(stats), self._out)
                 | "PublishCounters" >> beam.ParDo(PublishCounters()))

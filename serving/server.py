@@ -63,6 +63,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 from serving.config import (aspired_versions, list_versions, models_under, read_config, single_model_config,
                             validate_config)
 from serving.errors import ServingError
+from serving.executor import HotThreadExecutor
 from serving.handlers import Handlers
 from serving.manager import LoadedVersion, ModelManager, ServedModel, Signature
 
@@ -128,18 +129,21 @@ class Server:
       max_concurrent_requests: requests admitted at once (running or queued for a thread); gRPC
         answers any request beyond them with RESOURCE_EXHAUSTED at once, so an overload sheds load
         instead of queueing without bound (0: no limit). Default ``default_max_concurrent()``.
+      hot_threads: run each request on the request thread that went idle last
+        (``serving.executor.HotThreadExecutor``) instead of ``ThreadPoolExecutor``'s longest-idle one.
     """
 
     def __init__(self, manager: ModelManager, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_concurrent_requests: int | None = None):
+                 max_concurrent_requests: int | None = None, hot_threads: bool = True):
         self.manager = manager
         self.host = host
         limit = default_max_concurrent() if max_concurrent_requests is None else max_concurrent_requests
         self.max_concurrent_requests = limit
+        pool = HotThreadExecutor if hot_threads else futures.ThreadPoolExecutor
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc",
-                                       initializer=_lower_thread_priority, initargs=(REQUEST_THREAD_NICE,)),
+            pool(max_workers=max_workers, thread_name_prefix="grpc", initializer=_lower_thread_priority,
+                 initargs=(REQUEST_THREAD_NICE,)),
             maximum_concurrent_rpcs=limit or None,
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes),
@@ -240,6 +244,9 @@ def parse_args(argv):
                    help="seconds between re-reads of the config file (0: never)")
     p.add_argument("--max_message_bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     p.add_argument("--grpc_max_threads", type=int, default=8)
+    p.add_argument("--grpc_hot_threads", type=int, default=1,
+                   help="1 (default): a request runs on the request thread that went idle last (warm caches); "
+                        "0: concurrent.futures.ThreadPoolExecutor's choice (the longest idle)")
     p.add_argument("--max_concurrent_requests", type=int, default=None,
                    help="requests admitted at once; more get RESOURCE_EXHAUSTED at once (default: 1 per core; "
                         "0: no limit)")
@@ -283,7 +290,7 @@ def main(argv=None) -> None:
                                                          args.tensorflow_inter_op_parallelism),
                            enable_warmup=args.enable_model_warmup, max_load_retries=args.max_num_load_retries)
     server = Server(manager, args.host, args.port, args.grpc_max_threads, args.max_message_bytes,
-                    args.max_concurrent_requests)
+                    args.max_concurrent_requests, bool(args.grpc_hot_threads))
     server.start()
     manager.start(args.file_system_poll_wait_seconds, args.model_config_file or None,
                   args.model_config_file_poll_wait_seconds)

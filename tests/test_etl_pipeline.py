@@ -73,7 +73,7 @@ def test_lines_dofn_routes_each_malformed_line_to_dead_letter():
              b"1,0 user:a:1 item:x:1 item:y:1 item:z:1", b"1,0", b"1,0 item:y:z", b"0,0 item:y:1e39",
              b"0,0 item:y:1"]
     with TestPipeline() as p:
-        out = transforms.run_lines(p | beam.Create([lines]), "Lines", transforms.LinesDoFn(plan.spec, source_split=0))
+        out = transforms.run_lines(p | beam.Create([(0, lines)]), "Lines", transforms.LinesDoFn(plan.spec))
         assert_that(out[transforms.RECORDS], equal_to([(0, [((1.0, 0.0), (("user", "a", 1.0), ("item", "x", 2.0))),
                                                             ((0.0, 0.0), (("item", "y", 1.0),))])]), label="good")
         assert_that(out[transforms.DEAD] | beam.combiners.ToList() | beam.Map(_reasons), equal_to([sorted([
@@ -142,7 +142,7 @@ def test_parse_and_join_with_side_inputs_or_by_key(tmp_path, mode):
             table = dictionaries.read_entity_table(p, cfg.entity_tables[0], columns, values)
         if mode == "side_input":
             field_map, table = transforms.pack(field_map, "F"), transforms.pack(table, "T")
-        parsed = p | transforms.ParseAndJoin(plan, cfg.input, feat.TRAIN, field_map, [table])
+        parsed = p | transforms.ParseAndJoin(plan, [(feat.TRAIN, cfg.input)], field_map, [table])
         records = parsed["records"] | beam.FlatMap(lambda b: [(b[0], r) for r in b[1]])
         assert_that(records, equal_to([(feat.TRAIN, r) for r in _JOINED]), label="records")
         dead = tuple(parsed["dead"]) | "Dead" >> beam.Flatten()
@@ -206,6 +206,24 @@ def test_statistics_builds_the_vocabulary_from_training_records(tmp_path):
                                {"rows": 0, "rows_count": 0, "top": None, "occurrences": 0, "lines": 0})]),
                     label="stats")
     assert read_vocabulary(str(tmp_path / "vocabulary.tsv"))[0].key == "a"
+
+
+def test_feature_counts_travel_as_stable_shard_dicts():
+    """A bundle's training counts leave as one dict per shard; a feature's shard is the same in
+    every process (Python's own str hash is salted per process)."""
+    train = [((1.0,), (("user", "a", 1.0), ("item", "x", 1.0))), ((0.0,), (("user", "a", 1.0), ("user", "b", 1.0)))]
+    evals = [((1.0,), (("user", "c", 1.0),))]
+    expected = {("user", "a"): 2, ("user", "b"): 1, ("item", "x"): 1}  # eval features are not counted
+    with TestPipeline() as p:
+        sums = (p | beam.Create([(feat.TRAIN, train), (feat.EVAL, evals)])
+                | beam.ParDo(transforms.SumFeaturesFn((), (), ())).with_outputs(
+                    transforms.COUNTS, transforms.VALUES, transforms.TOTALS))
+        assert_that(sums[transforms.COUNTS] | beam.FlatMap(lambda kv: [(kv[0], k, n) for k, n in kv[1].items()]),
+                    equal_to([(transforms.count_shard(*k), k, n) for k, n in expected.items()]))
+    code = "from etl.transforms import count_shard; print([count_shard(*k) for k in (('user', 'a'), ('item', 'x'))])"
+    shards = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, check=True,
+                             capture_output=True, text=True).stdout for seed in ("1", "2")}
+    assert shards == {f"{[transforms.count_shard('user', 'a'), transforms.count_shard('item', 'x')]}\n"}
 
 
 def test_write_records_deals_round_robin_to_num_shards_files(tmp_path):
