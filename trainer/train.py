@@ -139,10 +139,15 @@ def train_dataset(cfg: config_lib.ExperimentConfig, schema: Schema, tasks, repea
       files: a worker's TFRecord shards instead of the whole split (parameter servers).
       seed: the shuffle seed (default ``train.seed``).
     """
+    once = featurizes_once(cfg, schema, files)
+    start = time.perf_counter()
     ds = data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
                            cfg.train.seed if seed is None else seed, cfg.data.cache, cfg.data.num_parallel_reads,
                            repeat=repeat, files=files, deterministic=cfg.data.deterministic,
-                           dense_ids=cfg.data.dense_ids, featurize_once=featurizes_once(cfg, schema, files))
+                           dense_ids=cfg.data.dense_ids, featurize_once=once)
+    if once and cfg.train.verbose:  # its cost is paid here, before the first epoch's clock starts
+        print(f"train: train split featurized once, held in memory ({data.featurized_bytes(schema, 'train') or 0:,} "
+              f"bytes; {time.perf_counter() - start:.1f}s)", flush=True)
     return _select(ds, tasks, cfg.train, training=True)
 
 
