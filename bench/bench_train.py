@@ -19,12 +19,16 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
 * **DeepFM vs DeepCTR 0.9.4** at DeepCTR's shape (embedding 10, DNN 400-400, batch 1024, Adam 1e-3;
   DeepCTR's default L2 1e-5 on embeddings and linear weights): examples/s of a whole training epoch
   (the best of epochs 2-3, so tracing and compilation are left out) of ``deepctr.models.DeepFM`` on
-  label-encoded NumPy arrays and of ``--deepfm_experiment`` twice: on the cached TFRecord pipeline
-  (parsed every epoch, as ``make train`` trains) and on one pass of parsed batches held in memory
-  (as DeepCTR's arrays), and on the pipeline with the settings before the speed work
-  (``DEEPFM_BEFORE``: float32 DNN, one step per execution, sparse layout), next to the DNN alone
-  (float32) on random arrays (a ceiling for a float32 DeepFM at that shape). The five alternate ``--rounds`` times; the
-  best round of each counts.
+  label-encoded NumPy arrays and of ``--deepfm_experiment``: with the training input ``make train``
+  gives it (the headline ratio; for ``frappe_deepfm_deepctr`` the split featurized once and held in
+  memory, ``data.featurize_once`` auto, reshuffled every epoch as Keras does with DeepCTR's arrays),
+  and as context on the cached TFRecord pipeline parsed every epoch (``data.featurize_once=false``),
+  on one pass of its batches replayed from memory (no reshuffle), and on the pipeline with the
+  settings before the speed work (``DEEPFM_BEFORE``: float32 DNN, one step per execution, sparse
+  layout, parsed every epoch), next to the DNN alone (float32) on random arrays (a ceiling for a
+  float32 DeepFM at that shape). The six alternate ``--rounds`` times; the best round of each counts.
+  Also printed: the headline ratio per round, and the ratio of examples per CPU-second of the process
+  (ours and DeepCTR), which moves less when other jobs share the cores.
   Needs the ``bench`` extra (DeepCTR, pandas, scikit-learn). Bar: >= 1.5x (goal 3x).
 * **Step throughput** of every registered model (its default config, ``train.jit_compile`` off and on)
   and of the input pipeline alone, at each ``--batch_sizes``: ``--steps`` timed ``fit`` steps after as
@@ -34,7 +38,7 @@ In one run, on Frappe (``make etl`` output ``data/frappe``, built first when mis
   ``frappe_ffm`` (``FFM_LEVERS``): the layers before the speed work (git revision
   ``BASELINE_REVISION``), the field-space layer, XLA, steps per execution, rate, batch size, L2 off.
   Each FFM measurement runs in a fresh process.
-* ``--deepfm_levers``: the DeepFM rate (on the pipeline) again for each speed lever added one at a
+* ``--deepfm_levers``: the DeepFM rate (with its training input) again for each speed lever added one at a
   time to ``--deepfm_experiment``'s settings before the speed work (``DEEPFM_LEVERS``: inter-op
   threads, steps per execution, XLA, the DNN in bfloat16, the dense layout of single-valued fields
   ``data.dense_ids``, the split featurized once ``data.featurize_once``), each in a fresh process,
@@ -209,12 +213,7 @@ def _datasets(cfg, schema, model):
 
     examples = schema.splits["train"]["examples"]
     steps = cfg.train.steps_per_epoch or math.ceil(examples / cfg.data.batch_size)
-    train_ds = train._select(data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
-                                               cfg.train.seed, cfg.data.cache, cfg.data.num_parallel_reads,
-                                               repeat=True, deterministic=cfg.data.deterministic,
-                                               dense_ids=cfg.data.dense_ids,
-                                               featurize_once=cfg.data.featurize_once),
-                             model.tasks, cfg.train, training=True)
+    train_ds = train.train_dataset(cfg, schema, model.tasks, repeat=True)
     eval_ds = train._select(data.make_dataset(schema, "eval", cfg.data.eval_batch_size), model.tasks, cfg.train,
                             training=False)
     eval_steps = math.ceil(schema.splits["eval"]["examples"] / cfg.data.eval_batch_size)
@@ -363,8 +362,17 @@ def frappe_arrays(frappe_dir: str):
             {n: len(c) for n, c in codes.items()})
 
 
-def deepctr_rate(frappe_dir: str, epochs: int = 3) -> float:
-    """Examples/s of DeepCTR 0.9.4's DeepFM at DeepCTR's shape (best of epochs 2..)."""
+def _best_epoch_rates(clock: EpochClock, examples: int) -> tuple[float, float]:
+    """(examples/s, examples per CPU-second of the process) of the best training epoch after the first
+    (tracing and compilation left out). The CPU figure moves less with other jobs on the machine: it
+    drops out the time the process waits for a core, not the cores it uses."""
+    later = clock.epochs[1:]
+    return (examples / min(e["epoch_train_seconds"] for e in later),
+            examples / min(e["epoch_train_cpu_seconds"] for e in later))
+
+
+def deepctr_rate(frappe_dir: str, epochs: int = 3) -> tuple[float, float]:
+    """(examples/s, examples per CPU-second) of DeepCTR 0.9.4's DeepFM at DeepCTR's shape (best of epochs 2..)."""
     from deepctr.feature_column import SparseFeat
     from deepctr.models import DeepFM
 
@@ -377,22 +385,25 @@ def deepctr_rate(frappe_dir: str, epochs: int = 3) -> float:
     model.compile(keras.optimizers.Adam(s["learning_rate"]), "binary_crossentropy")
     clock = EpochClock()
     model.fit(x, y, batch_size=s["batch_size"], epochs=epochs, verbose=0, callbacks=[clock])
-    return len(y) / min(e["epoch_train_seconds"] for e in clock.epochs[1:])
+    return _best_epoch_rates(clock, len(y))
 
 
 # The settings of frappe_deepfm_deepctr before this speed work: float32 DNN, one step per execution,
 # the sparse layout.
 DEEPFM_BEFORE = {"model": {"mlp_dtype": "float32"}, "train": {"steps_per_execution": 1},
-                 "data": {"dense_ids": False}}
+                 "data": {"dense_ids": False, "featurize_once": False}}
+# The TFRecord pipeline parsed and featurized every epoch (the training input before featurize-once).
+PARSE_EVERY_EPOCH = {"data": {"featurize_once": False}}
 
 
 def ours_deepfm_rate(experiment: str, data_path: str, in_memory: bool, epochs: int = 3,
-                     overrides: dict | None = None) -> tuple[float, object]:
-    """Examples/s of a whole training epoch of a named DeepFM experiment (best of epochs 2..).
+                     overrides: dict | None = None) -> tuple[float, object, float]:
+    """(examples/s, resolved config, examples per CPU-second) of a whole training epoch of a named DeepFM
+    experiment (best of epochs 2..).
 
-    ``in_memory``: one pass of parsed batches held in memory and repeated, as DeepCTR trains from
-    NumPy arrays (no per-epoch reshuffle); else the cached TFRecord pipeline, parsed every epoch.
-    ``overrides``: config overrides on top of the experiment (``DEEPFM_BEFORE``).
+    ``in_memory``: one pass of the training input's batches replayed from memory (no per-epoch
+    reshuffle); else the training input ``make train`` uses (``trainer.train.train_dataset``).
+    ``overrides``: config overrides on top of the experiment (``DEEPFM_BEFORE``, ``PARSE_EVERY_EPOCH``).
     """
     from feature_schema import configs, load_schema
     from trainer import config as config_lib
@@ -408,7 +419,8 @@ def ours_deepfm_rate(experiment: str, data_path: str, in_memory: bool, epochs: i
         train_ds = train_ds.take(steps).cache().repeat()
     clock = EpochClock()
     model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, callbacks=[clock], verbose=0)
-    return steps * cfg.data.batch_size / min(e["epoch_train_seconds"] for e in clock.epochs[1:]), cfg
+    wall, cpu = _best_epoch_rates(clock, steps * cfg.data.batch_size)
+    return wall, cfg, cpu
 
 
 def mlp_only_rate(examples: int, fields: int, epochs: int = 3) -> float:
@@ -438,15 +450,15 @@ DEEPFM_LEVERS = [
     ("+ model.mlp_dtype=bfloat16", {"model": {"mlp_dtype": "bfloat16"}}),
     (" + train.jit_compile (XLA), bfloat16 DNN", {"train": {"jit_compile": True}}),
     (" + steps_per_execution=32", {"train": {"steps_per_execution": 32}}),
-    ("+ data.dense_ids (single-valued fields as dense [batch, fields] ids) = frappe_deepfm_deepctr",
-     {"data": {"dense_ids": True}}),
+    ("+ data.dense_ids (single-valued fields as dense [batch, fields] ids)", {"data": {"dense_ids": True}}),
     (" + inter-op threads 1 on dense ids", {"_env": {"TF_NUM_INTEROP_THREADS": "1"}}),
-    ("+ data.featurize_once (dense rows held in memory, permuted every epoch)", {"data": {"featurize_once": True}}),
+    ("+ data.featurize_once auto (held in memory, permuted every epoch) = frappe_deepfm_deepctr",
+     {"data": {"featurize_once": None}}),
 ]
 
 
 def _deepfm_rate_process(experiment: str, data_path: str, overrides: dict) -> float:
-    """``ours_deepfm_rate`` on the pipeline in a fresh process (thread settings apply at start-up)."""
+    """``ours_deepfm_rate`` (its training input) in a fresh process (thread settings apply at start-up)."""
     overrides = dict(overrides)
     env = {**os.environ, **overrides.pop("_env", {})}
     payload = {"experiment": experiment, "data_path": data_path, "overrides": overrides}
@@ -473,7 +485,7 @@ def deepfm_levers(experiment: str, data_path: str, frappe_dir: str, rounds: int)
     rates = {name: [] for name, _ in named}
     rates["DeepCTR 0.9.4"] = []
     for r in range(rounds):
-        rates["DeepCTR 0.9.4"].append(deepctr_rate(frappe_dir))
+        rates["DeepCTR 0.9.4"].append(deepctr_rate(frappe_dir)[0])
         for name, cfg in named:
             rates[name].append(_deepfm_rate_process(experiment, data_path, cfg))
         print(f"bench_train: DeepFM levers round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()),
@@ -489,13 +501,24 @@ def deepfm_vs_deepctr(experiment: str, data_path: str, frappe_dir: str, rounds: 
         import deepctr  # noqa: F401
     except ImportError:
         return {"deepctr": "not installed (pip install '.[bench]')"}
-    rates, cfg = {"ours": [], "ours_in_memory": [], "ours_before": [], "deepctr": [], "mlp_only": []}, None
+    from feature_schema import load_schema
+    from trainer import train
+
+    rates = {"ours": [], "ours_parse_every_epoch": [], "ours_in_memory": [], "ours_before": [], "deepctr": [],
+             "mlp_only": []}
+    cpu = {"ours": [], "deepctr": []}  # examples per CPU-second: the ratio that moves less under load
+    cfg = None
     for r in range(rounds):
-        rate, cfg = ours_deepfm_rate(experiment, data_path, in_memory=False)
+        rate, cfg, cpu_rate = ours_deepfm_rate(experiment, data_path, in_memory=False)
         rates["ours"].append(rate)
+        cpu["ours"].append(cpu_rate)
+        rates["ours_parse_every_epoch"].append(
+            ours_deepfm_rate(experiment, data_path, False, overrides=PARSE_EVERY_EPOCH)[0])
         rates["ours_before"].append(ours_deepfm_rate(experiment, data_path, False, overrides=DEEPFM_BEFORE)[0])
         rates["ours_in_memory"].append(ours_deepfm_rate(experiment, data_path, in_memory=True)[0])
-        rates["deepctr"].append(deepctr_rate(frappe_dir))
+        rate, cpu_rate = deepctr_rate(frappe_dir)
+        rates["deepctr"].append(rate)
+        cpu["deepctr"].append(cpu_rate)
         rates["mlp_only"].append(mlp_only_rate(57_722, 10))
         print(f"bench_train: DeepFM round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()),
               flush=True)
@@ -504,11 +527,16 @@ def deepfm_vs_deepctr(experiment: str, data_path: str, frappe_dir: str, rounds: 
     return {"experiment": experiment, "embedding_dim": m.embedding_dim, "hidden_units": list(m.hidden_units),
             "batch_size": cfg.data.batch_size, "optimizer": cfg.optimizer.name,
             "jit_compile": cfg.train.jit_compile, "steps_per_execution": cfg.train.steps_per_execution,
+            "featurize_once": train.featurizes_once(cfg, load_schema(data_path)),
             "ours_examples_per_s": best["ours"], "ours_in_memory_examples_per_s": best["ours_in_memory"],
+            "ours_parse_every_epoch_examples_per_s": best["ours_parse_every_epoch"],
+            "ratio_parse_every_epoch": best["ours_parse_every_epoch"] / best["deepctr"],
             "deepctr_examples_per_s": best["deepctr"], "mlp_only_examples_per_s": best["mlp_only"],
             "mlp_dtype": m.mlp_dtype, "ours_before_examples_per_s": best["ours_before"],
             "before_overrides": DEEPFM_BEFORE, "ratio_before": best["ours_before"] / best["deepctr"],
-            "rounds": rates,
+            "rounds": rates, "rounds_per_cpu_second": cpu,
+            "ratio_per_round": [o / d for o, d in zip(rates["ours"], rates["deepctr"])],
+            "ratio_per_cpu_second": max(cpu["ours"]) / max(cpu["deepctr"]),
             "ratio": best["ours"] / best["deepctr"], "ratio_in_memory": best["ours_in_memory"] / best["deepctr"]}
 
 
@@ -670,12 +698,22 @@ def print_report(result: dict) -> None:
                   f"steps_per_execution={d['steps_per_execution']}, mlp_dtype={d['mlp_dtype']}; "
                   "best of the rounds)")
             print(f"  DeepCTR 0.9.4 (NumPy arrays in memory): {_fmt_rate(d['deepctr_examples_per_s'])}/s")
-            print(f"  ours, cached TFRecords parsed every epoch: {_fmt_rate(d['ours_examples_per_s'])}/s, "
+            how = ("split featurized once, held in memory, reshuffled every epoch" if d.get("featurize_once")
+                   else "cached TFRecords parsed every epoch")
+            print(f"  ours, as make train trains ({how}): {_fmt_rate(d['ours_examples_per_s'])}/s, "
                   f"ratio {d['ratio']:.2f}x; " + _verdict(d["ratio"], DEEPFM_BAR, DEEPFM_GOAL, False))
-            print(f"  ours, parsed batches in memory: {_fmt_rate(d['ours_in_memory_examples_per_s'])}/s, "
-                  f"ratio {d['ratio_in_memory']:.2f}x; "
-                  + _verdict(d["ratio_in_memory"], DEEPFM_BAR, DEEPFM_GOAL, False))
-            print(f"  ours before ({d['before_overrides']}), same pipeline: "
+            if "ratio_per_cpu_second" in d:
+                print(f"  same, per round: {', '.join(f'{x:.2f}' for x in d['ratio_per_round'])}; examples per "
+                      f"CPU-second (moves less under load): ours {_fmt_rate(max(d['rounds_per_cpu_second']['ours']))}, "
+                      f"DeepCTR {_fmt_rate(max(d['rounds_per_cpu_second']['deepctr']))}, "
+                      f"ratio {d['ratio_per_cpu_second']:.2f}x")
+            if "ratio_parse_every_epoch" in d:
+                print(f"  context: ours on cached TFRecords parsed every epoch (data.featurize_once=false): "
+                      f"{_fmt_rate(d['ours_parse_every_epoch_examples_per_s'])}/s, "
+                      f"ratio {d['ratio_parse_every_epoch']:.2f}x")
+            print(f"  context: ours on one pass of its batches replayed from memory (no reshuffle): "
+                  f"{_fmt_rate(d['ours_in_memory_examples_per_s'])}/s, ratio {d['ratio_in_memory']:.2f}x")
+            print(f"  ours before ({d['before_overrides']}), TFRecords parsed every epoch: "
                   f"{_fmt_rate(d['ours_before_examples_per_s'])}/s, ratio {d['ratio_before']:.2f}x")
             mlp = d["mlp_only_examples_per_s"]
             print(f"  the DNN alone (100 -> 400 -> 400 -> 1, float32, Adam, random arrays): {_fmt_rate(mlp)}/s = "
@@ -684,7 +722,7 @@ def print_report(result: dict) -> None:
             print(f"\nDeepFM vs DeepCTR: {d['deepctr']}")
     dl = result.get("deepfm_levers")
     if dl:
-        print(f"\nDeepFM levers, one at a time (examples/s of a training epoch on the pipeline, best of the rounds, "
+        print(f"\nDeepFM levers, one at a time (examples/s of a training epoch, best of the rounds, "
               f"each in a fresh process; DeepCTR {_fmt_rate(dl['deepctr_examples_per_s'])}/s)")
         print(f"{'lever':56s} {'examples/s':>11s} {'x DeepCTR':>9s}")
         for r in dl["rows"]:

@@ -37,7 +37,13 @@ class DataConfig:
       featurize_once: train on the split parsed and featurized once (dense layout) and held in memory,
         each epoch's batches gathered from a fresh seeded permutation of all examples (how Keras
         feeds NumPy arrays; ``shuffle_buffer`` 0: file order). For splits that fit in memory (Frappe:
-        57,722 x 10 ids and values, 7 MB) whose fields are all single-valued; ``cache`` is then moot.
+        57,722 x 10 fields, 12 MB) whose fields are all single-valued; ``cache`` is then moot. True:
+        always (an error when a field is multi-hot); False: never (parse every epoch); None (``null``):
+        auto, on when the split qualifies (``data.featurize_once_fits``: all fields single-valued,
+        ``fill_missing``, no vector fields) and its featurized size is at most
+        ``featurize_once_max_bytes``; auto stays off for a parameter-server worker's shard.
+      featurize_once_max_bytes: the memory budget of ``featurize_once`` auto (``data.featurized_bytes``:
+        20 bytes per example and field, 4 per label and weight).
     """
 
     path: str = "data/etl"
@@ -48,7 +54,12 @@ class DataConfig:
     num_parallel_reads: int = 4
     deterministic: bool = True
     dense_ids: bool = False
-    featurize_once: bool = False
+    featurize_once: bool | None = False
+    featurize_once_max_bytes: int = 1 << 30
+
+    def __post_init__(self):
+        if self.featurize_once_max_bytes < 0:
+            raise ValueError(f"data.featurize_once_max_bytes must be >= 0, got {self.featurize_once_max_bytes}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,6 +118,22 @@ def make_dataset(schema: Schema, split: str, batch_size: int, shuffle_buffer: in
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def featurized_bytes(schema: Schema, split: str) -> int | None:
+    """Bytes ``featurized_split`` holds for a split: per example and field an int64 row, a float32 value
+    and an int64 field id, plus a float32 weight and one per label (None: the schema has no count)."""
+    n = schema.splits.get(split, {}).get("examples")
+    return None if n is None else int(n) * (20 * schema.num_fields + 4 * (1 + len(schema.label_names)))
+
+
+def featurize_once_fits(schema: Schema, split: str, max_bytes: int) -> bool:
+    """Whether ``data.featurize_once`` unset (auto) holds a split in memory: every field single-valued,
+    ``fill_missing``, no vector fields (the dense layout's conditions) and ``featurized_bytes`` at most
+    ``max_bytes``."""
+    size = featurized_bytes(schema, split)
+    return (size is not None and size <= max_bytes and schema.fill_missing and not schema.vector_fields
+            and len(schema.single_field_ids) == schema.num_fields)
+
+
 def featurized_split(schema: Schema, split: str, files: list[str], featurizer: Featurizer | None = None,
                      num_parallel_reads: int = 4):
     """(features, labels, weights) of every record of ``files``, parsed and featurized once in the dense

@@ -139,11 +139,26 @@ def train_dataset(cfg: config_lib.ExperimentConfig, schema: Schema, tasks, repea
       files: a worker's TFRecord shards instead of the whole split (parameter servers).
       seed: the shuffle seed (default ``train.seed``).
     """
+    once = featurizes_once(cfg, schema, files)
+    start = time.perf_counter()
     ds = data.make_dataset(schema, "train", cfg.data.batch_size, cfg.data.shuffle_buffer,
                            cfg.train.seed if seed is None else seed, cfg.data.cache, cfg.data.num_parallel_reads,
                            repeat=repeat, files=files, deterministic=cfg.data.deterministic,
-                           dense_ids=cfg.data.dense_ids, featurize_once=cfg.data.featurize_once)
+                           dense_ids=cfg.data.dense_ids, featurize_once=once)
+    if once and cfg.train.verbose:  # its cost is paid here, before the first epoch's clock starts
+        print(f"train: train split featurized once, held in memory ({data.featurized_bytes(schema, 'train') or 0:,} "
+              f"bytes; {time.perf_counter() - start:.1f}s)", flush=True)
     return _select(ds, tasks, cfg.train, training=True)
+
+
+def featurizes_once(cfg: config_lib.ExperimentConfig, schema: Schema, files: list[str] | None = None) -> bool:
+    """``data.featurize_once`` resolved: auto (None) holds the train split in memory when it qualifies and
+    fits ``data.featurize_once_max_bytes``; never for a worker's shard (``files``), whose dataset a
+    parameter-server cluster builds in a graph."""
+    once = cfg.data.featurize_once
+    if once is None:
+        return files is None and data.featurize_once_fits(schema, "train", cfg.data.featurize_once_max_bytes)
+    return once
 
 
 def keras_verbosity(train_cfg: config_lib.TrainConfig) -> int:
