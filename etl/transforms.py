@@ -219,9 +219,10 @@ class LinesDoFn(beam.DoFn):
     """Lines -> records: parse, join dictionaries, check, split.
 
     Input: ``(source split, lines)``, batches of raw lines of one input
-    (``sources.ReadLineBatches``), or ``(record, found)`` pairs after a ``KeyedLookup``. A keyed join splits the work into several instances: one
-    that parses and emits ``pending`` records ``(line id, (raw, split, labels, features))`` for
-    ``KeyedLookup``, and one per lookup that takes ``(record, found)``. The last (``final``)
+    (``sources.ReadLineBatches``), or ``(record, found)`` pairs after a ``KeyedLookup``. A keyed
+    join splits the work into several instances: one that parses and emits ``pending`` records
+    ``(line id, (raw, split, labels, features))`` for ``KeyedLookup``, and one per lookup that
+    takes ``(record, found)``. The last (``final``)
     instance emits ``records``: ``(split, [(labels, features), ...])`` batches. Every instance
     emits ``dead`` letters ``(split, JSON)`` and per bundle ``stats`` (lines read and
     dead-lettered per split and reason).
@@ -251,7 +252,8 @@ class LinesDoFn(beam.DoFn):
         self._unpacked = Unpacked()
         spec = self._spec
         # The split is known at read time from the input file (-1: not), or from the raw line's hash.
-        self._fixed = {feat.EVAL: feat.EVAL, feat.VALID: feat.VALID, feat.TRAIN: -1 if spec.valid_per_10k else feat.TRAIN}
+        self._fixed = {feat.EVAL: feat.EVAL, feat.VALID: feat.VALID,
+                       feat.TRAIN: -1 if spec.valid_per_10k else feat.TRAIN}
         self._early = self._parse and spec.split in ("line", "path")
 
     def start_bundle(self):
@@ -471,8 +473,8 @@ class ParseAndJoin(beam.PTransform):
 
 # Feature counts travel as this many dicts per bundle (by a stable hash of the feature), not as
 # one element per feature: on the Python runners each element costs about 10 us per stage it
-# crosses, which for Frappe's 5,400 features was a tenth of the job. The shards keep the sums
-# spread over workers.
+# crosses (Frappe's 5,400 features: 0.13 s of a 2 s job in the two count stages, 0.05 s after).
+# The shards keep the sums spread over workers.
 COUNT_SHARDS = 64
 
 
@@ -508,7 +510,8 @@ class SumFeaturesFn(beam.DoFn):
     """Record batches -> per-bundle training sums, and the fields of every split.
 
     Outputs: ``counts`` (shard, {(field, key): n}) of categorical and numeric features of the
-    training split (``count_shard``); ``values`` ((field, float32 value), n) of its binned and numeric features;
+    training split (``count_shard``); ``values`` ((field, float32 value), n) of its binned and
+    numeric features;
     ``totals`` ((what, field), n): ``occurrences`` (training features of the field),
     ``lines`` (training lines holding a multi-hot field) and ``seen`` (0, for every field of
     any split). Sequences of another field's keys (``shared``: their ``vocabulary_of``) count only
@@ -541,7 +544,8 @@ class SumFeaturesFn(beam.DoFn):
             yield from self._drain(lambda x: x)
 
     def _drain(self, wrap):
-        # Streamed, not folded into dicts first: the combiners downstream merge equal keys.
+        # Values stream out as elements and counts as per-shard dicts; the combiners downstream
+        # merge equal keys.
         totals = self._totals
         value_fields, binned, shared = self._value_fields, self._binned, self._shared
         shards = collections.defaultdict(dict)
