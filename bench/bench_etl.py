@@ -169,16 +169,28 @@ def _head(src: str, dst: str, n: int) -> str:
     return dst
 
 
+def frappe_files(data: str) -> tuple[str, str, str]:
+    """Frappe's train (validation) and eval (test) splits and field map under ``data``."""
+    d = os.path.join(data, "frappe")
+    files = tuple(os.path.join(d, f) for f in ("frappe.validation.libfm", "frappe.test.libfm", "frappe.fields.tsv"))
+    for path in files:
+        if not os.path.exists(path):
+            raise SystemExit(f"bench_etl: {path} not found (pass --data)")
+    return files
+
+
+def beam_conversion(train: str, eval_: str, field_map: str, out: str, min_count: int):
+    """The ETL job on a libfm train and eval file with a field map, in this process; its schema."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return pipeline.run(["--input", train, "--eval_input", eval_, "--format", "libfm", "--field_map", field_map,
+                             "--out", out, "--set", f"min_count={min_count}"])
+
+
 def frappe(data: str, min_count: int, work: str, rounds: int = 3) -> dict:
     """Plain converter and Beam job on Frappe, side by side: both first run once on a 1,000-line
     slice (lazy imports and first-use caches of either are not the conversion), then ``rounds``
     alternating timed runs each; the ratio is the median of the rounds' ratios."""
-    d = os.path.join(data, "frappe")
-    train, eval_, fields = (os.path.join(d, f) for f in ("frappe.validation.libfm", "frappe.test.libfm",
-                                                         "frappe.fields.tsv"))
-    for path in (train, eval_, fields):
-        if not os.path.exists(path):
-            raise SystemExit(f"bench_etl: {path} not found (pass --data)")
+    train, eval_, fields = frappe_files(data)
     with open(train, "rb") as f1, open(eval_, "rb") as f2:
         lines = sum(1 for _ in f1) + sum(1 for _ in f2)
 
@@ -186,9 +198,7 @@ def frappe(data: str, min_count: int, work: str, rounds: int = 3) -> dict:
         return plain_conversion(tr, ev, fields, out, min_count)
 
     def beam(tr, ev, out):
-        with contextlib.redirect_stdout(io.StringIO()):
-            return pipeline.run(["--input", tr, "--eval_input", ev, "--format", "libfm", "--field_map", fields,
-                                 "--out", out, "--set", f"min_count={min_count}"])
+        return beam_conversion(tr, ev, fields, out, min_count)
 
     slice_ = (_head(train, os.path.join(work, "warm-train.libfm"), 1000),
               _head(eval_, os.path.join(work, "warm-eval.libfm"), 1000))

@@ -98,7 +98,7 @@ def build_pipeline(p: beam.Pipeline, cfg: EtlConfig, keys: ExampleKeys = Example
               for t, cols, values, keyed in plan.tables]
     # All inputs are one read and one record PCollection: no Flatten, so nothing makes the runner hold records.
     parsed = p | "ParseAndJoin" >> transforms.ParseAndJoin(plan, _inputs(cfg), field_map, tables)
-    records = (parsed["records"],)
+    records = parsed["records"]
     _ = records | "Statistics" >> transforms.Statistics(plan, cfg.out)
     written = records | "WriteRecords" >> transforms.WriteRecords(
         cfg.out, plan.splits, cfg.num_shards, cfg.labels, keys, multi_hot=bool(plan.spec.multi_hot),
@@ -315,9 +315,8 @@ def rare_young_collections(threshold: int = GC_YOUNG_THRESHOLD):
 
     Bundles hold batches of records (a few small containers per line) while they fill, so at
     the default threshold the collector ran about 800 times during the Frappe job (the plain
-    loop, which frees each record at once, 40 times), and promoted batches into full
-    collections over every object of the Beam runtime: 0.1-0.2 s of its 2 s (``bench_etl``,
-    docs/ETL.md). The records hold no cycles; cycles elsewhere wait for at most ``threshold``
+    loop, which frees each record at once, 40 times; ``bench.etl_stages``), and promoted
+    batches into full collections over every object of the Beam runtime. The records hold no cycles; cycles elsewhere wait for at most ``threshold``
     allocations. Only this process is affected (the in-memory runner runs the job here).
     """
     young, *older = gc.get_threshold()

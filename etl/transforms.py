@@ -473,8 +473,8 @@ class ParseAndJoin(beam.PTransform):
 
 # Feature counts travel as this many dicts per bundle (by a stable hash of the feature), not as
 # one element per feature: on the Python runners each element costs about 10 us per stage it
-# crosses (Frappe's 5,400 features: 0.13 s of a 2 s job in the two count stages, 0.05 s after).
-# The shards keep the sums spread over workers.
+# crosses (Frappe's count stage: 0.054 s before, 0.011 s after, ``bench.etl_stages``). The shards
+# keep the sums spread over workers.
 COUNT_SHARDS = 64
 
 
@@ -777,12 +777,10 @@ def write_layout(layout: dict, out: str) -> int:
 
 
 class Statistics(beam.PTransform):
-    """Record batches (a tuple of PCollections) -> the vocabulary, bins and value statistics.
+    """Record batches of every split -> the vocabulary, bins and value statistics.
 
-    The first PCollection holds the training input's records (train, and the eval/valid lines
-    hashed off it); the others (eval/valid inputs) only add the fields they show. Per-bundle
-    sums (``SumFeaturesFn``) of the training input feed combiners that Beam lifts into that
-    input's stage: counts per feature, counts per distinct value (-> ``ComputeBins``,
+    Training records are counted; eval/valid records only add the fields they show. Per-bundle
+    sums (``SumFeaturesFn``) feed combiners that Beam lifts into the records' stage: counts per feature, counts per distinct value (-> ``ComputeBins``,
     ``ValueStats``, bin counts); per-field totals (occurrences, lines of multi-hot fields,
     fields seen) are a side input. The features that keep a row reach one worker, which builds the layout
     (``plan.make_layout``) and writes ``vocabulary.tsv`` and ``_meta/{fields,usage}.json``.
@@ -798,17 +796,14 @@ class Statistics(beam.PTransform):
 
     def expand(self, records):
         plan = self._plan
-        p = records[0].pipeline
-        sums = [r | f"SumFeatures{i}" >> beam.ParDo(SumFeaturesFn(plan.binned, plan.numeric, plan.spec.multi_hot,
-                                                                            plan.namespaces))
-                .with_outputs(COUNTS, VALUES, TOTALS) for i, r in enumerate(records)]
-        # Only sums[0] counts training features: its counts and values need no Flatten, which would
-        # make the runner buffer them before the combiner.
-        # A few pairs per field and bundle: summed where the layout is built, with no combine stage.
-        totals = union((s[TOTALS] for s in sums), "Totals")
-        side = {"totals": beam.pvalue.AsList(totals)}  # side inputs of the layout step
+        p = records.pipeline
+        sums = (records | "SumFeatures" >> beam.ParDo(SumFeaturesFn(plan.binned, plan.numeric, plan.spec.multi_hot,
+                                                                     plan.namespaces))
+                .with_outputs(COUNTS, VALUES, TOTALS))
+        # Totals: a few pairs per field and bundle, summed where the layout is built (no combine stage).
+        side = {"totals": beam.pvalue.AsList(sums[TOTALS])}  # side inputs of the layout step
         if plan.binned or plan.numeric:
-            values = sums[0][VALUES] | "SumValues" >> beam.CombinePerKey(sum)
+            values = sums[VALUES] | "SumValues" >> beam.CombinePerKey(sum)
             bounds = values | "Bins" >> ComputeBins(plan.num_bins)
             side["bounds"] = beam.pvalue.AsDict(bounds)
             side["stats"] = beam.pvalue.AsDict(values | "ValueStats" >> ValueStats(plan.transforms))
@@ -825,7 +820,7 @@ class Statistics(beam.PTransform):
             known = beam.pvalue.AsDict(base_vocab | "BaseKeys" >> beam.Map(lambda e: ((e.field, e.key), None)))
         # Only features with a row reach the one worker that builds the layout; when extending,
         # those already in the base vocabulary too (their counts add up).
-        kept = (sums[0][COUNTS] | "SumCounts" >> beam.CombinePerKey(_SumDictsFn())
+        kept = (sums[COUNTS] | "SumCounts" >> beam.CombinePerKey(_SumDictsFn())
                 | "HasRow" >> beam.Map(_with_row, plan.mode, plan.min_counts, plan.default_min_count, known))
         # One list per count shard, a side input of the one step that builds the layout.
         return p | "Layout" >> Once(_layout, beam.pvalue.AsList(kept), plan, self._out, **side)
@@ -1040,7 +1035,7 @@ def finalize_files(written, out: str, tmp_dir: str, splits, path_of, empty_files
 
 
 class WriteRecords(beam.PTransform):
-    """Record batches (a tuple of PCollections) -> ``<split>/part-SSSSS-of-NNNNN.tfrecord.gz``.
+    """Record batches of every split -> ``<split>/part-SSSSS-of-NNNNN.tfrecord.gz``.
 
     ``_ShardWriterFn`` writes while the records stream; then one step sees only the list of
     file names and renames them (``finalize_files``): with one bundle per split, as on the
@@ -1061,14 +1056,13 @@ class WriteRecords(beam.PTransform):
 
     def expand(self, records):
         tmp = FileSystems.join(self._out, f"{TMP}-records")
-        written = [r | f"Write{i}" >> beam.ParDo(_ShardWriterFn(tmp, self._shards, self._labels, self._keys,
-                                                               self._multi_hot, self._namespaces))
-                   .with_outputs(STATS, main="files")
-                   for i, r in enumerate(records)]
-        files = union((w.files for w in written), "FlattenFiles")
-        final = records[0].pipeline | "Finalize" >> Once(
-            finalize_files, beam.pvalue.AsList(files), self._out, tmp, self._splits, shard_path, self._shards, True)
-        return {"files": final, "stats": union((w[STATS] for w in written), "FlattenStats")}
+        written = (records | "Write" >> beam.ParDo(_ShardWriterFn(tmp, self._shards, self._labels, self._keys,
+                                                                 self._multi_hot, self._namespaces))
+                   .with_outputs(STATS, main="files"))
+        final = records.pipeline | "Finalize" >> Once(
+            finalize_files, beam.pvalue.AsList(written.files), self._out, tmp, self._splits, shard_path, self._shards,
+            True)
+        return {"files": final, "stats": written[STATS]}
 
 
 class WriteDeadLetters(beam.PTransform):

@@ -189,7 +189,7 @@ def test_statistics_builds_the_vocabulary_from_training_records(tmp_path):
              ((1.0,), (("user", "b", 1.0), ("price", "price", 4.0)))]
     evals = [((1.0,), (("user", "c", 1.0), ("shop", "s", 1.0)))]  # shop is only seen in eval
     with TestPipeline() as p:
-        records = (p | "Train" >> beam.Create([(feat.TRAIN, train)]), p | "Eval" >> beam.Create([(feat.EVAL, evals)]))
+        records = p | beam.Create([(feat.TRAIN, train), (feat.EVAL, evals)])
         layout = records | transforms.Statistics(plan, str(tmp_path))
         # Rows: user rare 0, a 1, b 2 (2x each, key order); price (edges: the median of 1..4 by Beam's
         # rule, first rank > 3/2 -> 2): rare 3, bin1 4 (2, 3, 4: 3x); bin0 (1: 1x) is rare; age: rare 5,
@@ -231,7 +231,7 @@ def test_write_records_deals_round_robin_to_num_shards_files(tmp_path):
     recs = [((float(i % 2),), (("user", f"u{i}", 1.0), ("tag", "t", 1.0), ("tag", "s", 1.0))[:1 + i % 3])
             for i in range(7)]
     with TestPipeline() as p:
-        records = (p | beam.Create([(feat.TRAIN, recs), (feat.EVAL, recs[:1])]),)
+        records = p | beam.Create([(feat.TRAIN, recs), (feat.EVAL, recs[:1])])
         written = records | transforms.WriteRecords(out, ("train", "eval", "valid"), 3, ("click",), ExampleKeys(),
                                                      multi_hot=True)
         assert_that(written["files"] | beam.Map(lambda fs: [os.path.relpath(f, out) for f in fs]), equal_to([[
