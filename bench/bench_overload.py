@@ -5,7 +5,7 @@
 
 Serves the model ``bench.bench_serving`` built in ``--workdir`` (built first when missing) with
 ``python -m serving.server`` in a child process, twice: with the default admission limit
-(``--max_concurrent_requests``: 1 per core) and with none (``0``: requests queue without bound, as
+(``--max_concurrent_requests``: cores - 1, at least 1) and with none (``0``: requests queue without bound, as
 in TF Serving's default). Against each server:
 
 1. steady: one client sending the same ``--ads``-candidate request back to back (closed loop):
@@ -167,6 +167,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/bench/overload.json")
     p.add_argument("--limit", type=int, default=None,
                    help="--max_concurrent_requests of the limited server (default: the server's default)")
+    p.add_argument("--no_limit", type=int, default=1, help="also measure a server without a limit (0: skip it)")
     p.add_argument("--client_nice", type=int, default=-5,
                    help="this process's nice value (the server runs at 0): the load generator stands in for "
                         "clients on other machines, so it must not be starved by the server it measures")
@@ -194,7 +195,7 @@ def main(argv=None) -> None:
                "servers": {}}
     limited = ("admission limit (default)", ()) if args.limit is None else (
         f"admission limit {args.limit}", ("--max_concurrent_requests", str(args.limit)))
-    for label, flags in (limited, ("no limit", ("--max_concurrent_requests", "0"))):
+    for label, flags in (limited,) + ((("no limit", ("--max_concurrent_requests", "0")),) if args.no_limit else ()):
         proc, target = start_server(config_path, os.path.join(args.workdir, "overload-server.log"), *flags)
         try:
             r = measure(target, args.model, request, args)

@@ -88,7 +88,8 @@ class ServingClient:
       version_label: a label of models.config (``stable``, ``canary``).
       timeout_s: deadline of one scoring call, retries included.
       attempt_timeout_s: deadline of one attempt (default: whatever is left of ``timeout_s``).
-      retries: extra attempts of a sub-request after a transient failure.
+      retries: extra rounds for the sub-requests that failed transiently; a round in which some
+        sub-request was answered does not count (the server admits them a few at a time).
       backoff_s: wait before the first retry, doubled for each next one.
       max_message_bytes: cap on request and response size.
     """
@@ -223,10 +224,11 @@ class ServingClient:
             *others, (last, last_req) = pending.items()
             futures = {i: self.stub.Predict.future(req, timeout=per_attempt) for i, req in others}
             futures[last] = _Done(self.stub.Predict, last_req, per_attempt)
-            failed = {}
+            failed, progress = {}, False
             for i, fut in futures.items():
                 try:
                     results[i] = fut.result()
+                    progress = True
                 except grpc.RpcError as e:
                     code = e.code()
                     transient = _transient(e) or (code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -239,7 +241,9 @@ class ServingClient:
             pending = failed
             if pending:
                 time.sleep(min(self.backoff_s * (2 ** attempt), max(0.0, deadline - time.monotonic())))
-                attempt += 1
+                # A round in which some sub-requests were answered costs no retry: the server admits
+                # this call's sub-requests a few at a time (more of them than its admission limit).
+                attempt += not progress
         return results
 
     # ---- Classify, Regress, metadata, status

@@ -292,7 +292,7 @@ class ModelManager:
         model.set_status(version, State.LOADING)
         start = time.time()
         try:
-            with _short_gil_slices():
+            with _short_gil_slices(), _starvation_guard(f"model {model.name} version {version}"):
                 lv = LoadedVersion(model.name, version, path, self._session_config)
         except Exception as e:  # a broken version must not take the server down
             model.failures[version] += 1
@@ -300,7 +300,7 @@ class ModelManager:
             log.error("model %s version %d: load failed (%s)", model.name, version, e)
             return
         try:
-            with _short_gil_slices():
+            with _short_gil_slices(), _starvation_guard(f"model {model.name} version {version}"):
                 n = self.warmup(lv) if self._enable_warmup else 0
         except Exception as e:
             lv.retire()
@@ -401,12 +401,7 @@ class ModelManager:
         self._thread.start()
 
     def _run(self, poll_wait_s, config_path, config_poll_s):
-        # Loading a version is mostly Python graph import holding the GIL: at a lower OS priority
-        # (nice +10 for this thread only) it yields the cores to the request threads.
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
-        except (AttributeError, OSError):
-            pass
+        _idle_cpu_only()
         last_config = _read_text(config_path) if config_path else None
         next_poll = next_config = time.monotonic()
         waits = [w for w in (poll_wait_s, config_poll_s) if w > 0]
@@ -437,6 +432,78 @@ class ModelManager:
                     self._retire(model, v)
         for t in self._retiring:
             t.join()
+
+
+# A load on the idle-priority poller that has not finished after this long (a server saturated by
+# requests leaves it almost no CPU) continues at nice +10 (``_starvation_guard``).
+LOAD_IDLE_GRACE_S = 10.0
+LOAD_NICE = 10
+
+
+def _idle_cpu_only() -> None:
+    """Runs the calling thread (the poller: loads, warm-ups, unloads) on the CPU the request threads leave idle.
+
+    Under ``SCHED_IDLE`` (Linux) the scheduler preempts the thread as soon as any other thread
+    wakes on its core. A load at a nice value keeps the core for the rest of its time slice (about
+    3 ms under EEVDF) while a request thread waits: that wait was the latency of requests during a
+    swap (restoring the MLP's 26 MB of variables takes ~30 ms of CPU). Threads this thread starts
+    inherit the policy (its unloading threads); the gRPC threads and TF's compute pool start from
+    the main thread, which loads the first versions. Elsewhere (or not permitted) the thread runs
+    at nice +``LOAD_NICE``.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        _renice(threading.get_native_id(), LOAD_NICE)
+
+
+def _renice(tid: int, nice: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + nice))
+    except (AttributeError, OSError):
+        pass
+
+
+class _starvation_guard:
+    """On an idle-priority thread, moves a load that outlasts ``LOAD_IDLE_GRACE_S`` to nice +``LOAD_NICE``.
+
+    A server saturated by requests leaves ``SCHED_IDLE`` almost no CPU, so a version would wait
+    as long as the saturation lasts. Moving back needs ``CAP_SYS_NICE`` or an ``RLIMIT_NICE``
+    that allows it; without either, the load goes on at idle priority and the log says so. The
+    thread returns to idle priority when the load ends.
+    """
+
+    def __init__(self, what: str, grace_s: float | None = None):
+        self.what = what
+        self.grace_s = LOAD_IDLE_GRACE_S if grace_s is None else grace_s
+        self.promoted = False
+        self._timer = None
+
+    def __enter__(self):
+        if getattr(os, "SCHED_IDLE", None) is not None and os.sched_getscheduler(0) == os.SCHED_IDLE:
+            self._timer = threading.Timer(self.grace_s, self._promote, args=(threading.get_native_id(),))
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def _promote(self, tid: int) -> None:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError as e:
+            log.warning("%s: still loading after %.0f s on idle CPU; not permitted to raise its priority (%s)",
+                        self.what, self.grace_s, e)
+            return
+        _renice(tid, LOAD_NICE)
+        self.promoted = True
+        log.warning("%s: still loading after %.0f s on idle CPU (the server is saturated): continuing at nice +%d",
+                    self.what, self.grace_s, LOAD_NICE)
+
+    def __exit__(self, *exc):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+            if self.promoted:
+                _idle_cpu_only()
 
 
 _SLICES_LOCK = threading.Lock()

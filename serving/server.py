@@ -201,12 +201,18 @@ def freeze_startup_objects() -> None:
 
 
 def default_max_concurrent() -> int:
-    """Admitted requests by default: one per core. Each request computes on one core
-    (``session_config``), so this keeps every core busy; every request admitted beyond it would
-    only wait, and under overload that wait is what the accepted requests' latency grows by
-    (docs/RELIABILITY.md has the figures for 1, 1.5 and 2 per core). Clients retry a shed request
-    with backoff (``serving.client``), so bursts above it cost a retry, not a failure."""
-    return os.cpu_count() or 1
+    """Admitted requests by default: one per core but one (at least one).
+
+    Each request computes on one core (``session_config``). The core left over runs gRPC's
+    poller, which admits and sheds every incoming request in Python: with every core computing,
+    an overload's rejections compete with the accepted requests for the cores, and accepted p99
+    grew to 3.4-6.9x steady at 100 ads on 2 cores, against 2.15x with one core left
+    (docs/RELIABILITY.md, ``bench.bench_overload``). The price is peak throughput on a small host
+    (2 cores: 509 against 828 requests/s closed loop); ``--max_concurrent_requests`` raises it.
+    Clients retry a shed request with backoff (``serving.client``), so bursts above the limit cost
+    a retry, not a failure.
+    """
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def session_config(intra_op: int = 1, inter_op: int = -1):
@@ -248,7 +254,7 @@ def parse_args(argv):
                    help="1 (default): a request runs on the request thread that went idle last (warm caches); "
                         "0: concurrent.futures.ThreadPoolExecutor's choice (the longest idle)")
     p.add_argument("--max_concurrent_requests", type=int, default=None,
-                   help="requests admitted at once; more get RESOURCE_EXHAUSTED at once (default: 1 per core; "
+                   help="requests admitted at once; more get RESOURCE_EXHAUSTED at once (default: cores - 1, at least 1; "
                         "0: no limit)")
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=1,
                    help="threads one op may use (1, default: a request stays on one core; 0: TF's choice)")

@@ -301,6 +301,29 @@ def test_overload_is_shed_at_once_and_the_server_keeps_serving(env):
         srv.stop()
 
 
+def test_split_call_over_the_admission_limit_gets_through_a_few_sub_requests_at_a_time(env):
+    """4 concurrent sub-requests against an admission limit of 1: each round some are answered and the
+    rest shed; rounds that answered some cost no retry, so with retries=1 the call still succeeds
+    (counting every round as a retry, it would fail in its third) and equals the unsplit answer."""
+    manager = server.ModelManager(server.single_model_config("fm", os.path.join(env["base"], "fm")),
+                                  session_config=server.session_config())
+    predict, admitted = manager.handlers.predict, []
+
+    def slow(req):  # holds the only slot long enough for the siblings to arrive and be shed
+        admitted.append(1)
+        time.sleep(0.05)
+        return predict(req)
+    manager.handlers.predict = slow
+    srv = server.Server(manager, port=0, max_concurrent_requests=1)
+    srv.start()
+    try:
+        with client_lib.ServingClient(srv.target, "fm", timeout_s=30, retries=1, backoff_s=0.01) as c:
+            got = c.score_examples(env["examples"][:40], splits=4).outputs["click"]
+        assert len(admitted) == 4 and _close(got, env["expected"][2][:40])
+    finally:
+        srv.stop()
+
+
 def test_client_score_cli_on_raw_lines(env, capsys):
     """libffm lines become raw Examples (the graph joins the item table, bins the price, fills missing
     fields), as one flat request or one rank request; pre-hashed id lines go to predict_ids."""
@@ -330,6 +353,50 @@ def test_client_score_cli_on_raw_lines(env, capsys):
     assert np.max(np.abs(np.array(got) - env["expected_records"][2][:30])) <= 2e-6
 
 
+def _can_leave_sched_idle() -> bool:
+    out = []
+
+    def probe():
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        try:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            out.append(True)
+        except PermissionError:
+            out.append(False)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_starved_idle_load_moves_to_nice_10_and_back(caplog):
+    """The poller's loads run under SCHED_IDLE; one that outlasts the grace period continues at
+    SCHED_OTHER, nice +10 (where the process may raise a thread's priority; else it stays idle and
+    the log says so), and the thread is back on SCHED_IDLE once the load ends."""
+    seen = {}
+
+    def poller():
+        manager_lib._idle_cpu_only()
+        seen["before"] = os.sched_getscheduler(0)
+        with manager_lib._starvation_guard("model m version 7", grace_s=0.05) as guard:
+            time.sleep(0.5)  # the load
+            seen["during"] = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        seen["after"], seen["promoted"] = os.sched_getscheduler(0), guard.promoted
+
+    base_nice = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    t = threading.Thread(target=poller)
+    t.start()
+    t.join()
+    assert seen["before"] == seen["after"] == os.SCHED_IDLE
+    if _can_leave_sched_idle():
+        assert seen["promoted"] and seen["during"] == (os.SCHED_OTHER, min(19, base_nice + 10))
+        assert "model m version 7: still loading after 0 s on idle CPU" in caplog.text
+    else:
+        assert not seen["promoted"] and seen["during"][0] == os.SCHED_IDLE
+        assert "not permitted to raise its priority" in caplog.text
+
+
 def test_version_swap_and_rollback_under_concurrent_load_fail_no_request(env, tmp_path):
     """Sync publishes version 2 while 3 threads score 100 ads each (2 sub-requests); the poller loads,
     warms up, switches, unloads version 1; then a rollback swaps back. Zero requests fail, and every
@@ -341,6 +408,7 @@ def test_version_swap_and_rollback_under_concurrent_load_fail_no_request(env, tm
     srv = server.Server(manager, port=0, max_concurrent_requests=0)  # 3 clients x 2 sub-requests at once
     srv.start()
     manager.start(poll_wait_s=0.05)
+    assert os.sched_getscheduler(manager._thread.native_id) == os.SCHED_IDLE  # loads use idle CPU only
     results, errors, stop = [], [], threading.Event()
 
     def loop(k):
