@@ -142,8 +142,7 @@ class Server:
         self.max_concurrent_requests = limit
         pool = HotThreadExecutor if hot_threads else futures.ThreadPoolExecutor
         self._server = grpc.server(
-            pool(max_workers=max_workers, thread_name_prefix="grpc", initializer=_lower_thread_priority,
-                 initargs=(REQUEST_THREAD_NICE,)),
+            pool(max_workers=max_workers, thread_name_prefix="grpc"),
             maximum_concurrent_rpcs=limit or None,
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes),
@@ -172,20 +171,7 @@ class Server:
         self.manager.stop()
 
 
-# Request threads run this much below the process's other threads (gRPC's own poller, which admits or
-# sheds every incoming request): under overload the poller keeps a core's share and answers
-# RESOURCE_EXHAUSTED at once instead of waiting behind the compute (docs/RELIABILITY.md).
-REQUEST_THREAD_NICE = 5
 GIL_SWITCH_S = 0.001
-
-
-def _lower_thread_priority(nice: int) -> None:
-    """Lowers the calling thread's scheduling priority by ``nice`` (Linux: per-thread nice values)."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except (AttributeError, OSError):  # not Linux, or not permitted: run at the process's priority
-        pass
 
 
 def freeze_startup_objects() -> None:
