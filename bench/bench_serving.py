@@ -267,11 +267,12 @@ def timed(fn, n: int) -> list[float]:
     return out
 
 
-def start_server(config_path: str, log_path: str, *flags):
+def start_server(config_path: str, log_path: str, *flags, module: tuple = ("serving.server",)):
+    """``python -m serving.server`` (or ``module``: the module and its first arguments) in a child process."""
     log = open(log_path, "w")
     # No admission limit: the QPS figure runs more closed-loop clients than cores (bench_overload
     # measures the limit).
-    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--model_config_file", config_path,
+    proc = subprocess.Popen([sys.executable, "-m", *module, "--model_config_file", config_path,
                              "--port", "0", "--file_system_poll_wait_seconds", "0.2",
                              "--max_concurrent_requests", "0", *flags],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=child_env())

@@ -1,7 +1,9 @@
-"""bench.bench_serving.p99_interval: the distribution-free 95 % interval of a p99 (hand-computed ranks)."""
+"""Swap statistics of the benches: bench_serving.p99_interval (hand-computed ranks) and
+swap_phases.step_table (requests placed on the server's load steps by hand)."""
 import numpy as np
 
 from bench.bench_serving import p99_interval
+from bench.swap_phases import step_table
 
 
 def test_p99_interval_ranks():
@@ -11,3 +13,19 @@ def test_p99_interval_ranks():
     assert p99_interval(np.arange(1, 278) / 1e3) == (270.0, 277.0)
     lo, hi = p99_interval([])
     assert np.isnan(lo) and np.isnan(hi)
+
+
+def test_step_table_places_requests_on_load_steps():
+    # 100 requests of 2 ms before the swap (its p99: 2 ms); during the swap window [10, 11] s one of
+    # 5 ms inside the restore, one of 1 ms inside the warm-up, one of 3 ms in no step.
+    requests = [(i * 0.01, 0.002) for i in range(100)] + [(10.1, 0.005), (10.3, 0.001), (10.6, 0.003)]
+    records = [{"step": "graph import", "start": 5.0, "end": 5.1, "cpu_s": 0.05},  # the start-up load: not a swap
+               {"step": "variable restore", "start": 10.05, "end": 10.2, "cpu_s": 0.02},
+               {"step": "warm-up", "start": 10.25, "end": 10.5, "cpu_s": 0.1}]
+    t = step_table(records, requests, [(10.0, 11.0)])
+    assert (t["steady_p99_ms"], t["requests_outside"], t["requests_during"], t["slow_during"]) == (2.0, 100, 3, 2)
+    restore, warmup, graph = t["steps"]["variable restore"], t["steps"]["warm-up"], t["steps"]["graph import"]
+    assert (restore["swaps"], restore["requests"], restore["slow"]) == (1, 1, 1)
+    assert np.isclose(restore["wall_ms"], 150) and np.isclose(restore["cpu_ms"], 20) and np.isclose(restore["p50_ms"], 5)
+    assert (warmup["requests"], warmup["slow"]) == (1, 0) and np.isclose(warmup["p50_ms"], 1)
+    assert (graph["swaps"], graph["requests"], graph["p50_ms"]) == (0, 0, None)
