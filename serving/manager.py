@@ -446,10 +446,10 @@ def _idle_cpu_only() -> None:
     Under ``SCHED_IDLE`` (Linux) the scheduler preempts the thread as soon as any other thread
     wakes on its core. A load at a nice value keeps the core for the rest of its time slice (about
     3 ms under EEVDF) while a request thread waits: that wait was the latency of requests during a
-    swap (restoring the MLP's 26 MB of variables: ~22 ms of thread CPU, `bench.swap_phases`). Threads this thread starts
-    inherit the policy (its unloading threads); the gRPC threads and TF's compute pool start from
-    the main thread, which loads the first versions. Elsewhere (or not permitted) the thread runs
-    at nice +``LOAD_NICE``.
+    swap (restoring the MLP's 26 MB of variables: ~22 ms of thread CPU, ``bench.swap_phases``).
+    Threads this thread starts inherit the policy (its unloading threads); the gRPC threads and
+    TF's compute pool start from the main thread, which loads the first versions. Elsewhere (or
+    not permitted) the thread runs at nice +``LOAD_NICE``.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))

@@ -191,10 +191,10 @@ def default_max_concurrent() -> int:
 
     Each request computes on one core (``session_config``). The core left over runs gRPC's
     poller, which admits and sheds every incoming request in Python: with every core computing,
-    an overload's rejections compete with the accepted requests for the cores, and accepted p99
-    grew to 3.4-6.9x steady at 100 ads on 2 cores, against 2.15x with one core left
+    an overload's rejections compete with the accepted requests for the cores: at 100 ads on 2
+    cores accepted p99 reached 13x steady with two in flight, 1.65-2.62x with one
     (docs/RELIABILITY.md, ``bench.bench_overload``). The price is peak throughput on a small host
-    (2 cores: 509 against 828 requests/s closed loop); ``--max_concurrent_requests`` raises it.
+    (2 cores: 452-529 against 764 requests/s closed loop); ``--max_concurrent_requests`` raises it.
     Clients retry a shed request with backoff (``serving.client``), so bursts above the limit cost
     a retry, not a failure.
     """
@@ -240,8 +240,8 @@ def parse_args(argv):
                    help="1 (default): a request runs on the request thread that went idle last (warm caches); "
                         "0: concurrent.futures.ThreadPoolExecutor's choice (the longest idle)")
     p.add_argument("--max_concurrent_requests", type=int, default=None,
-                   help="requests admitted at once; more get RESOURCE_EXHAUSTED at once (default: cores - 1, at least 1; "
-                        "0: no limit)")
+                   help="requests admitted at once; more get RESOURCE_EXHAUSTED at once "
+                        "(default: cores - 1, at least 1; 0: no limit)")
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=1,
                    help="threads one op may use (1, default: a request stays on one core; 0: TF's choice)")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=-1,
