@@ -3,12 +3,12 @@
     python -m bench.swap_phases [--workdir runs/bench/serving] [--model mlp] [--swaps 30]
         [--out runs/bench/swap_phases.json]
 
-Serves the model ``bench.bench_serving`` built in ``--workdir`` with ``serving.server`` in a child
-process whose loader steps are timestamped (graph import, variable restore, init ops, warm-up,
-unload; ``time.perf_counter`` is CLOCK_MONOTONIC, shared by both processes), with each step's
-thread CPU. This process sends the 100-ad request back to back and publishes ``--swaps`` new
-versions one after another (a copy renamed into place, as ``bench_serving``'s swap probe does, then
-a wait until the old version is unloaded and a pause as long again).
+Serves the model ``bench.bench_serving`` built in ``--workdir`` with ``bench.timed_server``: the
+server in a child process, its loader steps timestamped (graph import, variable restore, init ops,
+warm-up, unload, each with its thread CPU). This process sends the 100-ad request back to back and
+publishes ``--swaps`` new versions one after another (a copy renamed into place, as
+``bench_serving``'s swap probe does, then a wait until the old version is unloaded and a pause as
+long again).
 
 Per step: wall time and thread CPU (medians over the swaps), the requests that overlapped it, their
 p50 and p90, and how many of them were slower than the p99 of the requests outside every swap.
@@ -17,7 +17,6 @@ Table on stdout, JSON at ``--out``.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import shutil
@@ -27,46 +26,10 @@ import time
 
 import numpy as np
 
+from bench import timed_server
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
-STEPS_ENV = "SWAP_PHASES_OUT"
-# (module attribute path, step name): the server's load steps, in the order a swap runs them.
-STEPS = (("loader_impl.SavedModelLoader.load_graph", "graph import"),
-         ("loader_impl.SavedModelLoader.restore_variables", "variable restore"),
-         ("loader_impl.SavedModelLoader.run_init_ops", "init ops"),
-         ("ModelManager.warmup", "warm-up"),
-         ("LoadedVersion.retire", "unload"))
-
-
-def serve(argv: list[str]) -> None:
-    """``serving.server.main`` with every step of STEPS timed; the records go to $SWAP_PHASES_OUT at exit."""
-    from serving import manager, server
-
-    records = []
-    for attr, name in STEPS:
-        *owner_path, fn_name = attr.split(".")
-        owner = manager
-        for part in owner_path:
-            owner = getattr(owner, part)
-        setattr(owner, fn_name, _timed(getattr(owner, fn_name), name, records))
-
-    def dump():
-        with open(os.environ[STEPS_ENV], "w") as f:
-            json.dump(records, f)
-    atexit.register(dump)
-    server.main(argv)
-
-
-def _timed(fn, name: str, records: list):
-    def wrapper(*args, **kwargs):
-        t, cpu = time.perf_counter(), time.thread_time()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            records.append({"step": name, "start": t, "end": time.perf_counter(), "cpu_s": time.thread_time() - cpu})
-    return wrapper
-
 
 def run_swaps(target: str, model: str, model_dir: str, examples: list, swaps: int) -> tuple[list, list]:
     """(requests as (start, seconds), swap windows as (rename, old version unloaded)) of ``swaps`` swaps."""
@@ -116,7 +79,7 @@ def step_table(records: list, requests: list, windows: list) -> dict:
     slow_ms = float(np.percentile(secs[~in_swap], 99) * 1e3)
     slow = secs * 1e3 > slow_ms
     table = {}
-    for _, name in STEPS:
+    for _, name in timed_server.STEPS["swap"]:
         steps = [r for r in records if r["step"] == name and any(a <= r["start"] <= b for a, b in windows)]
         hit = np.zeros(len(starts), bool)
         for r in steps:
@@ -132,8 +95,6 @@ def step_table(records: list, requests: list, windows: list) -> dict:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--serve"]:
-        return serve(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="runs/bench/serving")
     p.add_argument("--model", default="mlp")
@@ -149,9 +110,8 @@ def main(argv=None) -> None:
         f.write(f'model_config_list {{ config {{ name: "{args.model}" base_path: "{os.path.dirname(path)}" '
                 f'model_platform: "tensorflow" }} }}\n')
     steps_path = os.path.abspath(args.out + ".steps")
-    os.environ[STEPS_ENV] = steps_path
-    proc, target = bench_serving.start_server(config, os.path.join(args.workdir, "swap_phases-server.log"),
-                                              module=("bench.swap_phases", "--serve"))
+    proc, target = timed_server.start(config, os.path.join(args.workdir, "swap_phases-server.log"), "swap",
+                                      steps_path)
     model_dir = os.path.dirname(path)
     try:
         requests, windows = run_swaps(target, args.model, model_dir, examples, args.swaps)

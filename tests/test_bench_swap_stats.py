@@ -1,8 +1,9 @@
-"""Swap statistics of the benches: bench_serving.p99_interval (hand-computed ranks) and
-swap_phases.step_table (requests placed on the server's load steps by hand)."""
+"""Statistics of the serving benches: bench_serving.p99_interval (hand-computed ranks),
+swap_phases.step_table (requests placed on the server's load steps by hand) and request_split.split."""
 import numpy as np
 
 from bench.bench_serving import p99_interval
+from bench.request_split import split
 from bench.swap_phases import step_table
 
 
@@ -29,3 +30,16 @@ def test_step_table_places_requests_on_load_steps():
     assert np.allclose([restore["wall_ms"], restore["cpu_ms"], restore["p50_ms"]], [150, 20, 5])
     assert (warmup["requests"], warmup["slow"]) == (1, 0) and np.isclose(warmup["p50_ms"], 1)
     assert (graph["swaps"], graph["requests"], graph["p50_ms"]) == (0, 0, None)
+
+
+def test_request_split_takes_the_servers_calls_of_the_timed_block():
+    # 10 timed e2e calls of 2 ms; the server's last 10 handler calls took 1.6 ms (the 2 before them,
+    # untimed warm-up calls, 5 ms) with a Session call of 1.2 ms inside; floor 1 ms, gRPC floor 0.5 ms.
+    times = {"floor": [0.001] * 10, "grpc floor": [0.0005] * 10, "e2e": [0.002] * 10}
+    records = ([{"step": "handler", "start": 0.0, "end": 0.005}] * 2
+               + [{"step": "handler", "start": 1.0, "end": 1.0016}] * 10
+               + [{"step": "session run", "start": 0.0, "end": 0.005}] * 2
+               + [{"step": "session run", "start": 1.0, "end": 1.0012}] * 10)
+    r = split(times, records)
+    assert np.allclose([r["handler"], r["session run"], r["e2e_over_floors"], r["session_run_over_floor_ms"],
+                        r["handler_python_ms"], r["rest_over_grpc_floor_ms"]], [1.6, 1.2, 2.0 / 1.5, 0.2, 0.4, -0.1])

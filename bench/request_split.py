@@ -1,0 +1,121 @@
+"""Where a 100-ad request's time goes beyond its floors: the server's own timing next to the client's.
+
+    python -m bench.request_split [--workdir runs/bench/serving] [--model deepfm] [--kind raw]
+        [--ads 100] [--rounds 30] [--block 20] [--out runs/bench/request_split.json]
+
+Serves the model ``bench.bench_serving`` built in ``--workdir`` with ``bench.timed_server``, which
+times ``Handlers.predict`` (the handler) and ``Signature.run`` (the Session call) in the server
+process. This process interleaves, in blocks of ``--block`` calls for ``--rounds`` rounds, the
+three measurements of ``bench_serving``'s 100-ad bar: the floor (the same callable in this process,
+1 compute thread), the gRPC floor (the same request bytes to a bare grpcio server) and e2e
+(``ServingClient`` to the server). The table splits e2e p50 into the server's Session call, the
+handler's Python around it, and the rest (client and transport), each next to the floor it
+should match: the floor, nothing, and the gRPC floor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from bench import timed_server
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+
+def interleaved(fns: dict, rounds: int, block: int) -> dict:
+    """{name: [seconds]} of ``fns`` called in turn, ``block`` calls each, ``rounds`` times (after 2 untimed)."""
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    return times
+
+
+def split(times: dict, records: list) -> dict:
+    """p50s (ms) of the client's measurements and of the server's timed calls made during e2e."""
+    p50 = {k: float(np.percentile(v, 50) * 1e3) for k, v in times.items()}
+    n = len(times["e2e"])  # the server's last n calls of each are the e2e block's (warm-up calls come first)
+    for name in ("handler", "session run"):
+        secs = [r["end"] - r["start"] for r in records if r["step"] == name][-n:]
+        p50[name] = float(np.percentile(secs, 50) * 1e3)
+    return {**p50, "e2e_over_floors": p50["e2e"] / (p50["floor"] + p50["grpc floor"]),
+            "session_run_over_floor_ms": p50["session run"] - p50["floor"],
+            "handler_python_ms": p50["handler"] - p50["session run"],
+            "rest_over_grpc_floor_ms": p50["e2e"] - p50["handler"] - p50["grpc floor"]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="runs/bench/serving")
+    p.add_argument("--model", default="deepfm")
+    p.add_argument("--kind", default="raw")
+    p.add_argument("--ads", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--block", type=int, default=20)
+    p.add_argument("--out", default="runs/bench/request_split.json")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    import grpc
+
+    from bench import bench_serving
+    from serving import server
+    from serving.client import ServingClient
+
+    path, kinds, _ = bench_serving.read_models(args.workdir)[args.model]
+    req = bench_serving.Request(args.model, args.kind, kinds[args.kind], args.ads)
+    config = os.path.join(args.workdir, "request_split.config")
+    with open(config, "w") as f:
+        f.write(f'model_config_list {{ config {{ name: "{args.model}" base_path: "{os.path.dirname(path)}" '
+                f'model_platform: "tensorflow" }} }}\n')
+    records_path = os.path.abspath(args.out + ".records")
+    proc, target = timed_server.start(config, os.path.join(args.workdir, "request_split-server.log"), "request",
+                                      records_path)
+    echo_proc, echo_target = bench_serving.start_echo()
+    try:
+        echo = grpc.insecure_channel(echo_target, options=[
+            ("grpc.http2.lookahead_bytes", server.HTTP2_WINDOW_BYTES)]).unary_unary(bench_serving.ECHO_METHOD)
+        lv = server.LoadedVersion(args.model, 1, path, server.session_config(intra_op=1))
+        with ServingClient(target, args.model, timeout_s=30) as client:
+            times = interleaved({"floor": req.floor(lv.signature(req.signature)),
+                                 "grpc floor": lambda: echo(req.bytes, timeout=30),
+                                 "e2e": lambda: req.call(client)}, args.rounds, args.block)
+        lv.retire()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        echo_proc.stdin.close()
+        echo_proc.wait(timeout=60)
+    with open(records_path) as f:
+        records = json.load(f)
+    os.remove(records_path)
+    result = {"command": "python -m bench.request_split " + " ".join(sys.argv[1:] if argv is None else argv),
+              "request_bytes": len(req.bytes), "loadavg_end": os.getloadavg(), **split(times, records)}
+    r = result
+    print(f"{args.model} {args.kind}, {args.ads} ads ({len(req.bytes)} bytes), p50 ms:\n")
+    print("| part | measured | its floor | over it |")
+    print("|---|---:|---:|---:|")
+    print(f"| Session call in the server | {r['session run']:.3f} | {r['floor']:.3f} (floor) | "
+          f"{r['session_run_over_floor_ms']:+.3f} |")
+    print(f"| handler Python around it | {r['handler_python_ms']:.3f} | 0 | {r['handler_python_ms']:+.3f} |")
+    print(f"| the rest of e2e (client, transport) | {r['e2e'] - r['handler']:.3f} | {r['grpc floor']:.3f} "
+          f"(gRPC floor) | {r['rest_over_grpc_floor_ms']:+.3f} |")
+    print(f"| e2e | {r['e2e']:.3f} | {r['floor'] + r['grpc floor']:.3f} | ratio {r['e2e_over_floors']:.3f} |")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nrequest_split: wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
