@@ -8,6 +8,7 @@ versions once their running requests finish. ``serving.server`` documents the be
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import sys
@@ -224,6 +225,7 @@ class ModelManager:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = None
+        self._watchdog = None  # started with the poller (loads before it run at the caller's priority)
         self._retiring: list[threading.Thread] = []
         self.handlers = Handlers(self)
         # Directories a client-sent config (ReloadConfig RPC) may name base paths in.
@@ -292,7 +294,7 @@ class ModelManager:
         model.set_status(version, State.LOADING)
         start = time.time()
         try:
-            with _short_gil_slices(), _starvation_guard(f"model {model.name} version {version}"):
+            with _short_gil_slices(), self._watched(f"model {model.name} version {version}"):
                 lv = LoadedVersion(model.name, version, path, self._session_config)
         except Exception as e:  # a broken version must not take the server down
             model.failures[version] += 1
@@ -300,7 +302,7 @@ class ModelManager:
             log.error("model %s version %d: load failed (%s)", model.name, version, e)
             return
         try:
-            with _short_gil_slices(), _starvation_guard(f"model {model.name} version {version}"):
+            with _short_gil_slices(), self._watched(f"model {model.name} version {version}"):
                 n = self.warmup(lv) if self._enable_warmup else 0
         except Exception as e:
             lv.retire()
@@ -313,6 +315,10 @@ class ModelManager:
         model.set_status(version, State.AVAILABLE)
         log.info("model %s version %d: available (loaded and %d warm-up requests in %.2fs)",
                  model.name, version, n, time.time() - start)
+
+    def _watched(self, what: str):
+        """The poller's load of ``what``, watched for starvation (``_LoadWatchdog``)."""
+        return self._watchdog.watch(what) if self._watchdog is not None else contextlib.nullcontext()
 
     def _retire(self, model: ServedModel, version: int) -> None:
         lv = model.versions.get(version)
@@ -396,6 +402,7 @@ class ModelManager:
         """Starts the poller thread (base paths every ``poll_wait_s``, the config file every ``config_poll_s``)."""
         if poll_wait_s <= 0 and config_poll_s <= 0:
             return
+        self._watchdog = _LoadWatchdog()
         self._thread = threading.Thread(target=self._run, args=(poll_wait_s, config_path, config_poll_s),
                                         name="model-poller", daemon=True)
         self._thread.start()
@@ -426,6 +433,7 @@ class ModelManager:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            self._watchdog.close()
         with self._lock:
             for model in self.models.values():
                 for v in sorted(model.versions):
@@ -435,7 +443,7 @@ class ModelManager:
 
 
 # A load on the idle-priority poller that has not finished after this long (a server saturated by
-# requests leaves it almost no CPU) continues at nice +10 (``_starvation_guard``).
+# requests leaves it almost no CPU) continues at nice +10 (``_LoadWatchdog``).
 LOAD_IDLE_GRACE_S = 10.0
 LOAD_NICE = 10
 
@@ -464,46 +472,78 @@ def _renice(tid: int, nice: int) -> None:
         pass
 
 
-class _starvation_guard:
-    """On an idle-priority thread, moves a load that outlasts ``LOAD_IDLE_GRACE_S`` to nice +``LOAD_NICE``.
+def _promote(tid: int, what: str, grace_s: float) -> bool:
+    """Moves thread ``tid`` from SCHED_IDLE to SCHED_OTHER at nice +``LOAD_NICE``; False if not permitted."""
+    try:
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+    except OSError as e:
+        log.warning("%s: still loading after %.0f s on idle CPU; not permitted to raise its priority (%s)",
+                    what, grace_s, e)
+        return False
+    _renice(tid, LOAD_NICE)
+    log.warning("%s: still loading after %.0f s on idle CPU (the server is saturated): continuing at nice +%d",
+                what, grace_s, LOAD_NICE)
+    return True
 
-    A server saturated by requests leaves ``SCHED_IDLE`` almost no CPU, so a version would wait
-    as long as the saturation lasts. Moving back needs ``CAP_SYS_NICE`` or an ``RLIMIT_NICE``
-    that allows it; without either, the load goes on at idle priority and the log says so. The
-    thread returns to idle priority when the load ends.
+
+class _LoadWatchdog:
+    """Moves a load that outlasts ``grace_s`` on the idle-priority poller to nice +``LOAD_NICE``.
+
+    A server saturated by requests leaves ``SCHED_IDLE`` almost no CPU, so a version would wait as
+    long as the saturation lasts. The watchdog is a thread of its own, started by the thread that
+    starts the poller and at its priority: a timer started by the poller would inherit the idle
+    policy and wait for CPU as long as the load. Moving a thread back needs ``CAP_SYS_NICE`` or an
+    ``RLIMIT_NICE`` that allows it; without either the load goes on at idle priority and the log
+    says so. The poller returns to idle priority when the load ends.
     """
 
-    def __init__(self, what: str, grace_s: float | None = None):
-        self.what = what
-        self.grace_s = LOAD_IDLE_GRACE_S if grace_s is None else grace_s
-        self.promoted = False
-        self._timer = None
+    def __init__(self, grace_s: float = LOAD_IDLE_GRACE_S):
+        self.grace_s = grace_s
+        self.promoted = 0  # loads moved to nice +LOAD_NICE
+        self._cv = threading.Condition()
+        self._load = None  # (thread id, what, deadline) of the load being watched
+        self._raised = False  # the watched load was moved
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="load-watchdog", daemon=True)
+        self._thread.start()
 
-    def __enter__(self):
-        if getattr(os, "SCHED_IDLE", None) is not None and os.sched_getscheduler(0) == os.SCHED_IDLE:
-            self._timer = threading.Timer(self.grace_s, self._promote, args=(threading.get_native_id(),))
-            self._timer.daemon = True
-            self._timer.start()
-        return self
-
-    def _promote(self, tid: int) -> None:
-        try:
-            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-        except OSError as e:
-            log.warning("%s: still loading after %.0f s on idle CPU; not permitted to raise its priority (%s)",
-                        self.what, self.grace_s, e)
+    @contextlib.contextmanager
+    def watch(self, what: str):
+        """Watches the calling thread's load while the block runs (only if it runs under SCHED_IDLE)."""
+        if getattr(os, "SCHED_IDLE", None) is None or os.sched_getscheduler(0) != os.SCHED_IDLE:
+            yield
             return
-        _renice(tid, LOAD_NICE)
-        self.promoted = True
-        log.warning("%s: still loading after %.0f s on idle CPU (the server is saturated): continuing at nice +%d",
-                    self.what, self.grace_s, LOAD_NICE)
-
-    def __exit__(self, *exc):
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer.join()
-            if self.promoted:
+        with self._cv:
+            self._load, self._raised = (threading.get_native_id(), what, time.monotonic() + self.grace_s), False
+            self._cv.notify_all()
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._load, raised = None, self._raised
+                self._cv.notify_all()
+            if raised:
                 _idle_cpu_only()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._closed:
+                self._cv.wait_for(lambda: self._closed or self._load is not None)
+                load = self._load
+                if load is None:
+                    continue
+                self._cv.wait_for(lambda: self._closed or self._load is not load,
+                                  timeout=max(0.0, load[2] - time.monotonic()))
+                if self._load is load and not self._closed:
+                    self._raised = _promote(load[0], load[1], self.grace_s)
+                    self.promoted += self._raised
+                    self._cv.wait_for(lambda: self._closed or self._load is not load)
 
 
 _SLICES_LOCK = threading.Lock()

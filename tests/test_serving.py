@@ -371,29 +371,37 @@ def _can_leave_sched_idle() -> bool:
 
 
 def test_starved_idle_load_moves_to_nice_10_and_back(caplog):
-    """The poller's loads run under SCHED_IDLE; one that outlasts the grace period continues at
-    SCHED_OTHER, nice +10 (where the process may raise a thread's priority; else it stays idle and
-    the log says so), and the thread is back on SCHED_IDLE once the load ends."""
+    """The poller's loads run under SCHED_IDLE; the watchdog (started here, at this thread's
+    priority, not the poller's) moves one that outlasts the grace period to SCHED_OTHER at nice +10
+    (where the process may raise a thread's priority; else it stays idle and the log says so), and
+    the thread is back on SCHED_IDLE once the load ends. A load shorter than the grace is left alone."""
+    watchdog = manager_lib._LoadWatchdog(grace_s=0.1)
     seen = {}
 
     def poller():
         manager_lib._idle_cpu_only()
         seen["before"] = os.sched_getscheduler(0)
-        with manager_lib._starvation_guard("model m version 7", grace_s=0.05) as guard:
-            time.sleep(0.5)  # the load
+        with watchdog.watch("model m version 6"):
+            time.sleep(0.02)  # a short load
+        with watchdog.watch("model m version 7"):
+            time.sleep(0.6)  # a starved one
             seen["during"] = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        seen["after"], seen["promoted"] = os.sched_getscheduler(0), guard.promoted
+        seen["after"] = os.sched_getscheduler(0)
 
     base_nice = os.getpriority(os.PRIO_PROCESS, os.getpid())
-    t = threading.Thread(target=poller)
-    t.start()
-    t.join()
-    assert seen["before"] == seen["after"] == os.SCHED_IDLE
+    try:
+        assert os.sched_getscheduler(watchdog._thread.native_id) == os.SCHED_OTHER
+        t = threading.Thread(target=poller)
+        t.start()
+        t.join()
+    finally:
+        watchdog.close()
+    assert seen["before"] == seen["after"] == os.SCHED_IDLE and "version 6" not in caplog.text
     if _can_leave_sched_idle():
-        assert seen["promoted"] and seen["during"] == (os.SCHED_OTHER, min(19, base_nice + 10))
+        assert watchdog.promoted == 1 and seen["during"] == (os.SCHED_OTHER, min(19, base_nice + 10))
         assert "model m version 7: still loading after 0 s on idle CPU" in caplog.text
     else:
-        assert not seen["promoted"] and seen["during"][0] == os.SCHED_IDLE
+        assert watchdog.promoted == 0 and seen["during"][0] == os.SCHED_IDLE
         assert "not permitted to raise its priority" in caplog.text
 
 
