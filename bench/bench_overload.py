@@ -23,7 +23,6 @@ answers after the overload. Table on stdout, JSON at ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -186,10 +185,7 @@ def main(argv=None) -> None:
     models = bench_serving.read_models(args.workdir)
     path, kinds, _ = models[args.model]
     request = bench_serving.Request(args.model, args.kind, kinds[args.kind], args.ads)
-    config_path = os.path.join(args.workdir, "overload.config")
-    with open(config_path, "w") as f:
-        f.write(f'model_config_list {{ config {{ name: "{args.model}" base_path: "{os.path.dirname(path)}" '
-                f'model_platform: "tensorflow" }} }}\n')
+    config_path = bench_serving.write_model_config(args.workdir, "overload.config", args.model, path)
     results = {"command": "python -m bench.bench_overload " + " ".join(sys.argv[1:] if argv is None else argv),
                "cores": os.cpu_count(), "loadavg_start": os.getloadavg(), "request_bytes": len(request.bytes),
                "servers": {}}
@@ -210,10 +206,7 @@ def main(argv=None) -> None:
               + f"; accepted p99 / steady p99 = {ov['accepted_p99_over_steady_p99']:.2f}", flush=True)
     results["loadavg_end"] = os.getloadavg()
     print_table(results, args)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    print(f"bench_overload: wrote {args.out}")
+    bench_serving.write_json(args.out, results, "bench_overload")
 
 
 def print_table(results: dict, args) -> None:

@@ -220,6 +220,43 @@ def read_models(workdir: str) -> dict:
                    m["note"]) for name, m in manifest.items()}
 
 
+def write_model_config(workdir: str, filename: str, model: str, version_dir: str) -> str:
+    """Writes a models.config serving only ``model`` (the base path above ``version_dir``); returns its path."""
+    from google.protobuf import text_format
+
+    from serving.config import single_model_config
+
+    path = os.path.join(workdir, filename)
+    with open(path, "w") as f:
+        f.write(text_format.MessageToString(single_model_config(model, os.path.dirname(version_dir))))
+    return path
+
+
+def add_request_args(p: argparse.ArgumentParser, out: str, block: int) -> None:
+    """The arguments of a probe of one request kind: --workdir, --model, --kind, --ads, --rounds, --block, --out."""
+    p.add_argument("--workdir", default="runs/bench/serving", help="bench_serving's models (built by it)")
+    p.add_argument("--model", default="deepfm")
+    p.add_argument("--kind", default="raw")
+    p.add_argument("--ads", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--block", type=int, default=block)
+    p.add_argument("--out", default=out)
+
+
+def request_of(args) -> tuple[str, "Request"]:
+    """(version dir, Request) of ``add_request_args``' model, kind and size."""
+    path, kinds, _ = read_models(args.workdir)[args.model]
+    return path, Request(args.model, args.kind, kinds[args.kind], args.ads)
+
+
+def write_json(out: str, result: dict, tool: str) -> None:
+    """Writes a bench's JSON at ``out`` (creating its directory) and says so."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(f"{tool}: wrote {out}")
+
+
 def built_models(args) -> dict:
     """Builds the models in a child process and reads them back: {name: (version dir, {kind: examples}, note)}.
 

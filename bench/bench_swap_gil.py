@@ -200,10 +200,9 @@ def main(argv=None) -> None:
     for mode, c in results.get("contention", {}).items():
         print(f"in-process Predict handler, 100 ads, {mode}: p50 {c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms "
               f"({c['calls']} calls)")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"bench_swap_gil: wrote {args.out}")
+    from bench.bench_serving import write_json
+
+    write_json(args.out, results, "bench_swap_gil")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ e2e p50 and e2e / (floor + gRPC floor) of both; JSON at ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,22 +26,16 @@ SETTINGS = (("hot", "1"), ("longest_idle", "0"))
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", default="runs/bench/serving")
-    p.add_argument("--model", default="deepfm")
-    p.add_argument("--kind", default="raw")
-    p.add_argument("--ads", type=int, default=100)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--block", type=int, default=10)
-    p.add_argument("--out", default="runs/bench/thread_dispatch.json")
+    from bench import bench_serving as bs
+
+    bs.add_request_args(p, "runs/bench/thread_dispatch.json", block=10)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     import grpc
 
-    from bench import bench_serving as bs
     from serving import server
     from serving.client import ServingClient
 
-    path, kinds, _ = bs.read_models(args.workdir)[args.model]
-    req = bs.Request(args.model, args.kind, kinds[args.kind], args.ads)
+    path, req = bs.request_of(args)
     config = os.path.join(args.workdir, "models.config")
     load_start = os.getloadavg()
     procs, fns = [], {}
@@ -82,9 +75,7 @@ def main(argv=None) -> None:
     for k, v in out["settings"].items():
         print(f"  {k}: e2e p50 {v['e2e_p50_ms']:.3f} ms, p99 {v['e2e_p99_ms']:.3f} ms, "
               f"{v['e2e_over_floors']:.2f} x floors")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    bs.write_json(args.out, out, "bench_thread_dispatch")
 
 
 if __name__ == "__main__":

@@ -58,26 +58,17 @@ def split(times: dict, records: list) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", default="runs/bench/serving")
-    p.add_argument("--model", default="deepfm")
-    p.add_argument("--kind", default="raw")
-    p.add_argument("--ads", type=int, default=100)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--block", type=int, default=20)
-    p.add_argument("--out", default="runs/bench/request_split.json")
+    from bench import bench_serving
+
+    bench_serving.add_request_args(p, "runs/bench/request_split.json", block=20)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     import grpc
 
-    from bench import bench_serving
     from serving import server
     from serving.client import ServingClient
 
-    path, kinds, _ = bench_serving.read_models(args.workdir)[args.model]
-    req = bench_serving.Request(args.model, args.kind, kinds[args.kind], args.ads)
-    config = os.path.join(args.workdir, "request_split.config")
-    with open(config, "w") as f:
-        f.write(f'model_config_list {{ config {{ name: "{args.model}" base_path: "{os.path.dirname(path)}" '
-                f'model_platform: "tensorflow" }} }}\n')
+    path, req = bench_serving.request_of(args)
+    config = bench_serving.write_model_config(args.workdir, "request_split.config", args.model, path)
     records_path = os.path.abspath(args.out + ".records")
     proc, target = timed_server.start(config, os.path.join(args.workdir, "request_split-server.log"), "request",
                                       records_path)
@@ -111,10 +102,8 @@ def main(argv=None) -> None:
     print(f"| the rest of e2e (client, transport) | {r['e2e'] - r['handler']:.3f} | {r['grpc floor']:.3f} "
           f"(gRPC floor) | {r['rest_over_grpc_floor_ms']:+.3f} |")
     print(f"| e2e | {r['e2e']:.3f} | {r['floor'] + r['grpc floor']:.3f} | ratio {r['e2e_over_floors']:.3f} |")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nrequest_split: wrote {args.out}")
+    print()
+    bench_serving.write_json(args.out, result, "request_split")
 
 
 if __name__ == "__main__":

@@ -105,10 +105,7 @@ def main(argv=None) -> None:
 
     path, kinds, _ = bench_serving.read_models(args.workdir)[args.model]
     examples = kinds["raw" if "raw" in kinds else next(iter(kinds))][:100]
-    config = os.path.join(args.workdir, "swap_phases.config")
-    with open(config, "w") as f:
-        f.write(f'model_config_list {{ config {{ name: "{args.model}" base_path: "{os.path.dirname(path)}" '
-                f'model_platform: "tensorflow" }} }}\n')
+    config = bench_serving.write_model_config(args.workdir, "swap_phases.config", args.model, path)
     steps_path = os.path.abspath(args.out + ".steps")
     proc, target = timed_server.start(config, os.path.join(args.workdir, "swap_phases-server.log"), "swap",
                                       steps_path)
@@ -137,10 +134,8 @@ def main(argv=None) -> None:
         p50 = "-" if s["p50_ms"] is None else f"{s['p50_ms']:.2f}"
         p90 = "-" if s["p90_ms"] is None else f"{s['p90_ms']:.2f}"
         print(f"| {name} | {s['wall_ms']:.1f} | {s['cpu_ms']:.1f} | {s['requests']} | {p50} | {p90} | {s['slow']} |")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nswap_phases: wrote {args.out}")
+    print()
+    bench_serving.write_json(args.out, result, "swap_phases")
 
 
 if __name__ == "__main__":
