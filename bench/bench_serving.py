@@ -6,6 +6,7 @@
         [--out runs/bench/serving.json]
     python -m bench.bench_serving --only swap [--models deepfm] [--reuse_models 1] [--swap_repeats 3]
         [--swap_without_warmup 0] [--out runs/bench/serving_swap.json]
+    python -m bench.bench_serving --only bar [--reuse_models 1] [--bar_servers 3] [--out runs/bench/serving_bar.json]
 
 Models, each exported as a TF Serving SavedModel and served by ``serving.server`` in a child
 process (``python -m serving.server``, loopback, the default flags):
@@ -42,7 +43,9 @@ unloaded, next to p99 of the same loop without a swap, swaps repeated until at l
 ``--swap_min_requests`` requests were sent during them (``swap_probe``), then the same with warm-up off.
 
 Bars (printed, never asserted in tests), each judged on the row named here: at 100 ads, ``raw``
-and ``rank`` e2e p50 <= 1.25 x (1-thread floor p50 + gRPC floor p50 of the same bytes); ``rank``
+and ``rank`` e2e p50 <= 1.25 x (1-thread floor p50 + gRPC floor p50 of the same bytes), measured
+again over ``--bar_servers`` fresh server processes with their calls pooled (``bar_measure``: one
+server process alone moved this ratio from 1.15 to 1.46 here); ``rank``
 request bytes <= 0.6 x ``raw`` request bytes at 100 ads; at 1 ad (``raw``), e2e p50 <= 1-thread
 floor p50 + 1.5 x no-op transport p50; swap p99 <= 2 x p99 without a swap (all phases pooled).
 """
@@ -74,6 +77,7 @@ from serving import protocol  # noqa: E402
 
 MLP_FIELDS, MLP_DIM, MLP_ROWS, MLP_HIDDEN = 39, 8, 20_000, (512, 256, 256, 256, 128)
 BAR_100, BAR_1, BAR_SWAP, BAR_RANK_BYTES = 1.25, 1.5, 2.0, 0.6
+BAR_ADS = 100
 KINDS = ("hashed", "raw", "rank")
 
 
@@ -293,6 +297,18 @@ def compute_threads() -> int:
 
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs) * 1e3, q)) if len(xs) else float("nan")
+
+
+def interleaved(fns: dict, rounds: int, block: int) -> dict:
+    """{name: [seconds]} of ``fns`` called in turn, ``block`` calls each, ``rounds`` times (after 2 untimed)."""
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k] += timed(fn, block)
+    return times
 
 
 def timed(fn, n: int) -> list[float]:
@@ -569,6 +585,32 @@ def swap_probe(target: str, model: str, model_dir: str, examples, seconds: float
             "failed_requests": failed}
 
 
+HOST_LOOP = 200_000
+
+
+def host_speed() -> dict:
+    """ms of a fixed pure-Python loop (``HOST_LOOP`` additions) on each core: best and worst of 5.
+
+    This VM's cores slow down by up to 1.7x while other tenants load the host (same loop, same
+    core, minutes apart), and the slower code after a wake-up suffers more than a hot loop: the
+    e2e/floor ratio is only comparable between runs whose best times here are alike.
+    """
+    out, keep = {}, os.sched_getaffinity(0)
+    try:
+        for cpu in sorted(keep):
+            os.sched_setaffinity(0, {cpu})
+            ts = []
+            for _ in range(5):
+                t, x = time.perf_counter(), 0
+                for i in range(HOST_LOOP):
+                    x += i
+                ts.append((time.perf_counter() - t) * 1e3)
+            out[f"cpu{cpu}"] = {"best_ms": min(ts), "worst_ms": max(ts)}
+    finally:
+        os.sched_setaffinity(0, keep)
+    return out
+
+
 def machine() -> dict:
     cpu = ""
     try:
@@ -580,7 +622,7 @@ def machine() -> dict:
 
     return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "tensorflow": tf.__version__, "grpcio": grpc.__version__,
-            "loadavg_start": os.getloadavg()}
+            "loadavg_start": os.getloadavg(), "host_speed_start": host_speed()}
 
 
 def main(argv=None) -> None:
@@ -590,6 +632,9 @@ def main(argv=None) -> None:
     p.add_argument("--split_sizes", default="100,500", help="sizes also measured with splits=2 sub-requests")
     p.add_argument("--rounds", type=int, default=15, help="interleaved blocks per size")
     p.add_argument("--block", type=int, default=10, help="calls per block")
+    p.add_argument("--bar_servers", type=int, default=3,
+                   help="fresh server processes the 100-ad raw and rank bar is measured on, pooled (0: the table's)")
+    p.add_argument("--bar_rounds", type=int, default=20, help="interleaved blocks per bar server")
     p.add_argument("--concurrency", type=int, default=4, help="closed-loop clients of the QPS figure")
     p.add_argument("--qps_seconds", type=float, default=2.0)
     p.add_argument("--swap_seconds", type=float, default=5.0, help="length of each loop without a swap")
@@ -602,13 +647,15 @@ def main(argv=None) -> None:
                    help="1: serve the models a previous run left in --workdir instead of training and exporting")
     p.add_argument("--build_only", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--echo_server", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--only", default="", choices=("", "swap"),
-                   help="swap: only the version-swap probe (one line per model and server; no floors, no QPS)")
+    p.add_argument("--only", default="", choices=("", "swap", "bar"),
+                   help="swap: only the version-swap probe (one line per model and server; no floors, no QPS); "
+                        "bar: only the 100-ad raw and rank bar over --bar_servers fresh servers")
     p.add_argument("--models", default="", help="comma-separated models to measure (default: all)")
     p.add_argument("--out", default="", help="the JSON (default runs/bench/serving.json; runs/bench/serving_swap.json "
-                                             "with --only swap)")
+                                             "with --only swap, runs/bench/serving_bar.json with --only bar)")
     args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-    args.out = args.out or ("runs/bench/serving_swap.json" if args.only == "swap" else "runs/bench/serving.json")
+    args.out = args.out or {"swap": "runs/bench/serving_swap.json", "bar": "runs/bench/serving_bar.json"}.get(
+        args.only, "runs/bench/serving.json")
     if args.echo_server:
         serve_echo()
         return
@@ -643,6 +690,9 @@ def main(argv=None) -> None:
         f.write(text_format.MessageToString(config))
     if args.only == "swap":
         swap_only(args, models, config_path, info)
+        return
+    if args.only == "bar":
+        bar_only(args, models, info)
         return
     import grpc
 
@@ -715,6 +765,10 @@ def main(argv=None) -> None:
         proc.wait(timeout=60)
         echo_proc.stdin.close()
         echo_proc.wait(timeout=60)
+    if args.bar_servers:
+        for name, (path, kinds, _) in models.items():
+            if {"raw", "rank"} & set(kinds):
+                results["models"][name]["bar_100_ads"] = bar_measure(args, name, path, kinds)
     if args.swap_without_warmup:
         # The same swap with warm-up replay off: what the warm-up records buy.
         proc, target = start_server(config_path, os.path.join(args.workdir, "server-nowarmup.log"),
@@ -734,6 +788,7 @@ def main(argv=None) -> None:
     t50, t99 = pct(transport, 50), pct(transport, 99)
     results["transport"] = {"p50_ms": t50, "p99_ms": t99, "calls": len(transport)}
     results["machine"]["loadavg_end"] = os.getloadavg()
+    results["machine"]["host_speed_end"] = host_speed()
     results["bars"] = bars(results)
     print_table(results, args.sizes)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -765,10 +820,27 @@ def swap_only(args, models: dict, config_path: str, info: dict) -> None:
             proc.terminate()
             proc.wait(timeout=60)
     results["machine"]["loadavg_end"] = os.getloadavg()
+    results["machine"]["host_speed_end"] = host_speed()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2, default=str)
     print(f"bench_serving: wrote {args.out}")
+
+
+def bar_only(args, models: dict, info: dict) -> None:
+    """``--only bar``: the 100-ad raw and rank bar of every model that has those requests."""
+    results = {"machine": info, "command": "python -m bench.bench_serving " + " ".join(sys.argv[1:]), "models": {},
+               "bars": {}}
+    for name, (path, kinds, note) in models.items():
+        if {"raw", "rank"} & set(kinds):
+            bar = bar_measure(args, name, path, kinds)
+            results["models"][name] = {"note": note, "bar_100_ads": bar}
+            results["bars"][name] = {f"100_ads_{kind}_e2e_over_floors": {
+                "value": row["e2e_over_floors"], "bar": BAR_100, "ok": row["e2e_over_floors"] <= BAR_100}
+                for kind, row in bar["pooled"].items()}
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    results["machine"]["host_speed_end"] = host_speed()
+    write_json(args.out, results, "bench_serving")
 
 
 def swap_line(s: dict) -> str:
@@ -780,6 +852,68 @@ def swap_line(s: dict) -> str:
             f"{bl:.2f}-{bh:.2f}): ratio {s['p99_ms_during_swap'] / s['p99_ms_without_swap']:.2f}; max "
             f"{s['max_ms_during_swap']:.1f} vs {s['max_ms_without_swap']:.1f} ms; {s['swaps']} swaps of "
             f"{min(w):.2f}-{max(w):.2f} s; failed {s['failed_requests']}")
+
+
+def p50_ratio(times: dict) -> dict:
+    """p50s (ms) of a bar measurement's floor, gRPC floor and e2e calls, and e2e / (floor + gRPC floor)."""
+    row = {f"{k}_p50_ms": pct(v, 50) for k, v in times.items()}
+    row["calls"] = len(times["e2e"])
+    row["e2e_over_floors"] = row["e2e_p50_ms"] / (row["floor_p50_ms"] + row["grpc_p50_ms"])
+    return row
+
+
+def bar_measure(args, name: str, path: str, kinds: dict) -> dict:
+    """The 100-ad raw and rank bar over ``--bar_servers`` fresh server processes, calls pooled.
+
+    One server process gives e2e / floors anywhere from 1.15 to 1.46 on this VM (same code, same
+    client process, minutes apart), while its channels agree with each other within a run: where
+    the server's threads land and what the host runs meanwhile vary per process. Each server here
+    (and its own bare grpcio server) serves only this model; the floor, the gRPC floor and e2e
+    of both kinds run interleaved in blocks, as in the table; the p50s are taken over every
+    server's calls together, and each server's own ratio is kept next to them.
+    """
+    import grpc
+
+    from serving import server
+    from serving.client import ServingClient
+
+    config = write_model_config(args.workdir, "bar.config", name, path)
+    floor = server.LoadedVersion(name, 1, path, server.session_config(intra_op=1))
+    reqs = {kind: Request(name, kind, kinds[kind], BAR_ADS) for kind in ("raw", "rank") if kind in kinds}
+    per_server, pooled = [], {}
+    for _ in range(args.bar_servers):
+        proc, target = start_server(config, os.path.join(args.workdir, "bar-server.log"))
+        echo_proc, echo_target = start_echo()
+        try:
+            channel = grpc.insecure_channel(echo_target, options=[
+                ("grpc.max_send_message_length", server.DEFAULT_MAX_MESSAGE_BYTES),
+                ("grpc.http2.lookahead_bytes", server.HTTP2_WINDOW_BYTES)])
+            echo = channel.unary_unary(ECHO_METHOD)
+            with ServingClient(target, name, timeout_s=30) as client:
+                fns = {}
+                for kind, req in reqs.items():
+                    fns[kind, "floor"] = req.floor(floor.signature(req.signature))
+                    fns[kind, "grpc"] = lambda req=req: echo(req.bytes, timeout=30)
+                    fns[kind, "e2e"] = lambda req=req: req.call(client)
+                times = interleaved(fns, args.bar_rounds, args.block)
+            channel.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+            echo_proc.stdin.close()
+            echo_proc.wait(timeout=60)
+        per_server.append({kind: p50_ratio({k: times[kind, k] for k in ("floor", "grpc", "e2e")}) for kind in reqs})
+        for key, ts in times.items():
+            pooled.setdefault(key, []).extend(ts)
+    floor.retire()
+    out = {"ads": BAR_ADS, "servers": per_server,
+           "pooled": {kind: p50_ratio({k: pooled[kind, k] for k in ("floor", "grpc", "e2e")}) for kind in reqs}}
+    for kind, row in out["pooled"].items():
+        each = ", ".join(f"{s[kind]['e2e_over_floors']:.2f}" for s in per_server)
+        print(f"bench_serving: {name} {kind} {BAR_ADS} ads over {len(per_server)} fresh servers: e2e p50 "
+              f"{row['e2e_p50_ms']:.3f} ms, floor {row['floor_p50_ms']:.3f}, gRPC floor {row['grpc_p50_ms']:.3f}: "
+              f"{row['e2e_over_floors']:.3f} x floors (each server: {each})", flush=True)
+    return out
 
 
 def size_row(req: Request, times: dict, q: float, q_err: int, b: int) -> dict:
@@ -805,12 +939,18 @@ def bars(results: dict) -> dict:
     for name, r in results["models"].items():
         k = r["kinds"]
         b = {}
+        pooled = r.get("bar_100_ads", {}).get("pooled", {})
         for kind in ("raw", "rank"):
-            if kind in k and 100 in k[kind]:
-                ratio = k[kind][100]["e2e_over_floors"]
-                b[f"100_ads_{kind}_e2e_over_floors"] = {
-                    "value": ratio, "bar": BAR_100, "ok": ratio <= BAR_100,
-                    "row": f"{kind}, 100 ads: e2e p50 / (floor p50, 1 thread + gRPC floor p50 of the same bytes)"}
+            if kind in pooled:
+                ratio, where = pooled[kind]["e2e_over_floors"], (f"{len(r['bar_100_ads']['servers'])} fresh servers, "
+                                                                f"{pooled[kind]['calls']} calls each pooled")
+            elif kind in k and 100 in k[kind]:
+                ratio, where = k[kind][100]["e2e_over_floors"], "the table's server"
+            else:
+                continue
+            b[f"100_ads_{kind}_e2e_over_floors"] = {
+                "value": ratio, "bar": BAR_100, "ok": ratio <= BAR_100,
+                "row": f"{kind}, 100 ads ({where}): e2e p50 / (floor p50, 1 thread + gRPC floor p50 of the same bytes)"}
         if "rank" in k and "raw" in k and 100 in k["rank"]:
             ratio = k["rank"][100]["request_bytes"] / k["raw"][100]["request_bytes"]
             b["100_ads_rank_bytes_over_raw"] = {"value": ratio, "bar": BAR_RANK_BYTES, "ok": ratio <= BAR_RANK_BYTES,
@@ -835,6 +975,10 @@ def print_table(results: dict, sizes) -> None:
     m = results["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores; load average {m['loadavg_start'][0]:.1f} at start, "
           f"{m['loadavg_end'][0]:.1f} at end; TF {m['tensorflow']}, grpcio {m['grpcio']}")
+    speed = {when: ", ".join(f"{c} {v['best_ms']:.2f}-{v['worst_ms']:.2f}" for c, v in m[f"host_speed_{when}"].items())
+             for when in ("start", "end")}
+    print(f"host speed ({HOST_LOOP:,}-addition Python loop, ms, best-worst of 5 per core): start {speed['start']}; "
+          f"end {speed['end']}")
     t = results["transport"]
     print(f"transport floor (no-op Predict round trip): p50 {t['p50_ms']:.3f} ms, p99 {t['p99_ms']:.3f} ms")
     print("floor: in-process, the server's loader and callable, 1 compute thread (the server's Session config) "
@@ -882,6 +1026,18 @@ def print_table(results: dict, sizes) -> None:
     for name, r in results["models"].items():
         prof = r.get("profile_100_ads_us", {})
         print(f"| {name} | {r['swap_kind']} | " + " | ".join(f"{prof[k]:.0f}" for k in keys) + " |")
+    for name, r in results["models"].items():
+        bar = r.get("bar_100_ads")
+        if not bar:
+            continue
+        print(f"\n{name}, {bar['ads']} ads, bar measurement: {len(bar['servers'])} fresh server processes, "
+              f"each with its own bare grpcio server; p50 ms over all their calls, and each server's ratio:\n")
+        print("| request | floor p50 ms | gRPC floor p50 ms | e2e p50 ms | e2e / (floor + gRPC floor) | each server |")
+        print("|---|---:|---:|---:|---:|---|")
+        for kind, row in bar["pooled"].items():
+            each = ", ".join(f"{s[kind]['e2e_over_floors']:.2f}" for s in bar["servers"])
+            print(f"| {kind} | {row['floor_p50_ms']:.3f} | {row['grpc_p50_ms']:.3f} | {row['e2e_p50_ms']:.3f} | "
+                  f"{row['e2e_over_floors']:.3f} | {each} |")
     print("\nbars:")
     for name, b in results["bars"].items():
         for k, v in b.items():

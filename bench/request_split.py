@@ -18,29 +18,14 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
 from bench import timed_server
+from bench.bench_serving import interleaved
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
-
-def interleaved(fns: dict, rounds: int, block: int) -> dict:
-    """{name: [seconds]} of ``fns`` called in turn, ``block`` calls each, ``rounds`` times (after 2 untimed)."""
-    for fn in fns.values():
-        fn()
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            for _ in range(block):
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
-    return times
 
 
 def split(times: dict, records: list) -> dict:

@@ -1,8 +1,9 @@
-"""Statistics of the serving benches: bench_serving.p99_interval (hand-computed ranks),
-swap_phases.step_table (requests placed on the server's load steps by hand) and request_split.split."""
+"""Statistics of the serving benches: bench_serving.p99_interval (hand-computed ranks), the 100-ad
+bar's pooled ratio (bench_serving.p50_ratio, bars), swap_phases.step_table (requests placed on the
+server's load steps by hand) and request_split.split."""
 import numpy as np
 
-from bench.bench_serving import p99_interval
+from bench.bench_serving import BAR_100, bars, p50_ratio, p99_interval
 from bench.request_split import split
 from bench.swap_phases import step_table
 
@@ -43,3 +44,27 @@ def test_request_split_takes_the_servers_calls_of_the_timed_block():
     r = split(times, records)
     assert np.allclose([r["handler"], r["session run"], r["e2e_over_floors"], r["session_run_over_floor_ms"],
                         r["handler_python_ms"], r["rest_over_grpc_floor_ms"]], [1.6, 1.2, 2.0 / 1.5, 0.2, 0.4, -0.1])
+
+
+def test_bar_ratio_is_taken_over_the_pooled_calls_of_every_server():
+    # Server A: e2e 2.0 ms, floor 1.0, gRPC floor 0.5 (ratio 1.333); server B: e2e 1.7, same floors
+    # (1.133). Pooled, the e2e calls are 5 x 2.0 and 6 x 1.7 ms: p50 1.7 ms, ratio 1.7 / 1.5 = 1.133,
+    # not the mean of the two ratios (1.233).
+    a = {"floor": [0.001] * 5, "grpc": [0.0005] * 5, "e2e": [0.002] * 5}
+    b = {"floor": [0.001] * 6, "grpc": [0.0005] * 6, "e2e": [0.0017] * 6}
+    assert np.isclose(p50_ratio(a)["e2e_over_floors"], 2.0 / 1.5)
+    pooled = p50_ratio({k: a[k] + b[k] for k in a})
+    assert pooled["calls"] == 11 and np.isclose(pooled["e2e_over_floors"], 1.7 / 1.5)
+    # bars() judges the pooled ratio, not the table's row of the same size.
+    row = {"e2e_over_floors": 1.4, "request_bytes": 100}
+    results = {"transport": {"p50_ms": 0.3}, "models": {"m": {
+        "kinds": {"raw": {100: row}, "rank": {100: {**row, "request_bytes": 40}}},
+        "bar_100_ads": {"servers": [{"raw": p50_ratio(a)}, {"raw": p50_ratio(b)}], "pooled": {"raw": pooled}},
+        "swap": {"p99_ms_during_swap": 3.0, "p99_ms_without_swap": 2.0, "failed_requests": 0, "swaps": 1},
+        "swap_kind": "raw"}}}
+    b = bars(results)["m"]
+    assert np.isclose(b["100_ads_raw_e2e_over_floors"]["value"], 1.7 / 1.5) and b["100_ads_raw_e2e_over_floors"]["ok"]
+    assert "2 fresh servers" in b["100_ads_raw_e2e_over_floors"]["row"]
+    # rank has no pooled figure here: its bar falls back to the table's row (1.4 > BAR_100).
+    assert b["100_ads_rank_e2e_over_floors"]["value"] == 1.4 and not b["100_ads_rank_e2e_over_floors"]["ok"]
+    assert 1.4 > BAR_100 and "the table's server" in b["100_ads_rank_e2e_over_floors"]["row"]
