@@ -3,7 +3,7 @@ bar's pooled ratio (bench_serving.p50_ratio, bars), swap_phases.step_table (requ
 server's load steps by hand) and request_split.split."""
 import numpy as np
 
-from bench.bench_serving import BAR_100, bars, p50_ratio, p99_interval
+from bench.bench_serving import BAR_100, HOST_QUIET, bars, host_slowdown, p50_ratio, p99_interval
 from bench.request_split import split
 from bench.swap_phases import step_table
 
@@ -59,12 +59,23 @@ def test_bar_ratio_is_taken_over_the_pooled_calls_of_every_server():
     row = {"e2e_over_floors": 1.4, "request_bytes": 100}
     results = {"transport": {"p50_ms": 0.3}, "models": {"m": {
         "kinds": {"raw": {100: row}, "rank": {100: {**row, "request_bytes": 40}}},
-        "bar_100_ads": {"servers": [{"raw": p50_ratio(a)}, {"raw": p50_ratio(b)}], "pooled": {"raw": pooled}},
+        "bar_100_ads": {"servers": [{"raw": p50_ratio(a)}, {"raw": p50_ratio(b)}], "pooled": {"raw": pooled},
+                        "host_slowdown": 1.04},
         "swap": {"p99_ms_during_swap": 3.0, "p99_ms_without_swap": 2.0, "failed_requests": 0, "swaps": 1},
         "swap_kind": "raw"}}}
     b = bars(results)["m"]
     assert np.isclose(b["100_ads_raw_e2e_over_floors"]["value"], 1.7 / 1.5) and b["100_ads_raw_e2e_over_floors"]["ok"]
     assert "2 fresh servers" in b["100_ads_raw_e2e_over_floors"]["row"]
+    assert b["100_ads_raw_e2e_over_floors"]["host_quiet"] and b["100_ads_raw_e2e_over_floors"]["host_slowdown"] == 1.04
     # rank has no pooled figure here: its bar falls back to the table's row (1.4 > BAR_100).
     assert b["100_ads_rank_e2e_over_floors"]["value"] == 1.4 and not b["100_ads_rank_e2e_over_floors"]["ok"]
     assert 1.4 > BAR_100 and "the table's server" in b["100_ads_rank_e2e_over_floors"]["row"]
+
+
+def test_host_slowdown_is_the_median_check_over_the_fastest():
+    # 7 calls of the fixed loop: fastest 1.4 ms, median 1.5 ms -> 1.071 (quiet); a host that slowed the
+    # cores for 4 of the 7 calls (2.1 ms) -> median 2.1 / 1.4 = 1.5 (contended).
+    quiet = [0.0014, 0.0015, 0.0014, 0.0016, 0.0015, 0.0017, 0.0015]
+    assert np.isclose(host_slowdown(quiet), 1.5 / 1.4) and host_slowdown(quiet) <= HOST_QUIET
+    contended = [0.0014, 0.0021, 0.0021, 0.0015, 0.0021, 0.0016, 0.0021]
+    assert np.isclose(host_slowdown(contended), 1.5) and host_slowdown(contended) > HOST_QUIET
