@@ -1,9 +1,10 @@
 """``serving.server`` with some of its functions timed, in a child process, for the serving probes.
 
-    python -m bench.timed_server {swap|request} <serving.server arguments>
+    python -m bench.timed_server {swap|request|threads} <serving.server arguments>
 
 Every call of the chosen functions appends (name, start, end, thread CPU) to a list written as JSON
-to ``$TIMED_SERVER_OUT`` when the server exits. ``time.perf_counter`` is CLOCK_MONOTONIC, so the
+to ``$TIMED_SERVER_OUT`` when the server exits; SIGUSR1 writes ``{native thread id: Python thread
+name}`` of the live threads to ``$TIMED_SERVER_OUT.threads``. ``time.perf_counter`` is CLOCK_MONOTONIC, so the
 records line up with the client's clock. ``start`` launches it the way ``bench_serving`` launches
 the plain server.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 OUT_ENV = "TIMED_SERVER_OUT"
@@ -25,6 +28,7 @@ STEPS = {
              ("LoadedVersion.retire", "unload")),
     "request": (("Handlers.predict", "handler"),
                 ("Signature.run", "session run")),
+    "threads": (),  # nothing timed: the plain server, whose thread names SIGUSR1 writes
 }
 
 
@@ -51,7 +55,12 @@ def serve(argv: list[str], steps) -> None:
     def dump():
         with open(os.environ[OUT_ENV], "w") as f:
             json.dump(records, f)
+
+    def dump_thread_names(*_):
+        with open(os.environ[OUT_ENV] + ".threads", "w") as f:
+            json.dump({t.native_id: t.name for t in threading.enumerate()}, f)
     atexit.register(dump)
+    signal.signal(signal.SIGUSR1, dump_thread_names)  # handled in the main thread, which only waits
     server.main(argv)
 
 

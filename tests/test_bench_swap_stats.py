@@ -1,10 +1,12 @@
 """Statistics of the serving benches: bench_serving.p99_interval (hand-computed ranks), the 100-ad
 bar's pooled ratio (bench_serving.p50_ratio, bars), swap_phases.step_table (requests placed on the
-server's load steps by hand) and request_split.split."""
+server's load steps by hand), request_split.split and request_threads' preemption count (a
+hand-written scheduler trace)."""
 import numpy as np
 
 from bench.bench_serving import BAR_100, HOST_QUIET, bars, host_slowdown, p50_ratio, p99_interval
 from bench.request_split import split
+from bench.request_threads import REQUEST, parse_trace, request_stats, role_of
 from bench.swap_phases import step_table
 
 
@@ -37,13 +39,15 @@ def test_request_split_takes_the_servers_calls_of_the_timed_block():
     # 10 timed e2e calls of 2 ms; the server's last 10 handler calls took 1.6 ms (the 2 before them,
     # untimed warm-up calls, 5 ms) with a Session call of 1.2 ms inside; floor 1 ms, gRPC floor 0.5 ms.
     times = {"floor": [0.001] * 10, "grpc floor": [0.0005] * 10, "e2e": [0.002] * 10}
-    records = ([{"step": "handler", "start": 0.0, "end": 0.005}] * 2
-               + [{"step": "handler", "start": 1.0, "end": 1.0016}] * 10
-               + [{"step": "session run", "start": 0.0, "end": 0.005}] * 2
-               + [{"step": "session run", "start": 1.0, "end": 1.0012}] * 10)
-    r = split(times, records)
+    # The Session calls used 1.1 ms of thread CPU (the warm-up ones 4 ms); the floor loop 0.9 ms.
+    records = ([{"step": "handler", "start": 0.0, "end": 0.005, "cpu_s": 0.005}] * 2
+               + [{"step": "handler", "start": 1.0, "end": 1.0016, "cpu_s": 0.0015}] * 10
+               + [{"step": "session run", "start": 0.0, "end": 0.005, "cpu_s": 0.004}] * 2
+               + [{"step": "session run", "start": 1.0, "end": 1.0012, "cpu_s": 0.0011}] * 10)
+    r = split(times, records, {"floor cpu": [0.0009] * 10})
     assert np.allclose([r["handler"], r["session run"], r["e2e_over_floors"], r["session_run_over_floor_ms"],
-                        r["handler_python_ms"], r["rest_over_grpc_floor_ms"]], [1.6, 1.2, 2.0 / 1.5, 0.2, 0.4, -0.1])
+                        r["handler_python_ms"], r["rest_over_grpc_floor_ms"], r["session run cpu"], r["floor cpu"]],
+                       [1.6, 1.2, 2.0 / 1.5, 0.2, 0.4, -0.1, 1.1, 0.9])
 
 
 def test_bar_ratio_is_taken_over_the_pooled_calls_of_every_server():
@@ -79,3 +83,43 @@ def test_host_slowdown_is_the_median_check_over_the_fastest():
     assert np.isclose(host_slowdown(quiet), 1.5 / 1.4) and host_slowdown(quiet) <= HOST_QUIET
     contended = [0.0014, 0.0021, 0.0021, 0.0015, 0.0021, 0.0016, 0.0021]
     assert np.isclose(host_slowdown(contended), 1.5) and host_slowdown(contended) > HOST_QUIET
+
+
+def test_thread_roles():
+    assert role_of("server", "grpc_3", "python") == REQUEST
+    assert role_of("server", "Thread-1 (_serve)", "python") == "server gRPC poller"
+    assert role_of("server", None, "event_engine") == "server gRPC event engine"
+    assert role_of("server", None, "python") == "server TF intra-op pool (native)"
+    assert role_of("client", None, "python") == "client other threads (python)"
+    assert role_of("client", "MainThread", "python") == "client MainThread"
+
+
+TRACE = """\
+# tracer: nop
+          python-100   [000] ..... 10.000000: tracing_mark_write: START 0
+          <idle>-0     [001] d..2. 10.000010: sched_switch: prev_comm=swapper/1 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=python next_pid=12 next_prio=120
+          python-11    [000] d..2. 10.000020: sched_switch: prev_comm=python prev_pid=11 prev_prio=120 prev_state=R+ ==> next_comm=python next_pid=13 next_prio=120
+          python-13    [000] d..2. 10.000037: sched_switch: prev_comm=python prev_pid=13 prev_prio=120 prev_state=S ==> next_comm=python next_pid=11 next_prio=120
+          python-12    [001] d..2. 10.000040: sched_switch: prev_comm=python prev_pid=12 prev_prio=120 prev_state=S ==> next_comm=swapper/1 next_pid=0 next_prio=120
+          python-11    [000] d..2. 10.000050: sched_switch: prev_comm=python prev_pid=11 prev_prio=120 prev_state=R ==> next_comm=python next_pid=12 next_prio=120
+          python-12    [000] d..2. 10.000058: sched_switch: prev_comm=python prev_pid=12 prev_prio=120 prev_state=S ==> next_comm=python next_pid=11 next_prio=120
+          python-100   [001] ..... 10.000100: tracing_mark_write: END 0
+          python-100   [001] ..... 10.001000: tracing_mark_write: START 1
+          python-11    [000] d..2. 10.001010: sched_switch: prev_comm=python prev_pid=11 prev_prio=120 prev_state=S ==> next_comm=swapper/0 next_pid=0 next_prio=120
+          python-100   [001] ..... 10.001020: tracing_mark_write: END 1
+"""
+
+
+def test_request_thread_preemptions_from_a_scheduler_trace():
+    # Call 0: the request thread (11) loses core 0 to the intra-op thread (13) for 17 us while core 1
+    # runs the poller (12), then to the poller for 8 us while core 1 is idle; 6 switches. Call 1:
+    # the request thread sleeps (state S: not a preemption); 1 switch.
+    roles = {11: REQUEST, 12: "server gRPC poller", 13: "server TF intra-op pool (native)"}
+    events = parse_trace(TRACE.splitlines())
+    assert len(events) == 11 and events[2] == (10.00002, 0, "switch", (11, "R+", 13))
+    s = request_stats(events, roles)
+    assert (s["calls"], s["switches_per_call"], s["preemptions_per_call"]) == (2, 3.5, 1.0)
+    pool, poller = s["preempted_by"]["server TF intra-op pool (native)"], s["preempted_by"]["server gRPC poller"]
+    assert pool["per_call"] == poller["per_call"] == 0.5
+    assert np.isclose(pool["wait_us_p50"], 17) and np.isclose(poller["wait_us_p50"], 8)
+    assert s["other_core_idle"] == 0.5
