@@ -63,7 +63,7 @@ def test_bar_ratio_is_taken_over_the_pooled_calls_of_every_server():
     row = {"e2e_over_floors": 1.4, "request_bytes": 100}
     results = {"transport": {"p50_ms": 0.3}, "models": {"m": {
         "kinds": {"raw": {100: row}, "rank": {100: {**row, "request_bytes": 40}}},
-        "bar_100_ads": {"servers": [{"raw": p50_ratio(a)}, {"raw": p50_ratio(b)}], "pooled": {"raw": pooled},
+        "bar_100_ads": {"ads": 100, "servers": [{"raw": p50_ratio(a)}, {"raw": p50_ratio(b)}], "pooled": {"raw": pooled},
                         "host_slowdown": 1.04},
         "swap": {"p99_ms_during_swap": 3.0, "p99_ms_without_swap": 2.0, "failed_requests": 0, "swaps": 1},
         "swap_kind": "raw"}}}
