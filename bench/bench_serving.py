@@ -370,6 +370,28 @@ def start_echo():
     return proc, line.split()[-1]
 
 
+def echo_call(target: str):
+    """(channel, call) of the bare grpcio server at ``target``: ``call(bytes, timeout=...)`` is the gRPC floor."""
+    import grpc
+
+    from serving import server
+
+    channel = grpc.insecure_channel(target, options=[
+        ("grpc.max_send_message_length", server.DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.http2.lookahead_bytes", server.HTTP2_WINDOW_BYTES)])  # as serving.server and its client
+    return channel, channel.unary_unary(ECHO_METHOD)
+
+
+def stop_children(servers=(), echo=None) -> None:
+    """Stops ``start_server``'s processes (SIGTERM) and ``start_echo``'s (its stdin closed)."""
+    for proc in servers:
+        proc.terminate()
+        proc.wait(timeout=60)
+    if echo is not None:
+        echo.stdin.close()
+        echo.wait(timeout=60)
+
+
 class Request:
     """One kind of request for a batch of candidates: its signature, the decoded input tensors (the
     floor's feed), the client call, and the serialized PredictRequest (the gRPC floor's bytes)."""
@@ -716,8 +738,6 @@ def main(argv=None) -> None:
     if args.only == "bar":
         bar_only(args, models, info)
         return
-    import grpc
-
     echo_proc, echo_target = start_echo()
     proc, target = start_server(config_path, os.path.join(args.workdir, "server.log"))
     results = {"machine": info, "command": "python -m bench.bench_serving " + " ".join(sys.argv[1:] if argv is None
@@ -727,10 +747,7 @@ def main(argv=None) -> None:
                "models": {}}
     try:
         noop = ServingClient(target, "noop", timeout_s=30)
-        echo_channel = grpc.insecure_channel(echo_target, options=[
-            ("grpc.max_send_message_length", server.DEFAULT_MAX_MESSAGE_BYTES),
-            ("grpc.http2.lookahead_bytes", server.HTTP2_WINDOW_BYTES)])
-        echo = echo_channel.unary_unary(ECHO_METHOD)
+        echo_channel, echo = echo_call(echo_target)
         x = {"x": np.zeros(1, np.float32)}
         noop.predict(x)
         transport = []
@@ -783,10 +800,7 @@ def main(argv=None) -> None:
         noop.close()
         echo_channel.close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        echo_proc.stdin.close()
-        echo_proc.wait(timeout=60)
+        stop_children([proc], echo_proc)
     if args.bar_servers:
         for name, (path, kinds, _) in models.items():
             if {"raw", "rank"} & set(kinds):
@@ -892,8 +906,6 @@ def bar_measure(args, name: str, path: str, kinds: dict) -> dict:
     of both kinds run interleaved in blocks, as in the table; the p50s are taken over every
     server's calls together, and each server's own ratio is kept next to them.
     """
-    import grpc
-
     from serving import server
     from serving.client import ServingClient
 
@@ -905,10 +917,7 @@ def bar_measure(args, name: str, path: str, kinds: dict) -> dict:
         proc, target = start_server(config, os.path.join(args.workdir, "bar-server.log"))
         echo_proc, echo_target = start_echo()
         try:
-            channel = grpc.insecure_channel(echo_target, options=[
-                ("grpc.max_send_message_length", server.DEFAULT_MAX_MESSAGE_BYTES),
-                ("grpc.http2.lookahead_bytes", server.HTTP2_WINDOW_BYTES)])
-            echo = channel.unary_unary(ECHO_METHOD)
+            channel, echo = echo_call(echo_target)
             with ServingClient(target, name, timeout_s=30) as client:
                 fns = {}
                 for kind, req in reqs.items():
@@ -919,10 +928,7 @@ def bar_measure(args, name: str, path: str, kinds: dict) -> dict:
                 times = interleaved(fns, args.bar_rounds, args.block)
             channel.close()
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-            echo_proc.stdin.close()
-            echo_proc.wait(timeout=60)
+            stop_children([proc], echo_proc)
         per_server.append({kind: p50_ratio({k: times[kind, k] for k in ("floor", "grpc", "e2e")}) for kind in reqs})
         per_server[-1]["host_slowdown"] = host_slowdown(times["host", "check"])
         for key, ts in times.items():

@@ -30,7 +30,6 @@ def main(argv=None) -> None:
 
     bs.add_request_args(p, "runs/bench/thread_dispatch.json", block=10)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    import grpc
 
     from serving import server
     from serving.client import ServingClient
@@ -49,7 +48,7 @@ def main(argv=None) -> None:
             client = ServingClient(target, args.model, timeout_s=30)
             fns[f"e2e_{name}"] = lambda c=client: req.call(c)
         lv = server.LoadedVersion(args.model, 1, path, server.session_config(intra_op=1))
-        echo = grpc.insecure_channel(echo_target).unary_unary(bs.ECHO_METHOD)
+        _, echo = bs.echo_call(echo_target)
         base = {"floor": req.floor(lv.signature(req.signature)), "grpc": lambda: echo(req.bytes, timeout=30)}
         e2e = list(fns.items())
         times = {k: [] for k in [*base, *fns]}
@@ -59,11 +58,7 @@ def main(argv=None) -> None:
             for k, fn in [*base.items(), *(e2e if r % 2 else e2e[::-1])]:
                 times[k] += bs.timed(fn, args.block)
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
-        echo_proc.stdin.close()
-        echo_proc.wait(timeout=60)
+        bs.stop_children(procs, echo_proc)
     floors = bs.pct(times["floor"], 50) + bs.pct(times["grpc"], 50)
     out = {"command": "python -m bench.bench_thread_dispatch " + " ".join(sys.argv[1:] if argv is None else argv),
            "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "request_bytes": len(req.bytes),

@@ -77,8 +77,6 @@ def main(argv=None) -> None:
 
     bench_serving.add_request_args(p, "runs/bench/request_split.json", block=20)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    import grpc
-
     from serving import server
     from serving.client import ServingClient
 
@@ -89,8 +87,7 @@ def main(argv=None) -> None:
                                       records_path)
     echo_proc, echo_target = bench_serving.start_echo()
     try:
-        echo = grpc.insecure_channel(echo_target, options=[
-            ("grpc.http2.lookahead_bytes", server.HTTP2_WINDOW_BYTES)]).unary_unary(bench_serving.ECHO_METHOD)
+        _, echo = bench_serving.echo_call(echo_target)
         lv = server.LoadedVersion(args.model, 1, path, server.session_config(intra_op=1))
         floor = req.floor(lv.signature(req.signature))
         extra = {"floor cpu": [], "floor paced": []}
@@ -102,10 +99,7 @@ def main(argv=None) -> None:
         del times["floor paced"]  # its own list (without the sleep) is in ``extra``
         lv.retire()
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        echo_proc.stdin.close()
-        echo_proc.wait(timeout=60)
+        bench_serving.stop_children([proc], echo_proc)
     with open(records_path) as f:
         records = json.load(f)
     os.remove(records_path)

@@ -171,9 +171,7 @@ def main(argv=None) -> None:
     p.add_argument("--calls", type=int, default=2000, help="calls of each loop of the CPU-per-call figure")
     p.add_argument("--traced", type=int, default=60, help="e2e calls traced with ftrace (0: none)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    import grpc
 
-    from serving import server
     from serving.client import ServingClient
 
     path, req = bench_serving.request_of(args)
@@ -186,8 +184,7 @@ def main(argv=None) -> None:
     result = {"command": "python -m bench.request_threads " + " ".join(sys.argv[1:] if argv is None else argv),
               "request_bytes": len(req.bytes)}
     try:
-        echo = grpc.insecure_channel(echo_target, options=[
-            ("grpc.http2.lookahead_bytes", server.HTTP2_WINDOW_BYTES)]).unary_unary(bench_serving.ECHO_METHOD)
+        _, echo = bench_serving.echo_call(echo_target)
         with ServingClient(target, args.model, timeout_s=30) as client:
             e2e = lambda: req.call(client)  # noqa: E731
             for _ in range(50):
@@ -211,10 +208,7 @@ def main(argv=None) -> None:
         result["preemptions"] = (request_stats(parse_trace(lines), roles) if lines else
                                  f"{TRACEFS} is not writable here (root, mounted tracefs)")
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        echo_proc.stdin.close()
-        echo_proc.wait(timeout=60)
+        bench_serving.stop_children([proc], echo_proc)
         for leftover in (records_path, names_path):
             if os.path.exists(leftover):
                 os.remove(leftover)
