@@ -17,7 +17,7 @@ import os
 import tensorflow as tf
 
 from feature_schema import Schema
-from featurization import Featurizer
+from featurization import Featurizer, raw
 from serving import protocol
 from serving.protocol import (CLASSIFY_CLASSES, CLASSIFY_INPUTS, CLASSIFY_METHOD, CLASSIFY_SCORES, CLASSIFY_SIGNATURE,
                               CONTEXT_INPUT, DEFAULT_SIGNATURE, EXAMPLES_INPUT, FIELDS_INPUT, HASHED_SIGNATURE,
@@ -61,7 +61,7 @@ def read_bids(examples, name: str):
     Fails with InvalidArgument naming ``name`` when an Example holds more than one value, or a value
     that is negative or not finite (a bid of another dtype fails the parse, naming the key too).
     """
-    sp = tf.io.parse_example(examples, {name: tf.io.VarLenFeature(tf.float32)})[name]
+    sp = raw.parse_examples(examples, {name: tf.io.VarLenFeature(tf.float32)})[name]
     n = tf.shape(examples, out_type=tf.int64)[0]
     row = sp.indices[:, 0]
     count = tf.math.unsorted_segment_sum(tf.ones_like(row), row, n)
@@ -150,9 +150,9 @@ class ServingModule(tf.Module):
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
     def serve_hashed(self, examples):
         k = self._keys
-        parsed = tf.io.parse_example(examples, {k.hashes: tf.io.VarLenFeature(tf.int64),
-                                                k.values: tf.io.VarLenFeature(tf.float32),
-                                                k.field_hashes: tf.io.VarLenFeature(tf.int64)})
+        parsed = raw.parse_examples(examples, {k.hashes: tf.io.VarLenFeature(tf.int64),
+                                                 k.values: tf.io.VarLenFeature(tf.float32),
+                                                 k.field_hashes: tf.io.VarLenFeature(tf.int64)})
         return self.run(self.featurizer.from_records(parsed[k.hashes], parsed[k.values], parsed[k.field_hashes]))
 
     @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, None], tf.int64, name=IDS_INPUT),

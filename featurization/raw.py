@@ -146,7 +146,7 @@ class RawParser(tf.Module):
         All fields of a kind are handled at once (one sparse concat, one hash, one lookup), not
         field by field: a small request's cost is mostly the number of graph ops.
         """
-        parsed = tf.io.parse_example(serialized, self.spec())
+        parsed = parse_examples(serialized, self.spec())
         # After the parse, which reports bytes that are not an Example as InvalidArgument.
         with tf.control_dependencies([t.values for t in parsed.values()]):
             check = self.check_keys(serialized)
@@ -230,6 +230,18 @@ class RawParser(tf.Module):
             e.via = tf.fill(tf.shape(e.ex), tf.constant(join.key_fid, tf.int64))
             out.append(e.gather(tf.where(keep)[:, 0]))
         return out
+
+
+def parse_examples(serialized: tf.Tensor, spec: dict) -> dict:
+    """``tf.io.parse_example(serialized, spec)``, parsed in the calling thread.
+
+    ``ParseExample`` cuts any batch of 8 or more Examples into at least 8 minibatches and hands all
+    but one to the intra-op pool, even a pool of one thread, then waits for them. ``ParseSequenceExample``
+    reads its context the same way without that hand-off, and a serialized ``tf.Example`` is a
+    ``SequenceExample`` with only a context: both messages' field 1 is a ``Features``.
+    """
+    context, _, _ = tf.io.parse_sequence_example(serialized, context_features=spec)
+    return context
 
 
 def _fingerprint(strings):

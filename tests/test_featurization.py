@@ -248,6 +248,32 @@ def test_raw_examples_by_hand_with_joins_values_and_multi_hot(tmp_path):
     ]
 
 
+def test_raw_batch_of_many_examples_keeps_their_order(tmp_path):
+    """12 Examples (ParseExample would cut 8 or more into minibatches): each row is its own Example's."""
+    fz = _raw_featurizer(tmp_path)
+    rows = [[("user", "u1", 1.0), ("tag", "t1", 2.0)], [], [("user", "u2", 3.0), ("price", "price", 2.5)]] * 4
+    out = _triples(fz.from_examples(_raw(rows)))
+    # Read off the test above: u1 joins age 40 -> (7, 1.0); price missing -> row 3, tag missing -> row 8;
+    # u2 (value 3) has an empty age cell -> row 6, value 0; price 2.5 -> bin row 5.
+    assert out == [
+        [(1, 1.0, 0), (9, 2.0, 3), (7, 1.0, 2), (3, 1.0, 1)],
+        [(0, 1.0, 0), (3, 1.0, 1), (6, 0.0, 2), (8, 1.0, 3)],
+        [(2, 3.0, 0), (5, 1.0, 1), (6, 0.0, 2), (8, 1.0, 3)],
+    ] * 4
+
+
+def test_raw_field_of_the_wrong_type_is_refused_naming_it(tmp_path):
+    fz = _raw_featurizer(tmp_path)
+    ex = tf.train.Example()
+    ex.features.feature["price"].bytes_list.value.append(b"2.5")  # a number field sent as bytes
+    with pytest.raises(tf.errors.InvalidArgumentError, match="price"):
+        fz.from_examples(tf.constant([ex.SerializeToString()] * 9))
+    ex = tf.train.Example()
+    ex.features.feature["user"].float_list.value.append(1.0)  # a categorical field sent as a number
+    with pytest.raises(tf.errors.InvalidArgumentError, match="user"):
+        fz.from_examples(tf.constant([ex.SerializeToString()]))
+
+
 def test_raw_value_companion_must_match_the_keys(tmp_path):
     fz = _raw_featurizer(tmp_path)
     ex = tf.train.Example()

@@ -115,7 +115,7 @@ def test_requests_without_a_valid_bid_are_refused_naming_the_feature(served):
         "two values": (with_bid(builder.example(feats[1]), 1.0, 2.0), invalid),
         "negative": (with_bid(builder.example(feats[1]), -1.0), invalid),
         "nan": (with_bid(builder.example(feats[1]), float("nan")), invalid),
-        "bytes": (with_bid(builder.example(feats[1]), 1.0, kind="bytes"), "Key: bid"),
+        "bytes": (with_bid(builder.example(feats[1]), 1.0, kind="bytes"), "feature: bid"),
     }
     for example, message in bad.values():
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
