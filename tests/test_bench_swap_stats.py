@@ -1,10 +1,12 @@
 """Statistics of the serving benches: bench_serving.p99_interval (hand-computed ranks), the 100-ad
 bar's pooled ratio (bench_serving.p50_ratio, bars), swap_phases.step_table (requests placed on the
 server's load steps by hand), request_split.split and request_threads' preemption count (a
-hand-written scheduler trace)."""
+hand-written scheduler trace); bench_serving.no_gc_pauses."""
+import gc
+
 import numpy as np
 
-from bench.bench_serving import HOST_QUIET, bars, host_slowdown, p50_ratio, p99_interval
+from bench.bench_serving import HOST_QUIET, bars, host_slowdown, no_gc_pauses, p50_ratio, p99_interval
 from bench.request_split import split
 from bench.request_threads import REQUEST, parse_trace, request_stats, role_of
 from bench.swap_phases import step_table
@@ -124,3 +126,18 @@ def test_request_thread_preemptions_from_a_scheduler_trace():
     assert pool["per_call"] == poller["per_call"] == 0.5
     assert np.isclose(pool["wait_us_p50"], 17) and np.isclose(poller["wait_us_p50"], 8)
     assert s["other_core_idle"] == 0.5
+
+
+def test_no_gc_pauses_freezes_then_restores_the_collector():
+    class Cycle:
+        pass
+
+    before = Cycle()
+    before.me = before  # a cycle alive before the block: frozen, so a collection would not walk it
+    assert gc.isenabled()
+    with no_gc_pauses():
+        assert not gc.isenabled()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is before for o in gc.get_objects())  # frozen objects are no generation's
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert any(o is before for o in gc.get_objects())
