@@ -743,18 +743,19 @@ def main(argv=None) -> None:
     if args.models:
         keep = set(args.models.split(","))
         models = {k: v for k, v in models.items() if k in keep or k == "noop"}
-    config = model_server_config_pb2.ModelServerConfig()
-    for name, (path, _, _) in models.items():
-        mc = config.model_config_list.config.add()
-        mc.name, mc.base_path, mc.model_platform = name, os.path.dirname(path), "tensorflow"
-    config_path = os.path.join(args.workdir, "models.config")
-    with open(config_path, "w") as f:
-        f.write(text_format.MessageToString(config))
     with no_gc_pauses():
+        if args.only == "bar":  # its servers get their own config (a full run's child must not rewrite this one)
+            bar_only(args, models, info)
+            return
+        config = model_server_config_pb2.ModelServerConfig()
+        for name, (path, _, _) in models.items():
+            mc = config.model_config_list.config.add()
+            mc.name, mc.base_path, mc.model_platform = name, os.path.dirname(path), "tensorflow"
+        config_path = os.path.join(args.workdir, "models.config")
+        with open(config_path, "w") as f:
+            f.write(text_format.MessageToString(config))
         if args.only == "swap":
             swap_only(args, models, config_path, info)
-        elif args.only == "bar":
-            bar_only(args, models, info)
         else:
             full_run(args, models, config_path, info, argv)
 
@@ -901,6 +902,7 @@ def bar_only(args, models: dict, info: dict) -> None:
             results["bars"][name] = {f"100_ads_{kind}_e2e_over_floors": bar_100(bar, kind) for kind in bar["pooled"]}
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["machine"]["host_speed_end"] = host_speed()
+    print(f"bench_serving: {speed_line(results['machine'])}", flush=True)
     write_json(args.out, results, "bench_serving")
 
 
@@ -917,7 +919,9 @@ def bar_in_child(args, name: str) -> dict:
                     "--workdir", args.workdir, "--models", name, "--bar_servers", str(args.bar_servers),
                     "--bar_rounds", str(args.bar_rounds), "--block", str(args.block), "--out", out], check=True)
     with open(out) as f:
-        return json.load(f)["models"][name]["bar_100_ads"]
+        child = json.load(f)
+    return {**child["models"][name]["bar_100_ads"],
+            "host_speed": {when: child["machine"][f"host_speed_{when}"] for when in ("start", "end")}}
 
 
 def swap_line(s: dict) -> str:
@@ -1054,14 +1058,19 @@ def bars(results: dict) -> dict:
     return out
 
 
+def speed_line(m: dict) -> str:
+    """``host_speed`` of a run's start and end (``machine()`` plus ``host_speed_end``), as printed."""
+    speed = {when: ", ".join(f"{c} {v['best_ms']:.2f}-{v['worst_ms']:.2f}" for c, v in m[f"host_speed_{when}"].items())
+             for when in ("start", "end")}
+    return (f"host speed ({HOST_LOOP:,}-addition Python loop, ms, best-worst of 5 per core): start {speed['start']}; "
+            f"end {speed['end']}")
+
+
 def print_table(results: dict, sizes) -> None:
     m = results["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores; load average {m['loadavg_start'][0]:.1f} at start, "
           f"{m['loadavg_end'][0]:.1f} at end; TF {m['tensorflow']}, grpcio {m['grpcio']}")
-    speed = {when: ", ".join(f"{c} {v['best_ms']:.2f}-{v['worst_ms']:.2f}" for c, v in m[f"host_speed_{when}"].items())
-             for when in ("start", "end")}
-    print(f"host speed ({HOST_LOOP:,}-addition Python loop, ms, best-worst of 5 per core): start {speed['start']}; "
-          f"end {speed['end']}")
+    print(speed_line(m))
     t = results["transport"]
     print(f"transport floor (no-op Predict round trip): p50 {t['p50_ms']:.3f} ms, p99 {t['p99_ms']:.3f} ms")
     print("floor: in-process, the server's loader and callable, 1 compute thread (the server's Session config) "
