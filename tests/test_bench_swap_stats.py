@@ -66,13 +66,18 @@ def test_bar_ratio_is_taken_over_the_pooled_calls_of_every_server():
     results = {"transport": {"p50_ms": 0.3}, "models": {"m": {
         "kinds": {"raw": {100: row}, "rank": {100: {**row, "request_bytes": 40}}},
         "bar_100_ads": {"ads": 100, "servers": [{"raw": p50_ratio(a)}, {"raw": p50_ratio(b)}], "pooled": {"raw": pooled},
-                        "host_slowdown": 1.04},
+                        "host_slowdown": 1.04,
+                        # best loop ms per core: 8.0 / 5.0 = 1.6 apart at the start, 5.5 / 5.0 = 1.1 at the end
+                        "host_speed": {"start": {"cpu0": {"best_ms": 5.0}, "cpu1": {"best_ms": 8.0}},
+                                       "end": {"cpu0": {"best_ms": 5.0}, "cpu1": {"best_ms": 5.5}}}},
         "swap": {"p99_ms_during_swap": 3.0, "p99_ms_without_swap": 2.0, "failed_requests": 0, "swaps": 1},
         "swap_kind": "raw"}}}
     b = bars(results)["m"]
     assert np.isclose(b["100_ads_raw_e2e_over_floors"]["value"], 1.7 / 1.5) and b["100_ads_raw_e2e_over_floors"]["ok"]
     assert "2 fresh servers" in b["100_ads_raw_e2e_over_floors"]["row"]
     assert b["100_ads_raw_e2e_over_floors"]["host_quiet"] and b["100_ads_raw_e2e_over_floors"]["host_slowdown"] == 1.04
+    spread = b["100_ads_raw_e2e_over_floors"]["core_spread"]
+    assert spread.keys() == {"start", "end"} and np.isclose(spread["start"], 1.6) and np.isclose(spread["end"], 1.1)
     # rank has no pooled figure here: its bar falls back to the table's row, 1.4, over the bar of 1.25.
     rank = b["100_ads_rank_e2e_over_floors"]
     assert (rank["value"], rank["bar"], rank["ok"]) == (1.4, 1.25, False)
