@@ -1015,9 +1015,9 @@ BAR_100_ROW = "e2e p50 / (floor p50, 1 thread + gRPC floor p50 of the same bytes
 
 
 def core_spread(speed: dict) -> float:
-    """The slowest core's best ``host_speed`` loop over the fastest's: 1.6-1.7 in every run of
-    2026-12-01 that missed the 100-ad bar (the host ran one core that much slower), though one run
-    that met it ended at 1.60 too."""
+    """The slowest core's best ``host_speed`` loop over the fastest's: 1.61-1.66 in each run of
+    2026-12-01 that missed the 100-ad bar (the host ran one core that much slower), 1.06-1.21 in all
+    but one of those that met it (that one ended at 1.59)."""
     best = [v["best_ms"] for v in speed.values()]
     return max(best) / min(best)
 
