@@ -44,10 +44,12 @@ unloaded, next to p99 of the same loop without a swap, swaps repeated until at l
 
 Bars (printed, never asserted in tests), each judged on the row named here: at 100 ads, ``raw``
 and ``rank`` e2e p50 <= 1.25 x (1-thread floor p50 + gRPC floor p50 of the same bytes), measured
-again over ``--bar_servers`` fresh server processes with their calls pooled (``bar_measure``: one
-server process alone gave from 1.09 to 1.46 here); ``rank``
+again over ``--bar_servers`` fresh server processes with their calls pooled, by a fresh ``--only
+bar`` process (``bar_in_child``, ``bar_measure``: one server process alone gave from 1.09 to 1.46
+here), printed with how far apart the host ran the cores (``core_spread``); ``rank``
 request bytes <= 0.6 x ``raw`` request bytes at 100 ads; at 1 ad (``raw``), e2e p50 <= 1-thread
 floor p50 + 1.5 x no-op transport p50; swap p99 <= 2 x p99 without a swap (all phases pooled).
+This process measures with its cyclic GC paused (``no_gc_pauses``).
 """
 from __future__ import annotations
 
